@@ -1,0 +1,207 @@
+"""Readings in from Kafka (the only Consumer).
+
+Offsets are stored by hand (``enable.auto.offset.store=False``) and committed by
+hand (``enable.auto.commit=False``): the worker calls ``store(messages)`` only after
+the outputs for those messages are acknowledged, then ``commit()``. Offsets are also
+committed when partitions are revoked (rebalance or ``close``), after the
+``on_revoke`` hook has had the chance to finish and store the in-flight batch.
+Messages that were polled but never stored are delivered again to whoever owns
+the partition next, which is what makes the input at-least-once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import (
+    OFFSET_INVALID,
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
+
+logger = logging.getLogger(__name__)
+
+PartitionsHook = Callable[[list[tuple[str, int]]], None]
+
+
+class ConsumerError(RuntimeError):
+    """The consumer hit an error it cannot continue from (fatal, or a failed commit)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumedMessage:
+    """One polled record, detached from librdkafka."""
+
+    key: bytes | None
+    value: bytes | None
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int | None
+    headers: tuple[tuple[str, bytes | None], ...] = ()
+
+
+def next_offsets(messages: Iterable[ConsumedMessage]) -> list[TopicPartition]:
+    """Per partition, the offset after the newest message: what a commit should record."""
+    newest: dict[tuple[str, int], int] = {}
+    for message in messages:
+        key = (message.topic, message.partition)
+        newest[key] = max(newest.get(key, -1), message.offset)
+    return [TopicPartition(topic, part, last + 1) for (topic, part), last in newest.items()]
+
+
+class ReadingConsumer:
+    """Wraps one confluent_kafka.Consumer subscribed to the readings topic(s)."""
+
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        group_id: str,
+        topics: Sequence[str],
+        *,
+        config: Mapping[str, Any] | None = None,
+        on_assign: PartitionsHook | None = None,
+        on_revoke: PartitionsHook | None = None,
+    ) -> None:
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap_servers,
+                "group.id": group_id,
+                "auto.offset.reset": "earliest",
+                "isolation.level": "read_committed",
+                **(config or {}),
+                "enable.auto.offset.store": False,
+                "enable.auto.commit": False,
+            }
+        )
+        self._on_assign_hook = on_assign
+        self._on_revoke_hook = on_revoke
+        self._closed = False
+        self._consumer.subscribe(
+            list(topics),
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+
+    @staticmethod
+    def _names(partitions: list[TopicPartition]) -> list[tuple[str, int]]:
+        return [(tp.topic, tp.partition) for tp in partitions]
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        logger.info("assigned %s", self._names(partitions))
+        if self._on_assign_hook:
+            self._on_assign_hook(self._names(partitions))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        logger.info("revoked %s", self._names(partitions))
+        if self._on_revoke_hook:
+            self._on_revoke_hook(self._names(partitions))
+        try:
+            self.commit()
+        except ConsumerError as error:
+            # Raising here would abort the rebalance; the new owner replays from the last commit.
+            logger.warning("commit on revoke failed: %s", error)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # The group already gave these away: committing would fail, the new owner replays.
+        logger.warning("lost %s without a clean revoke", self._names(partitions))
+        if self._on_revoke_hook:
+            self._on_revoke_hook(self._names(partitions))
+
+    def poll_batch(self, max_messages: int, timeout_s: float) -> list[ConsumedMessage]:
+        """Up to max_messages records, waiting at most timeout_s; may be empty."""
+        batch = []
+        for message in self._consumer.consume(max_messages, timeout_s):
+            error = message.error()
+            if error is not None:
+                if error.fatal():
+                    raise ConsumerError(f"fatal consumer error: {error.str()}")
+                if error.code() != KafkaError._PARTITION_EOF:
+                    logger.warning("consumer error (continuing): %s", error.str())
+                continue
+            timestamp_type, timestamp_ms = message.timestamp()
+            known = timestamp_type != TIMESTAMP_NOT_AVAILABLE
+            batch.append(
+                ConsumedMessage(
+                    key=message.key(),
+                    value=message.value(),
+                    topic=message.topic(),
+                    partition=message.partition(),
+                    offset=message.offset(),
+                    timestamp_ms=timestamp_ms if known else None,
+                    headers=tuple(message.headers() or ()),
+                )
+            )
+        return batch
+
+    def store(self, messages: Iterable[ConsumedMessage]) -> None:
+        """Mark these messages as done (their outputs are published); commit() sends the marks."""
+        offsets = next_offsets(messages)
+        if not offsets:
+            return
+        try:
+            self._consumer.store_offsets(offsets=offsets)
+        except KafkaException as exception:
+            # A partition revoked meanwhile cannot be stored; its new owner replays it.
+            logger.warning("could not store offsets %s: %s", offsets, exception.args[0].str())
+
+    def commit(self) -> None:
+        """Synchronously commit the stored offsets (nothing stored is fine)."""
+        try:
+            self._consumer.commit(asynchronous=False)
+        except KafkaException as exception:
+            error: KafkaError = exception.args[0]
+            if error.code() == KafkaError._NO_OFFSET:
+                return
+            raise ConsumerError(f"offset commit failed: {error.str()}") from exception
+
+    def assignment(self) -> list[tuple[str, int]]:
+        """The partitions this consumer owns now."""
+        return self._names(self._consumer.assignment())
+
+    def lag(self, timeout_s: float = 5.0) -> dict[tuple[str, int], int]:
+        """Per owned partition: high watermark minus the next offset to consume (never negative).
+
+        Partitions with no position yet (nothing fetched) count from the committed offset.
+        """
+        assigned = self._consumer.assignment()
+        if not assigned:
+            return {}
+        positions = self._consumer.position(assigned)
+        missing = [tp for tp in positions if tp.offset == OFFSET_INVALID]
+        committed = {}
+        if missing:
+            committed = {
+                (tp.topic, tp.partition): tp.offset
+                for tp in self._consumer.committed(missing, timeout=timeout_s)
+            }
+        lags = {}
+        for tp in positions:
+            name = (tp.topic, tp.partition)
+            watermarks = self._consumer.get_watermark_offsets(tp, timeout=timeout_s)
+            if watermarks is None:
+                continue
+            low, high = watermarks
+            position = tp.offset if tp.offset != OFFSET_INVALID else committed.get(name, low)
+            if position < 0:  # no committed offset: auto.offset.reset decides
+                position = low
+            lags[name] = max(high - position, 0)
+        return lags
+
+    def group_metadata(self) -> object:
+        """The consumer group metadata that Publisher.commit sends with a transaction."""
+        return self._consumer.consumer_group_metadata()
+
+    def close(self) -> None:
+        """Commit stored offsets (through the revoke hook), leave the group, release."""
+        if self._closed:
+            return
+        self._closed = True
+        self._consumer.close()

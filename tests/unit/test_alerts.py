@@ -1,0 +1,297 @@
+"""Alert lifecycles: confirmation, updates, hysteresis, minimum duration, cooldown, replays."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import pytest
+
+from stream_detector.alerts import (
+    AlertPolicy,
+    InvalidAlertState,
+    InvalidThresholds,
+    QuantileSketch,
+    SensorAlertState,
+    Thresholds,
+    make_alert_id,
+    update,
+)
+from stream_detector.schemas import AlertEvent
+
+pytestmark = pytest.mark.unit
+
+STEP_MS = 1000
+QUIET = 0.1
+
+
+def policy(**changes: object) -> AlertPolicy:
+    base: dict[str, object] = {
+        "confirm_k": 3,
+        "confirm_n": 5,
+        "hysteresis_ratio": 0.8,
+        "min_duration_windows": 1,
+        "cooldown_ms": 0,
+        "update_peak_increase": 0.25,
+        "severity_bands": {"warning": 1.0, "major": 2.0, "critical": 4.0},
+    }
+    base.update(changes)
+    return AlertPolicy(**base)
+
+
+def feed(
+    scores: Sequence[float],
+    alert_policy: AlertPolicy,
+    *,
+    state: SensorAlertState | None = None,
+    first_ts_ms: int = STEP_MS,
+    threshold: float | None = 1.0,
+    model_version: str = "v1",
+) -> tuple[SensorAlertState, list[AlertEvent]]:
+    """Score windows one STEP_MS apart; return the final state and all events."""
+    state = state or SensorAlertState(sensor_id="pump-1")
+    events: list[AlertEvent] = []
+    for index, score in enumerate(scores):
+        state, new_events = update(
+            state,
+            score=score,
+            ts_ms=first_ts_ms + index * STEP_MS,
+            threshold=threshold,
+            policy=alert_policy,
+            model_version=model_version,
+            nearest_prototype=index,
+            attribution=[score, 0.0],
+        )
+        events.extend(new_events)
+    return state, events
+
+
+def states(events: Sequence[AlertEvent]) -> list[str]:
+    return [event.state for event in events]
+
+
+def test_k_of_n_opens_only_when_k_of_the_last_n_windows_breach() -> None:
+    _, events = feed([2, QUIET, 2, QUIET, QUIET, QUIET, 2, QUIET, QUIET, QUIET], policy())
+    assert events == []
+
+    state, events = feed([QUIET, 2, QUIET, 2.5, QUIET, 2], policy())
+    assert states(events) == ["open"]
+    opened = events[0]
+    assert opened.start_ts_ms == 2 * STEP_MS  # the first breach, not the confirming window
+    assert opened.event_ts_ms == 6 * STEP_MS
+    assert opened.peak_score == 2.5
+    assert opened.nearest_prototype == 3  # of the peak window
+    assert opened.severity == "major"
+    assert opened.sequence == 0 and opened.end_ts_ms is None
+    assert state.open_alert is not None
+
+
+def test_sustained_breach_is_one_alert_not_one_event_per_window() -> None:
+    _, events = feed([3.0] * 50, policy())
+    assert states(events) == ["open"]
+
+
+def test_updates_only_when_the_peak_grows_by_the_margin_or_the_band_rises() -> None:
+    # 1.5 opens (warning); 1.7 grows < 25%; 1.9 grows 26.7%: update; 2.0 enters "major".
+    _, events = feed([1.5, 1.5, 1.5, 1.7, 1.9, 2.0, 2.05], policy())
+    assert states(events) == ["open", "update", "update"]
+    assert [event.peak_score for event in events] == [1.5, 1.9, 2.0]
+    assert [event.severity for event in events] == ["warning", "warning", "major"]
+    assert [event.sequence for event in events] == [0, 1, 2]
+
+
+def test_hysteresis_keeps_an_alert_open_between_resolve_level_and_threshold() -> None:
+    # Threshold 1.0, resolve level 0.8: 0.9 is below threshold but not clear.
+    _, events = feed([2, 2, 2] + [0.9] * 20, policy())
+    assert states(events) == ["open"]
+
+    _, events = feed([2, 2, 2, 0.5, 0.5, 0.9, 0.5, 0.5, 0.5, 0.5], policy())
+    assert states(events) == ["open", "resolved"]
+    resolved = events[-1]
+    assert resolved.event_ts_ms == 9 * STEP_MS  # third consecutive clear window after 0.9
+    assert resolved.end_ts_ms == 6 * STEP_MS  # the last window at or above 0.8
+    assert resolved.alert_id == events[0].alert_id
+    assert resolved.sequence == 1
+
+
+def test_minimum_duration_holds_a_short_alert_open() -> None:
+    _, events = feed([2, 2, 2] + [QUIET] * 10, policy(min_duration_windows=8))
+    assert states(events) == ["open", "resolved"]
+    # Opened at window 3; the 8th window of the alert is window 10.
+    assert events[-1].event_ts_ms == 10 * STEP_MS
+
+    _, events = feed([2, 2, 2] + [QUIET] * 10, policy(min_duration_windows=1))
+    assert events[-1].event_ts_ms == 6 * STEP_MS
+
+
+def test_cooldown_suppresses_reopening_and_is_not_extended_by_breaches() -> None:
+    alert_policy = policy(cooldown_ms=10 * STEP_MS)
+    # Resolves at window 6, so the cooldown lasts until window 16.
+    state, events = feed([2, 2, 2, QUIET, QUIET, QUIET], alert_policy)
+    assert states(events) == ["open", "resolved"]
+    assert state.cooldown_until_ms == 16 * STEP_MS
+
+    # Windows 7..15 breach throughout the cooldown: nothing opens, the cooldown stays put.
+    state, events = feed([3.0] * 9, alert_policy, state=state, first_ts_ms=7 * STEP_MS)
+    assert events == []
+    assert state.cooldown_until_ms == 16 * STEP_MS
+
+    # The breach persists past the cooldown: a new alert with a new id opens at once.
+    state, events = feed([3.0], alert_policy, state=state, first_ts_ms=16 * STEP_MS)
+    assert states(events) == ["open"]
+    assert events[0].start_ts_ms == 7 * STEP_MS
+
+
+def test_a_fresh_breach_after_the_cooldown_needs_full_confirmation() -> None:
+    alert_policy = policy(cooldown_ms=5 * STEP_MS)
+    state, first = feed([2, 2, 2, QUIET, QUIET, QUIET] + [QUIET] * 10, alert_policy)
+    state, second = feed([2, 2, 2], alert_policy, state=state, first_ts_ms=20 * STEP_MS)
+    assert states(first) == ["open", "resolved"]
+    assert [event.event_ts_ms for event in second] == [22 * STEP_MS]
+    assert second[0].alert_id != first[0].alert_id
+
+
+def test_alert_ids_are_deterministic() -> None:
+    scores = [QUIET, 2, 2, 5, 2, QUIET, QUIET, QUIET]
+    _, first = feed(scores, policy())
+    _, second = feed(scores, policy())
+    assert first == second
+    assert first[0].alert_id == make_alert_id("pump-1", 2 * STEP_MS, "v1")
+    assert make_alert_id("pump-1", 2 * STEP_MS, "v2") != first[0].alert_id
+    assert make_alert_id("pump-2", 2 * STEP_MS, "v1") != first[0].alert_id
+    assert len({event.event_id for event in first}) == len(first)
+
+
+def test_replayed_scores_produce_no_duplicate_events() -> None:
+    alert_policy = policy()
+    state, events = feed([2, 2, 2], alert_policy)
+    assert states(events) == ["open"]
+
+    replayed, replay_events = feed([2, 2, 2], alert_policy, state=state)
+    assert replay_events == []
+    assert replayed == state
+
+
+def test_replay_from_an_older_state_reproduces_the_same_events() -> None:
+    alert_policy = policy()
+    before, _ = feed([QUIET, 2], alert_policy)
+    continued = [2, 2, 5, QUIET, QUIET, QUIET]
+    _, events = feed(continued, alert_policy, state=before, first_ts_ms=3 * STEP_MS)
+    # A crash lost the saved state after window 2: the state read back is older.
+    restored = SensorAlertState.from_json(before.to_json())
+    _, replay_events = feed(continued, alert_policy, state=restored, first_ts_ms=3 * STEP_MS)
+    assert replay_events == events
+    assert states(events) == ["open", "update", "resolved"]
+
+
+def test_state_round_trips_through_json_at_every_step() -> None:
+    alert_policy = policy(threshold_fallback="quantile", fallback_warmup_windows=5)
+    state = SensorAlertState(sensor_id="pump-1")
+    scores = [QUIET, 0.2, 0.15, 0.3, 0.1, 0.2, 5, 6, 7, 8, QUIET, QUIET, QUIET, QUIET]
+    for index, score in enumerate(scores):
+        state, _ = update(
+            state,
+            score=score,
+            ts_ms=index * STEP_MS,
+            threshold=None,
+            policy=alert_policy,
+            model_version="v1",
+            nearest_prototype=1,
+            attribution=[0.25, 0.75],
+        )
+        assert SensorAlertState.from_json(state.to_json()) == state
+        assert SensorAlertState.from_dict(state.to_dict()) == state
+
+
+@pytest.mark.parametrize(
+    "stored", ["not json", "[]", '{"sensor_id": "s", "history": "lots"}', "{}"]
+)
+def test_unreadable_state_is_a_specific_error(stored: str) -> None:
+    with pytest.raises(InvalidAlertState):
+        SensorAlertState.from_json(stored)
+
+
+def test_non_finite_scores_decide_nothing() -> None:
+    state, events = feed([2, 2, float("nan"), float("inf")], policy())
+    assert events == []
+    assert state.last_ts_ms == 4 * STEP_MS
+    assert state.history.bit_count() == 2
+
+
+def test_thresholds_file_format_and_fallbacks() -> None:
+    thresholds = Thresholds.from_dict(
+        {
+            "default": {"threshold": 3.0, "method": "pot"},
+            "sensors": {"pump-1": {"threshold": 2, "method": "quantile", "q": 0.999}},
+        }
+    )
+    assert thresholds.for_sensor("pump-1", policy()) == 2.0
+    assert thresholds.for_sensor("pump-2", policy()) == 3.0
+    assert thresholds.method == "pot"
+
+    no_file = Thresholds()
+    assert no_file.for_sensor("pump-1", policy()) is None  # running quantile
+    fixed = policy(threshold_fallback="fixed", fallback_threshold=7.5)
+    assert no_file.for_sensor("pump-1", fixed) == 7.5
+    only_sensors = Thresholds.from_dict({"sensors": {"pump-1": {"threshold": 1.0}}})
+    assert only_sensors.for_sensor("pump-2", fixed) == 7.5
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        [],
+        {"defaults": {"threshold": 1.0}},
+        {"default": {"method": "pot"}},
+        {"default": {"threshold": -1.0}},
+        {"default": {"threshold": "high"}},
+        {"default": {"threshold": True}},
+        {"sensors": {"pump-1": {"threshold": float("inf")}}},
+        {"sensors": ["pump-1"]},
+    ],
+)
+def test_malformed_thresholds_are_rejected(data: object) -> None:
+    with pytest.raises(InvalidThresholds):
+        Thresholds.from_dict(data)  # type: ignore[arg-type]
+
+
+def test_quantile_sketch_tracks_the_quantile() -> None:
+    rng = random.Random(7)
+    sketch = QuantileSketch(quantile=0.99)
+    for _ in range(20_000):
+        sketch = sketch.add(rng.random())
+    estimate = sketch.estimate()
+    assert estimate is not None
+    assert abs(estimate - 0.99) < 0.005
+
+
+def test_quantile_fallback_warms_up_then_alerts_on_outliers() -> None:
+    rng = random.Random(3)
+    alert_policy = policy(fallback_quantile=0.99, fallback_warmup_windows=200)
+    normal = [rng.gauss(1.0, 0.1) for _ in range(400)]
+    state, events = feed(normal[:150] + [50.0] * 3, alert_policy, threshold=None)
+    assert events == []  # still warming up: no threshold yet
+    assert state.threshold is None
+
+    state, events = feed(
+        normal + [50.0] * 3, alert_policy, threshold=None, state=SensorAlertState("pump-1")
+    )
+    assert states(events) == ["open"]
+    assert state.threshold is not None and 1.1 < state.threshold < 1.5
+
+
+def test_unconfirmed_breaches_enter_the_quantile_only_after_leaving_the_window() -> None:
+    alert_policy = policy(fallback_quantile=0.9, fallback_warmup_windows=20)
+    descending = [2.0 - 0.1 * i for i in range(10)]
+    warm, events = feed(descending * 3, alert_policy, threshold=None)
+    assert events == []
+    assert warm.sketch is not None and warm.sketch.count == 30
+
+    spiked, events = feed([9.0], alert_policy, threshold=None, state=warm, first_ts_ms=31_000)
+    assert events == []
+    assert spiked.sketch is not None and spiked.sketch.count == 30
+    assert spiked.recent_breaches == (9.0,)
+
+    later, _ = feed([1.0] * 5, alert_policy, threshold=None, state=spiked, first_ts_ms=32_000)
+    assert later.sketch is not None and later.sketch.count == 36
+    assert later.recent_breaches == ()

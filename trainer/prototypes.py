@@ -1,0 +1,58 @@
+"""Prototype initialisation: k-means (cosine) over normalised training windows."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from stream_detector.model import AnomalyLLM, instance_norm
+
+
+def spherical_kmeans(
+    points: torch.Tensor, clusters: int, iterations: int = 20, seed: int = 0
+) -> torch.Tensor:
+    """Cluster unit vectors by cosine similarity. (M, L) -> (clusters, L)
+
+    k-means++ seeding; an empty cluster is re-seeded with the point farthest from
+    its centroid, so every prototype ends up representing some data.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    points = F.normalize(points.float(), dim=-1)
+    count = points.shape[0]
+    first = torch.randint(count, (1,), generator=generator)
+    centroids = [points[first[0]]]
+    for _ in range(1, clusters):
+        similarity = points @ torch.stack(centroids).T  # (M, k)
+        distance = (1 - similarity.max(dim=1).values).clamp(min=0)
+        weights = distance if distance.sum() > 0 else torch.ones(count)
+        centroids.append(points[torch.multinomial(weights, 1, generator=generator)[0]])
+    centers = torch.stack(centroids)
+    for _ in range(iterations):
+        similarity = points @ centers.T
+        assignment = similarity.argmax(dim=1)
+        best = similarity.max(dim=1).values
+        for cluster in range(clusters):
+            members = points[assignment == cluster]
+            if len(members):
+                centers[cluster] = F.normalize(members.mean(dim=0), dim=0)
+            else:
+                worst = best.argmin()
+                centers[cluster] = points[worst]
+                best[worst] = 1.0
+    return centers
+
+
+@torch.no_grad()
+def init_prototypes(model: AnomalyLLM, windows: torch.Tensor, seed: int = 0) -> None:
+    """Set each channel's prototypes to k-means centroids of training windows (M, C, L)."""
+    normalised = instance_norm(windows.float())
+    clusters = model.config.prototypes
+    if normalised.shape[0] < clusters:
+        raise ValueError(
+            f"k-means needs at least {clusters} training windows, got {normalised.shape[0]}"
+        )
+    prototypes = model.student.prototypes
+    for channel in range(normalised.shape[1]):
+        centers = spherical_kmeans(normalised[:, channel], clusters, seed=seed + channel)
+        # Centroids are unit vectors; scale to the norm of a normalised window.
+        prototypes[channel] = (centers * normalised.shape[-1] ** 0.5).to(prototypes.device)
