@@ -321,9 +321,9 @@ class AnomalyLLM(nn.Module):
     def score(self, x: torch.Tensor, attribution: bool = True) -> Scores:
         """Score windows (B, C, L). Attribution is by channel occlusion.
 
-        A channel's attribution is how much the score drops when that channel is
-        replaced by a flat line, normalised so each row sums to one; with a single
-        channel it is 1.
+        A channel's attribution is how much the score changes when that channel is
+        replaced by a flat line at its mean, normalised so each row sums to one
+        (uniform when no channel changes it); with a single channel it is 1.
         """
         score, index = self.distance(x)
         batch, channels, _ = x.shape
@@ -334,7 +334,7 @@ class AnomalyLLM(nn.Module):
         eye = torch.arange(channels, device=x.device)
         occluded[eye, :, eye] = x.mean(dim=-1).transpose(0, 1).unsqueeze(-1)
         occluded_score, _ = self.distance(occluded.reshape(channels * batch, channels, -1))
-        drop = (score.unsqueeze(0) - occluded_score.view(channels, batch)).clamp(min=0).T
-        total = drop.sum(dim=1, keepdim=True)
-        share = torch.where(total > 0, drop / total.clamp(min=1e-12), 1.0 / channels)
+        change = (score.unsqueeze(0) - occluded_score.view(channels, batch)).abs().T  # (B, C)
+        total = change.sum(dim=1, keepdim=True)
+        share = torch.where(total > 0, change / total.clamp(min=1e-12), 1.0 / channels)
         return Scores(score, index, share)

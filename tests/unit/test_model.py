@@ -1,0 +1,81 @@
+"""The AnomalyLLM model: shapes, the frozen/trainable split, scoring and attribution."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stream_detector.model import AnomalyLLM, ModelConfig, instance_norm
+from tests.tiny import TINY_LLAMA, tiny_config, tiny_model
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize("backbone_config", [None, TINY_LLAMA], ids=["gpt2", "llama"])
+def test_score_shapes_for_multichannel_windows(backbone_config: dict | None) -> None:
+    torch.manual_seed(0)
+    model = AnomalyLLM.from_config(tiny_config(backbone_config, channels=3)).eval()
+    scores = model.score(torch.randn(5, 3, 32))
+    assert scores.score.shape == (5,)
+    assert (scores.score >= 0).all()
+    assert scores.nearest_prototype.shape == (5, 3)
+    assert int(scores.nearest_prototype.max()) < model.config.prototypes
+    assert scores.attribution.shape == (5, 3)
+    assert torch.allclose(scores.attribution.sum(dim=1), torch.ones(5), atol=1e-5)
+
+
+def test_a_flat_channel_gets_no_attribution() -> None:
+    # Occluding a channel that is already flat changes nothing, so it explains nothing.
+    model = tiny_model(channels=2).eval()
+    x = torch.randn(8, 2, 32)
+    x[:, 1] = 3.0
+    scores = model.score(x)
+    assert torch.equal(scores.attribution[:, 1], torch.zeros(8))
+    assert torch.equal(scores.attribution[:, 0], torch.ones(8))
+
+
+def test_single_channel_attribution_is_one() -> None:
+    scores = tiny_model().eval().score(torch.randn(4, 1, 32))
+    assert torch.equal(scores.attribution, torch.ones(4, 1))
+
+
+def test_attention_and_token_embeddings_frozen_norms_and_patching_train() -> None:
+    model = tiny_model()
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    backbone = {name for name, _ in model.named_parameters() if ".backbone." in name}
+    assert any("attn" in name for name in backbone)
+    assert not any(
+        "attn" in name or "mlp" in name or "wte" in name for name in backbone & trainable
+    )
+    assert any(".ln_" in name for name in backbone & trainable)
+    assert any("wpe" in name for name in backbone & trainable)
+    assert "teacher.patcher.embed.weight" in trainable
+    assert "student.prototypes" in trainable
+
+
+def test_backbone_mlp_can_train() -> None:
+    model = tiny_model(train_backbone_mlp=True)
+    assert any("mlp" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_instance_norm_removes_offset_and_scale() -> None:
+    x = torch.randn(3, 2, 32)
+    assert torch.allclose(instance_norm(x * 7 + 100), instance_norm(x), atol=1e-4)
+
+
+def test_score_is_invariant_to_offset_and_gain() -> None:
+    model = tiny_model().eval()
+    x = torch.randn(4, 1, 32)
+    assert torch.allclose(model.score(x).score, model.score(3 * x - 50).score, atol=1e-3)
+
+
+def test_config_rejects_window_shorter_than_patch() -> None:
+    with pytest.raises(ValueError, match="shorter than patch_length"):
+        ModelConfig(window_length=8, patch_length=16).validate()
+
+
+def test_config_round_trip_refuses_unknown_keys() -> None:
+    config = tiny_config()
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown model config keys"):
+        ModelConfig.from_dict({**config.to_dict(), "windowlength": 3})
