@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -50,6 +50,8 @@ class AnomalyLLMDetector:
     """
 
     name = "anomalyllm"
+    profiles: ClassVar[dict[str, dict[str, Any]]] = {"quick": {"profile_name": "quick"}}
+    streaming_settings: ClassVar[dict[str, Any]] = {"causal": True}
 
     def __init__(
         self,

@@ -352,12 +352,15 @@ def detector_class(name: str) -> type:
         raise DetectorUnavailableError(f"{module_name} defines no {class_name}") from error
 
 
-def get_detector(name: str, profile: str = "default", **settings: Any) -> Detector:
+def get_detector(
+    name: str, profile: str = "default", streaming: bool = False, **settings: Any
+) -> Detector:
     """A new detector: its class's settings for ``profile``, overridden by ``settings``.
 
     A detector class lists what differs from its defaults per profile in a class attribute,
     ``profiles = {"quick": {...}}``; asking for a profile it does not list is an error, so
-    a "quick" run never silently uses the default settings.
+    a "quick" run never silently uses the default settings. ``streaming=True`` applies the
+    class's ``streaming_settings`` (what makes it causal), for streaming benchmarks.
     """
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose from {PROFILES}")
@@ -368,6 +371,7 @@ def get_detector(name: str, profile: str = "default", **settings: Any) -> Detect
             f"detector {name!r} defines no {profile!r} profile: add it to {cls.__name__}.profiles"
         )
     try:
-        return cls(**{**profiles.get(profile, {}), **settings})
+        streaming_settings = getattr(cls, "streaming_settings", {}) if streaming else {}
+        return cls(**{**profiles.get(profile, {}), **streaming_settings, **settings})
     except TypeError as error:
         raise ValueError(f"bad settings for detector {name!r}: {error}") from error

@@ -416,7 +416,10 @@ class DetectorRun:
 
 
 def run_detector(
-    corpus: Sequence[NabSeries], name: str, time_budget_s: float | None = None
+    corpus: Sequence[NabSeries],
+    name: str,
+    time_budget_s: float | None = None,
+    profile: str = "default",
 ) -> DetectorRun:
     """Run detector ``name`` over ``corpus`` as NAB prescribes.
 
@@ -425,7 +428,7 @@ def run_detector(
     :func:`causal_rank`. Once ``time_budget_s`` has run out no further file is
     started (the first always runs) and the run is marked incomplete.
     """
-    detector = detectors.get_detector(name)
+    detector = detectors.get_detector(name, profile, streaming=True)
     if not detector.causal:
         raise DetectorContractError(
             f"detector '{name}' is not causal: NAB is a streaming benchmark, "
@@ -439,7 +442,8 @@ def run_detector(
         if finished:
             if time_budget_s is not None and time.monotonic() - started > time_budget_s:
                 break
-            detector = detectors.get_detector(name)  # fresh state for every file
+            # A fresh detector for every file.
+            detector = detectors.get_detector(name, profile, streaming=True)
         values = series.values[:, None]  # [T, 1]
         detector.fit(values[: series.probation])
         raw = np.asarray(detector.score(values), dtype=np.float64)
@@ -491,7 +495,7 @@ def run_nab_command(args: argparse.Namespace) -> int:
             complete = True
         else:
             detector_name = args.detector
-            run = run_detector(corpus, args.detector, args.time_budget_s)
+            run = run_detector(corpus, args.detector, args.time_budget_s, args.profile)
             corpus, scores, settings, complete = (
                 run.corpus,
                 run.likelihoods,
@@ -558,6 +562,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--time-budget-s",
         type=float,
         help="stop starting new files after this many seconds (detector runs only)",
+    )
+    parser.add_argument(
+        "--profile",
+        choices=detectors.PROFILES,
+        default="default",
+        help="detector settings preset (default: default)",
     )
     parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
     parser.set_defaults(handler=run_nab_command)
