@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/install-k8s-tools.sh >/dev/null
 # shellcheck disable=SC1091
 . .venv/bin/activate
 ruff check .

@@ -248,6 +248,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="DETECTOR_",
         env_nested_delimiter="__",
+        # Lets an environment (a ConfigMap) set an optional field back to None.
+        env_parse_none_str="null",
         frozen=True,
         extra="forbid",
     )

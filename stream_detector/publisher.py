@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 from pydantic import BaseModel
@@ -22,13 +22,24 @@ logger = logging.getLogger(__name__)
 _MAX_REPORTED_FAILURES = 5
 
 
+class JsonRecord(Protocol):
+    """An output that serialises itself (``schemas.ScoreRecord``, ``schemas.AlertEvent``)."""
+
+    sensor_id: str
+
+    def to_json(self) -> bytes: ...
+
+
 class PublishError(RuntimeError):
     """Outputs were not acknowledged by the broker; do not store or commit input offsets."""
 
 
-def _encode(record: BaseModel | Mapping[str, Any]) -> tuple[bytes, bytes]:
+def _encode(record: BaseModel | Mapping[str, Any] | JsonRecord) -> tuple[bytes, bytes]:
     """(key, value) for an output record: key = its sensor_id, value = compact JSON."""
-    if isinstance(record, BaseModel):
+    if callable(getattr(record, "to_json", None)):
+        sensor_id = getattr(record, "sensor_id", None)
+        value = record.to_json()
+    elif isinstance(record, BaseModel):
         sensor_id = getattr(record, "sensor_id", None)
         value = record.model_dump_json().encode()
     else:
@@ -102,13 +113,13 @@ class Publisher:
                 self._producer.poll(0.1)
         self._producer.poll(0)
 
-    def publish_scores(self, records: Iterable[BaseModel | Mapping[str, Any]]) -> None:
-        """Queue score records (pydantic models or JSON-ready dicts with a sensor_id)."""
+    def publish_scores(self, records: Iterable[BaseModel | Mapping[str, Any] | JsonRecord]) -> None:
+        """Queue score records (ScoreRecord, pydantic models or dicts with a sensor_id)."""
         for record in records:
             self._produce(self.scores_topic, *_encode(record))
 
-    def publish_alerts(self, events: Iterable[BaseModel | Mapping[str, Any]]) -> None:
-        """Queue alert events (pydantic models or JSON-ready dicts with a sensor_id)."""
+    def publish_alerts(self, events: Iterable[BaseModel | Mapping[str, Any] | JsonRecord]) -> None:
+        """Queue alert events (AlertEvent, pydantic models or dicts with a sensor_id)."""
         for event in events:
             self._produce(self.alerts_topic, *_encode(event))
 
@@ -199,3 +210,31 @@ class Publisher:
             logger.warning("closing publisher: dropping %d undelivered outputs", remaining)
             self._producer.purge()
         self._producer.close()
+
+
+class ReadingProducer:
+    """Raw messages into the readings topic: for load generators and the demo, not the worker."""
+
+    def __init__(
+        self, bootstrap_servers: str, topic: str, *, config: Mapping[str, Any] | None = None
+    ) -> None:
+        self.topic = topic
+        self._producer = Producer(
+            {"bootstrap.servers": bootstrap_servers, "linger.ms": 5, **(config or {})}
+        )
+
+    def send(self, key: bytes | None, value: bytes | None) -> None:
+        """Queue one message (blocks while the local queue is full)."""
+        while True:
+            try:
+                self._producer.produce(self.topic, value=value, key=key)
+                break
+            except BufferError:
+                self._producer.poll(0.1)
+        self._producer.poll(0)
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        """Wait until every queued message is delivered; raise PublishError if some are not."""
+        remaining = self._producer.flush(timeout_s)
+        if remaining:
+            raise PublishError(f"{remaining} readings still undelivered after {timeout_s:.0f}s")

@@ -50,7 +50,9 @@ class AnomalyLLMDetector:
     """
 
     name = "anomalyllm"
-    profiles: ClassVar[dict[str, dict[str, Any]]] = {"quick": {"profile_name": "quick"}}
+    profiles: ClassVar[dict[str, dict[str, Any]]] = {
+        "quick": {"profile_name": "quick", "max_scored_windows": 1024}
+    }
     streaming_settings: ClassVar[dict[str, Any]] = {"causal": True}
 
     def __init__(

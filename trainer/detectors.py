@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import copy
 import importlib
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
-from river.anomaly import HalfSpaceTrees
+
+if TYPE_CHECKING:
+    from river.anomaly import HalfSpaceTrees
 
 
 class Detector(Protocol):
@@ -235,6 +237,9 @@ class HalfSpaceTreesDetector:
         self._low = float(values.min())
         span = float(values.max()) - self._low
         self._span = span if span > 0 else 1.0
+        # Imported here: river is an evaluation extra, not needed by the trainer image.
+        from river.anomaly import HalfSpaceTrees
+
         model = HalfSpaceTrees(
             n_trees=self.n_trees,
             height=self.height,

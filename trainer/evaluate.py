@@ -10,9 +10,15 @@ labelled anomaly. Positions in results are 1-based, as in the archive's file nam
 
 NASA MSL (Hundman et al. 2018): per channel a fresh detector is fit on ``train`` and
 scores ``test``. Event-level metrics without point adjustment: predicted events are
-maximal runs of scores above a threshold; a labelled range overlapping a predicted event
-is a true positive, one overlapping none a false negative, a predicted event overlapping
-no labelled range a false positive. Two thresholds are reported:
+maximal runs of scores above a threshold. Recall counts labelled ranges: one overlapping
+a predicted event is a true positive, one overlapping none a false negative. Precision
+counts predicted events, each credited with the share of its points inside labelled
+ranges (range-based precision, Tatbul et al. 2018, with no existence reward and flat
+bias): an event overlapping no range (a false positive) earns 0, one inside a range 1.
+Counting every overlapping event as fully correct instead would let a threshold below
+every score win: the whole test set becomes one event overlapping every range, so F1 = 1
+(on MSL that is what the oracle sweep picked for all three baselines).
+Two thresholds are reported:
 
 - label-free (deployable): per channel, a second detector is fit on the first 75% of
   ``train`` and scores the last 25%; the threshold is a quantile (default: the maximum)
@@ -29,7 +35,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -309,20 +315,27 @@ def _ucr_table(result: dict[str, Any]) -> Table:
 
 @dataclass(frozen=True)
 class EventCounts:
-    """Event-level counts: labelled ranges found (tp) or missed (fn), false events (fp)."""
+    """Event-level counts, summable over channels (see the module docstring)."""
 
-    tp: int = 0
-    fp: int = 0
-    fn: int = 0
+    tp: int = 0  # labelled ranges overlapped by a predicted event
+    fn: int = 0  # labelled ranges overlapped by none
+    fp: int = 0  # predicted events overlapping no labelled range
+    events: int = 0  # predicted events
+    inside: float = 0.0  # sum over predicted events of the share of their points in a range
 
     def __add__(self, other: EventCounts) -> EventCounts:
-        return EventCounts(self.tp + other.tp, self.fp + other.fp, self.fn + other.fn)
+        return EventCounts(
+            self.tp + other.tp,
+            self.fn + other.fn,
+            self.fp + other.fp,
+            self.events + other.events,
+            self.inside + other.inside,
+        )
 
     @property
     def precision(self) -> float:
-        """Share of reported events that were real; 0 when nothing was reported."""
-        reported = self.tp + self.fp
-        return self.tp / reported if reported else 0.0
+        """Mean share of a predicted event's points that lie in a labelled range; 0 if none."""
+        return self.inside / self.events if self.events else 0.0
 
     @property
     def recall(self) -> float:
@@ -340,8 +353,10 @@ class EventCounts:
         """Counts and the three ratios, for the JSON result."""
         return {
             "tp": self.tp,
-            "fp": self.fp,
             "fn": self.fn,
+            "fp": self.fp,
+            "events": self.events,
+            "inside": self.inside,
             "precision": self.precision,
             "recall": self.recall,
             "f1": self.f1,
@@ -366,11 +381,21 @@ def event_counts(
     for start, end in anomalies:
         label_mask[start : end + 1] = True
     labelled_before = np.concatenate([[0], np.cumsum(label_mask)])  # labelled points in [0, i)
-    false_events = sum(
-        labelled_before[end + 1] == labelled_before[start] for start, end in find_events(above)
-    )
+    events = find_events(above)
+    inside = [labelled_before[end + 1] - labelled_before[start] for start, end in events]
     found = sum(bool(above[start : end + 1].any()) for start, end in anomalies)
-    return EventCounts(tp=found, fp=int(false_events), fn=len(anomalies) - found)
+    return EventCounts(
+        tp=found,
+        fn=len(anomalies) - found,
+        fp=int(sum(count == 0 for count in inside)),
+        events=len(events),
+        inside=float(
+            sum(
+                count / (end - start + 1)
+                for count, (start, end) in zip(inside, events, strict=True)
+            )
+        ),
+    )
 
 
 def pooled_best_threshold(
@@ -491,7 +516,10 @@ def run_msl(
     detectors = {}
     for name in detector_names:
         total = sum(
-            (EventCounts(row["tp"], row["fp"], row["fn"]) for row in records[name]),
+            (
+                EventCounts(**{key.name: row[key.name] for key in fields(EventCounts)})
+                for row in records[name]
+            ),
             EventCounts(),
         )
         summary: dict[str, Any] = {
@@ -510,9 +538,11 @@ def run_msl(
     return {
         "benchmark": "msl",
         "metric": (
-            "event-level, no point adjustment: a labelled range overlapping a predicted event "
-            "(a maximal run of score > threshold) is a TP, one overlapping none a FN; a "
-            "predicted event overlapping no labelled range is a FP; counts summed over channels"
+            "event-level, no point adjustment; predicted events = maximal runs of score > "
+            "threshold; recall = labelled ranges overlapping a predicted event (tp) / all "
+            "ranges; precision = mean over predicted events of the share of their points "
+            "inside labelled ranges (range-based, Tatbul et al. 2018); fp = predicted events "
+            "overlapping no range; counts summed over channels"
         ),
         "label_free_threshold": (
             f"per channel: fit on the first {1 - HOLDOUT_FRACTION:.0%} of train, score the "

@@ -43,7 +43,7 @@ class TrainConfig:
     time_warp: bool = False
     validation_fraction: float = 0.2
     patience: int = 2
-    max_train_windows: int = 256
+    max_train_windows: int = 192
     kmeans_init: bool = True
     seed: int = 0
     time_budget_s: float | None = None

@@ -151,16 +151,16 @@ def test_find_events_returns_inclusive_runs() -> None:
 
 def test_event_counts_on_a_hand_made_case() -> None:
     scores = np.zeros(30)
-    scores[[2, 3]] = 1.0  # event (2, 3): overlaps label (3, 5) at its last point -> TP
+    scores[[2, 3]] = 1.0  # event (2, 3): overlaps label (3, 5) by 1 of its 2 points
     scores[10] = 1.0  # event (10, 10): no label -> FP
     scores[15:17] = 1.0  # event (15, 16): no label -> FP
-    scores[20] = 1.0  # event (20, 20): inside label (18, 25) -> TP
-    scores[22] = 1.0  # a second event in the same label: not a false positive
+    scores[20] = 1.0  # event (20, 20): inside label (18, 25)
+    scores[22] = 1.0  # a second event inside the same label: not a false positive
     # label (27, 29) has no event -> FN
     counts = event_counts(scores, 0.5, [(3, 5), (18, 25), (27, 29)])
 
-    assert counts == EventCounts(tp=2, fp=2, fn=1)
-    assert counts.precision == pytest.approx(0.5)
+    assert (counts.tp, counts.fn, counts.fp, counts.events) == (2, 1, 2, 5)
+    assert counts.precision == pytest.approx((0.5 + 0 + 0 + 1 + 1) / 5)
     assert counts.recall == pytest.approx(2 / 3)
     assert counts.f1 == pytest.approx(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
 
@@ -168,10 +168,19 @@ def test_event_counts_on_a_hand_made_case() -> None:
 def test_event_counts_on_the_label_edges() -> None:
     scores = np.zeros(10)
     scores[6] = 1.0  # just after the inclusive end 5: a false positive and a miss
-    assert event_counts(scores, 0.5, [(3, 5)]) == EventCounts(tp=0, fp=1, fn=1)
+    assert event_counts(scores, 0.5, [(3, 5)]) == EventCounts(tp=0, fn=1, fp=1, events=1)
     scores[5] = 1.0  # now the event (5, 6) touches the range's last point
-    assert event_counts(scores, 0.5, [(3, 5)]) == EventCounts(tp=1, fp=0, fn=0)
+    assert event_counts(scores, 0.5, [(3, 5)]) == EventCounts(tp=1, events=1, inside=0.5)
     assert EventCounts().f1 == 0.0
+
+
+def test_flagging_everything_does_not_score_well() -> None:
+    scores = np.ones(1000)
+    counts = event_counts(scores, 0.0, [(100, 109), (500, 509)])
+
+    assert (counts.tp, counts.fp, counts.events) == (2, 0, 1)
+    assert counts.precision == pytest.approx(20 / 1000)
+    assert counts.f1 < 0.05
 
 
 def test_pooled_best_threshold_finds_the_separating_threshold() -> None:
@@ -180,7 +189,7 @@ def test_pooled_best_threshold_finds_the_separating_threshold() -> None:
     threshold, counts = pooled_best_threshold([first, second], [[(2, 3)], [(4, 4)]])
 
     assert 0.4 <= threshold < 0.8
-    assert counts == EventCounts(tp=2, fp=0, fn=0)
+    assert counts == EventCounts(tp=2, events=2, inside=2.0)
 
 
 def test_holdout_threshold_is_the_highest_held_out_score() -> None:
@@ -213,11 +222,12 @@ def test_run_msl_reports_label_free_and_oracle_f1(
     result = run_msl(folder, ["A-1"], ["magnitude"])
 
     summary = result["detectors"]["magnitude"]
-    assert summary["label_free"] == EventCounts(tp=1, fp=1, fn=1).as_dict()
+    assert summary["label_free"] == EventCounts(tp=1, fn=1, fp=1, events=2, inside=1.0).as_dict()
     assert summary["oracle_best_f1"]["f1"] == pytest.approx(2 / 3)
     assert 3.0 <= summary["oracle_best_f1"]["threshold"] < 5.0
     assert result["f1_label_free"] == pytest.approx(0.5)
     assert "ORACLE" in result["oracle_best_f1_threshold"]
+    json.dumps(result)  # the result must be writable as JSON
 
 
 def test_ucr_command_writes_json_and_fails_cleanly(

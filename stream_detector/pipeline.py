@@ -1,0 +1,547 @@
+"""What the worker does with polled readings, in three steps the run loop calls in turn.
+
+1. ``ingest``: decode each message (invalid ones go to the dead-letter topic with their
+   reason), append the valid readings to their windows in Redis (one round trip per
+   channel count, so one for a fleet of single-channel sensors), queue the due windows.
+2. ``score_due``: take the batches the batcher releases, score them, fold each score into
+   its sensor's alert state (read from Redis once per step), publish scores and alerts.
+3. ``commit_if_idle``: once no window is queued or in flight, wait for the broker to
+   acknowledge every output (or commit the transaction), then store the alert states,
+   acknowledge the windows (``mark_emitted``) and commit the input offsets.
+
+Every step keeps its unfinished work when Redis or the broker fails, so the loop retries
+by calling it again without new messages. Outputs since the last commit are kept too and
+produced again if the broker lost any: outputs are at-least-once, de-duplicated by their
+ids downstream. A crash between steps replays the uncommitted input; ``WindowStore``
+skips readings already applied and re-reports each sensor's newest unacknowledged window.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import KafkaException
+
+from stream_detector import alerts
+from stream_detector.batcher import Batch, Batcher, RejectedWindow
+from stream_detector.config import Settings, kafka_consumer_config, kafka_producer_config
+from stream_detector.consumer import ConsumedMessage, ConsumerError, ReadingConsumer, next_offsets
+from stream_detector.metrics import Metrics
+from stream_detector.publisher import Publisher, PublishError
+from stream_detector.schemas import AlertEvent, InvalidReading, Reading, ScoreRecord, decode_reading
+from stream_detector.scorer import ModelEvent, ModelRegistry, Scorer, resolve_device
+from stream_detector.windows import WindowStore, WindowStoreError
+
+logger = logging.getLogger(__name__)
+
+LAG_INTERVAL_S = 10.0
+# Failures of Redis or the broker: the pipeline keeps its work, and calling again retries it.
+RETRYABLE = (WindowStoreError, PublishError, ConsumerError, KafkaException)
+
+
+@dataclass(frozen=True, slots=True)
+class PositionedReading:
+    """A valid reading and where in Kafka it came from (what ``WindowStore`` needs)."""
+
+    sensor_id: str
+    ts_ms: int
+    values: tuple[float, ...]
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class _DeadLetter:
+    key: bytes | None
+    value: bytes | None
+    reason: str
+    topic: str
+    partition: int
+    offset: int
+
+
+_Output = ScoreRecord | AlertEvent | _DeadLetter
+
+
+class Pipeline:
+    """One worker's readings-to-outputs processing; the run loop drives it."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        consumer: ReadingConsumer,
+        publisher: Publisher,
+        registry: ModelRegistry,
+        scorer: Scorer,
+        metrics: Metrics,
+        store_factory: Callable[[int], WindowStore],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.consumer = consumer
+        self.publisher = publisher
+        self.registry = registry
+        self.scorer = scorer
+        self.metrics = metrics
+        self.batcher = Batcher(
+            settings.batch_size, settings.batch_deadline_ms, settings.model.model_for
+        )
+        self._store_factory = store_factory
+        self._stores: dict[int, WindowStore] = {}
+        self._clock = clock
+        self.broker_ok = True
+        self.partitions: set[tuple[str, int]] = set()
+        self._next_lag_s = 0.0
+        self._reset()
+
+    def _reset(self) -> None:
+        """Forget all work since the last commit (the next owner of the input replays it)."""
+        self.batcher.clear()
+        self._new: list[ConsumedMessage] = []  # polled, not yet decoded
+        self._to_append: dict[int, list[PositionedReading]] = {}  # channel count -> readings
+        self._ingest_ts: dict[tuple[str, int], int] = {}  # (sensor, ts) -> Kafka timestamp
+        self._in_flight: list[Batch] = []  # batches taken from the batcher, not yet published
+        self._uncommitted: list[ConsumedMessage] = []
+        self._outputs: list[_Output] = []  # produced since the last commit
+        self._republish = False  # the broker lost some outputs: produce them all again
+        self._acknowledged = False  # outputs are safe; Redis and offsets still to do
+        self._states: dict[str, alerts.SensorAlertState] = {}  # not yet stored in Redis
+        self._emitted: dict[str, int] = {}  # sensor -> newest published window end
+        self._latencies_ms: list[int] = []  # Kafka timestamps of published windows
+        self._in_transaction = False
+
+    # -- 1. ingest -------------------------------------------------------------------------
+
+    def ingest(self, messages: Sequence[ConsumedMessage]) -> None:
+        """Decode and window newly polled messages, then retry any earlier unfinished append."""
+        self._new += messages
+        self._uncommitted += messages
+        self.metrics.readings.inc(len(messages))
+        now_ms = time.time_ns() // 1_000_000
+        for message in self._new:
+            try:
+                reading = self._decode(message, now_ms)
+            except InvalidReading as invalid:
+                self.metrics.invalid_readings.labels(invalid.code).inc()
+                self._send(
+                    _DeadLetter(
+                        message.key,
+                        message.value,
+                        invalid.reason,
+                        message.topic,
+                        message.partition,
+                        message.offset,
+                    )
+                )
+                continue
+            positioned = PositionedReading(
+                reading.sensor_id,
+                reading.ts_ms,
+                reading.values,
+                message.topic,
+                message.partition,
+                message.offset,
+            )
+            self._to_append.setdefault(len(reading.values), []).append(positioned)
+            if message.timestamp_ms is not None:
+                self._ingest_ts[(reading.sensor_id, reading.ts_ms)] = message.timestamp_ms
+        self._new = []
+        for channels in list(self._to_append):
+            self._append(channels, self._to_append[channels])
+            del self._to_append[channels]
+        self._ingest_ts = {}
+
+    def _decode(self, message: ConsumedMessage, now_ms: int) -> Reading:
+        reading = decode_reading(
+            message.key,
+            message.value,
+            expected_channels=None,
+            limits=self.settings.limits,
+            now_ms=now_ms,
+        )
+        model_name = self.settings.model.model_for(reading.sensor_id)
+        shape = self.registry.shape_of(model_name)
+        if shape is None:
+            raise InvalidReading(
+                f"no_model: sensor {reading.sensor_id!r} is scored by model {model_name!r}, "
+                "which has no version loaded"
+            )
+        if len(reading.values) != shape[0]:
+            raise InvalidReading(
+                f"wrong_channels: {len(reading.values)} channels, model {model_name!r} "
+                f"expects {shape[0]}"
+            )
+        return reading
+
+    def _store(self, channels: int) -> WindowStore:
+        if channels not in self._stores:
+            self._stores[channels] = self._store_factory(channels)
+        return self._stores[channels]
+
+    def _append(self, channels: int, readings: list[PositionedReading]) -> None:
+        result = self._store(channels).append_batch(readings)
+        self.metrics.replayed_readings.inc(result.replayed)
+        self.metrics.late_readings.labels("late").inc(result.late)
+        self.metrics.late_readings.labels("duplicate_ts").inc(result.duplicate_ts)
+        if result.state_lost:
+            self.metrics.state_losses.inc()
+            logger.error("Redis lost the window state: windows restart from empty")
+        if result.reset:
+            logger.warning(
+                "%d sensors changed their channel count: windows restarted", result.reset
+            )
+        rejected = self.batcher.add(
+            result.due, self.registry.shape_of, self._clock(), self._ingest_ts
+        )
+        for window in rejected:
+            self._reject(window)
+
+    def _reject(self, rejected: RejectedWindow) -> None:
+        window = rejected.window
+        self.metrics.invalid_readings.labels(rejected.code).inc()
+        value = {
+            "sensor_id": window.sensor_id,
+            "start_ts_ms": window.start_ts_ms,
+            "end_ts_ms": window.end_ts_ms,
+            "values": window.values.tolist(),
+        }
+        # A window has no single source offset: -1 says "the sensor's recent readings".
+        topic = self.settings.kafka.topics.readings
+        self._send(
+            _DeadLetter(
+                window.sensor_id.encode(),
+                json.dumps(value).encode(),
+                rejected.reason,
+                topic,
+                -1,
+                -1,
+            )
+        )
+
+    # -- 2. score --------------------------------------------------------------------------
+
+    def score_due(self, flush_all: bool = False) -> None:
+        """Score the batches that are due, decide alerts, publish scores and alert events."""
+        self._in_flight += self.batcher.ready(self._clock(), flush_all)
+        if not self._in_flight:
+            return
+        scored = []
+        for batch in self._in_flight:
+            started = time.perf_counter()
+            results = self.scorer.score(batch.model_name, batch.values)
+            self.metrics.inference_seconds.observe(time.perf_counter() - started)
+            self.metrics.batch_size.observe(len(batch))
+            self.metrics.windows_scored.labels(batch.model_name).inc(len(batch))
+            loaded = self.registry.get(batch.model_name)
+            scored += [
+                (item, result, loaded) for item, result in zip(batch.items, results, strict=True)
+            ]
+        states = self._alert_states({item.window.sensor_id for item, _, _ in scored})
+        policy = self.settings.alerts
+        for item, result, loaded in scored:
+            window = item.window
+            state, events = alerts.update(
+                states[window.sensor_id],
+                score=result.score,
+                ts_ms=window.end_ts_ms,
+                threshold=loaded.thresholds.for_sensor(window.sensor_id, policy),
+                policy=policy,
+                model_version=loaded.version,
+                nearest_prototype=result.nearest_prototype,
+                attribution=result.attribution,
+            )
+            states[window.sensor_id] = state
+            self._send(
+                ScoreRecord(
+                    sensor_id=window.sensor_id,
+                    ts_ms=window.end_ts_ms,
+                    window_start_ts_ms=window.start_ts_ms,
+                    score=result.score,
+                    threshold=state.threshold,
+                    model_name=loaded.name,
+                    model_version=loaded.version,
+                    nearest_prototype=result.nearest_prototype,
+                    channel_attribution=result.attribution,
+                )
+            )
+            for event in events:
+                self._send(event)
+            self._emitted[window.sensor_id] = max(
+                window.end_ts_ms, self._emitted.get(window.sensor_id, 0)
+            )
+            if item.ingest_ts_ms is not None:
+                self._latencies_ms.append(item.ingest_ts_ms)
+        self._states.update(states)
+        self._in_flight = []
+
+    def _alert_states(self, sensor_ids: Iterable[str]) -> dict[str, alerts.SensorAlertState]:
+        """Alert state per sensor: not yet stored ones from memory, the others from Redis."""
+        states = {s: self._states[s] for s in sensor_ids if s in self._states}
+        missing = [s for s in sensor_ids if s not in states]
+        for channels, group in self._by_store(missing).items():
+            stored = self._store(channels).get_alert_state(group)
+            for sensor_id in group:
+                states[sensor_id] = _state_from(sensor_id, stored.get(sensor_id))
+        return states
+
+    def _by_store(self, sensor_ids: Iterable[str]) -> dict[int, list[str]]:
+        """Sensors grouped by the channel count (hence the store) of their model."""
+        groups: dict[int, list[str]] = {}
+        for sensor_id in sensor_ids:
+            shape = self.registry.shape_of(self.settings.model.model_for(sensor_id))
+            groups.setdefault(shape[0] if shape else 1, []).append(sensor_id)
+        return groups
+
+    def _send(self, output: _Output) -> None:
+        if self.publisher.transactional and not self._in_transaction:
+            self.publisher.begin()
+            self._in_transaction = True
+        self._outputs.append(output)
+        self._produce(output)
+
+    def _produce(self, output: _Output) -> None:
+        if isinstance(output, ScoreRecord):
+            self.publisher.publish_scores([output])
+        elif isinstance(output, AlertEvent):
+            self.publisher.publish_alerts([output])
+        else:
+            self.publisher.publish_dead_letter(
+                output.key,
+                output.value,
+                output.reason,
+                source_topic=output.topic,
+                source_partition=output.partition,
+                source_offset=output.offset,
+            )
+
+    # -- 3. commit -------------------------------------------------------------------------
+
+    @property
+    def idle(self) -> bool:
+        """No window is queued or being scored, and no input awaits decoding or appending."""
+        return not (self.batcher or self._in_flight or self._new or self._to_append)
+
+    def commit_if_idle(self) -> None:
+        """When idle, make the outputs durable, then store alert state and input offsets."""
+        if not self.idle or not self._uncommitted:
+            return
+        if not self._acknowledged:
+            self._acknowledge_outputs()
+        for channels, group in self._by_store(self._states).items():
+            self._store(channels).put_alert_state({s: self._states[s].to_dict() for s in group})
+        self._states = {}
+        for channels, group in self._by_store(self._emitted).items():
+            self._store(channels).mark_emitted({s: self._emitted[s] for s in group})
+        self._emitted = {}
+        if not self.publisher.transactional:
+            self.consumer.store(self._uncommitted)
+            self.consumer.commit()
+        self._uncommitted, self._outputs, self._acknowledged = [], [], False
+
+    def _acknowledge_outputs(self) -> None:
+        try:
+            if self._republish:
+                self._produce_again()
+            if self.publisher.transactional:
+                offsets = next_offsets(self._uncommitted)
+                if not self._in_transaction:  # nothing was produced: commit offsets alone
+                    self.publisher.begin()
+                self._in_transaction = False
+                self.publisher.commit(offsets, self.consumer.group_metadata())
+            else:
+                self.publisher.flush_and_check()
+        except Exception:
+            self._republish, self.broker_ok = True, False
+            raise
+        self._republish, self._acknowledged, self.broker_ok = False, True, True
+        now_ms = time.time_ns() // 1_000_000
+        for ingest_ts_ms in self._latencies_ms:
+            self.metrics.end_to_end_seconds.observe(max(0, now_ms - ingest_ts_ms) / 1000)
+        self._latencies_ms = []
+        for output in self._outputs:
+            if isinstance(output, AlertEvent):
+                self.metrics.alerts.labels(output.state).inc()
+
+    def _produce_again(self) -> None:
+        logger.warning("producing %d outputs again after a broker failure", len(self._outputs))
+        if self.publisher.transactional:
+            self._abort_quietly()
+            self.publisher.begin()
+            self._in_transaction = True
+        for output in self._outputs:
+            self._produce(output)
+
+    # -- models and lifecycle --------------------------------------------------------------
+
+    def refresh_models(self, force: bool = False) -> list[ModelEvent]:
+        """Follow the CURRENT pointers; only between batches, so a batch uses one version."""
+        if not self.idle and not force:
+            return []
+        events = self.registry.refresh(force=force)
+        for event in events:
+            if event.error is None:
+                self.metrics.serving(event.model_name, event.version)
+            else:
+                self.metrics.model_load_failures.labels(event.model_name).inc()
+        return events
+
+    def wait_for_a_model(self, stop: threading.Event) -> None:
+        """Block until at least one configured model is loaded (or ``stop`` is set)."""
+        while not stop.is_set():
+            self.refresh_models(force=True)
+            if self.registry.loaded:
+                return
+            logger.warning(
+                "no model of %s has a loadable CURRENT version in %s yet; waiting",
+                list(self.registry.model_names),
+                self.registry.store_root,
+            )
+            stop.wait(self.registry.poll_interval_s)
+
+    def report_lag(self) -> None:
+        """Update the lag gauges, at most every ``LAG_INTERVAL_S`` (the query costs round trips)."""
+        now = self._clock()
+        if now < self._next_lag_s:
+            return
+        self._next_lag_s = now + LAG_INTERVAL_S
+        try:
+            self.metrics.set_lag(self.consumer.lag(timeout_s=1.0))
+        except (KafkaException, ConsumerError) as error:
+            logger.warning("could not measure consumer lag: %s", error)
+
+    def poll_timeout_s(self) -> float:
+        """How long the next poll may wait: until the oldest queued window is due, at most."""
+        timeout_s = self.settings.kafka.poll_timeout_ms / 1000
+        until_deadline = self.batcher.seconds_to_deadline(self._clock())
+        return timeout_s if until_deadline is None else min(timeout_s, until_deadline)
+
+    def finish(self) -> None:
+        """Score everything queued and commit (before partitions go or the worker stops)."""
+        self.ingest([])
+        self.score_due(flush_all=True)
+        self.commit_if_idle()
+
+    def drain(self, timeout_s: float = 30.0) -> None:
+        """``finish``, retrying Redis and broker failures for up to ``timeout_s``."""
+        deadline = self._clock() + timeout_s
+        while True:
+            try:
+                self.finish()
+                return
+            except RETRYABLE as error:
+                if self._clock() > deadline:
+                    logger.error("gave up draining (%s); the next owner replays the rest", error)
+                    return
+                time.sleep(0.5)
+
+    def redis_ok(self) -> bool:
+        """Whether Redis answers a ping."""
+        stores = list(self._stores.values()) or [self._store(1)]
+        return all(store.ping() for store in stores)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Leave the group (committing stored offsets) and deliver what is queued."""
+        try:
+            self.consumer.close()
+        finally:
+            self.publisher.close(timeout_s)
+
+    def on_assign(self, partitions: list[tuple[str, int]]) -> None:
+        """Track the partitions this worker owns."""
+        self.partitions |= set(partitions)
+        self.metrics.assigned_partitions.set(len(self.partitions))
+
+    def on_revoke(self, partitions: list[tuple[str, int]]) -> None:
+        """Finish the in-flight work before the partitions go, or drop it for the next owner."""
+        self.partitions -= set(partitions)
+        self.metrics.assigned_partitions.set(len(self.partitions))
+        try:
+            self.finish()
+        except Exception as error:  # the next owner replays whatever we could not commit
+            logger.warning("could not finish in-flight work on revoke (%s); dropping it", error)
+            if self.publisher.transactional:
+                self._abort_quietly()
+            self._reset()
+
+    def _abort_quietly(self) -> None:
+        """Abort the open transaction, if there is one."""
+        try:
+            self.publisher.abort()
+        except PublishError as error:
+            logger.debug("no transaction to abort: %s", error)
+        self._in_transaction = False
+
+
+def _state_from(sensor_id: str, stored: dict[str, Any] | None) -> alerts.SensorAlertState:
+    if stored is not None:
+        try:
+            return alerts.SensorAlertState.from_dict(stored)
+        except alerts.InvalidAlertState as error:
+            logger.warning("starting sensor %r from a fresh alert state: %s", sensor_id, error)
+    return alerts.SensorAlertState(sensor_id)
+
+
+def open_pipeline(settings: Settings, metrics: Metrics) -> Pipeline:
+    """Connect everything a worker needs, as the settings describe."""
+    device = resolve_device(settings.device)
+    model_names = [settings.model.default_model, *settings.model.routes.values()]
+    registry = ModelRegistry(
+        settings.model.store,
+        model_names,
+        device=device,
+        window_length=settings.window_length,
+        poll_interval_s=settings.model.current_poll_interval_s,
+    )
+    producer_config = kafka_producer_config(settings)
+    transactional_id = producer_config.pop("transactional.id", None)
+    topics = settings.kafka.topics
+    publisher = Publisher(
+        settings.kafka.bootstrap_servers,
+        scores_topic=topics.scores,
+        alerts_topic=topics.alerts,
+        dead_letter_topic=topics.dead_letters,
+        config=producer_config,
+        transactional_id=None if transactional_id is None else str(transactional_id),
+    )
+    hooks: dict[str, Callable[[list[tuple[str, int]]], None]] = {}
+    consumer = ReadingConsumer(
+        settings.kafka.bootstrap_servers,
+        settings.kafka.group_id,
+        [topics.readings],
+        config=kafka_consumer_config(settings),
+        on_assign=lambda partitions: hooks["assign"](partitions),
+        on_revoke=lambda partitions: hooks["revoke"](partitions),
+    )
+    redis_url = settings.redis.url.get_secret_value()
+
+    def store_for(channels: int) -> WindowStore:
+        # Stores differ in channel count, so each keeps its own keys and offset guard.
+        prefix = settings.redis.key_prefix + ("" if channels == 1 else f"c{channels}")
+        return WindowStore(
+            redis_url,
+            window_length=settings.window_length,
+            channels=channels,
+            stride=settings.stride,
+            key_prefix=prefix,
+            ttl_s=settings.redis.sensor_ttl_s,
+        )
+
+    pipeline = Pipeline(
+        settings,
+        consumer=consumer,
+        publisher=publisher,
+        registry=registry,
+        scorer=Scorer(registry, device=device, mixed_precision=settings.mixed_precision),
+        metrics=metrics,
+        store_factory=store_for,
+    )
+    hooks.update(assign=pipeline.on_assign, revoke=pipeline.on_revoke)
+    return pipeline

@@ -1,0 +1,188 @@
+"""Models in memory: a registry that follows the store's CURRENT pointers, and batch scoring.
+
+``ModelRegistry.refresh`` is called between batches; when a model's CURRENT names a new
+version it loads it and swaps it in. A version that fails to load (tampered weights, a
+missing file, an incompatible window length) is refused: logged, reported, remembered so
+it is not retried every poll, and the version already loaded keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from stream_detector import store
+from stream_detector.alerts import InvalidThresholds, Thresholds
+from stream_detector.checkpoint import CheckpointError
+from stream_detector.model import AnomalyLLM
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` is CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """One model version ready to score."""
+
+    name: str
+    version: str
+    model: AnomalyLLM
+    thresholds: Thresholds
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(channels, window_length) of the windows it scores."""
+        return self.model.config.channels, self.model.config.window_length
+
+
+class ModelEvent(NamedTuple):
+    """A version that ``refresh`` swapped in (``error`` None) or refused."""
+
+    model_name: str
+    version: str
+    error: str | None
+
+
+class ModelRegistry:
+    """The served version of each configured model, following CURRENT in a local store."""
+
+    def __init__(
+        self,
+        store_root: Path | str,
+        model_names: Iterable[str],
+        *,
+        device: torch.device,
+        window_length: int,
+        poll_interval_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store_root = Path(store_root)
+        self.model_names = tuple(dict.fromkeys(model_names))
+        self.device = device
+        self.window_length = window_length
+        self.poll_interval_s = poll_interval_s
+        self._clock = clock
+        self._next_poll_s = 0.0
+        self._models: dict[str, LoadedModel] = {}
+        self._refused: dict[str, str] = {}  # model name -> version that failed to load
+
+    def get(self, model_name: str) -> LoadedModel | None:
+        """The version being served, or None when the model has none loaded."""
+        return self._models.get(model_name)
+
+    def shape_of(self, model_name: str) -> tuple[int, int] | None:
+        """(channels, window_length) of a loaded model, None when none is loaded."""
+        loaded = self._models.get(model_name)
+        return None if loaded is None else loaded.shape
+
+    @property
+    def loaded(self) -> dict[str, str]:
+        """Model name -> version for every loaded model."""
+        return {name: loaded.version for name, loaded in self._models.items()}
+
+    def refresh(self, force: bool = False) -> list[ModelEvent]:
+        """Check every CURRENT pointer (at most once per poll interval unless ``force``)."""
+        now = self._clock()
+        if not force and now < self._next_poll_s:
+            return []
+        self._next_poll_s = now + self.poll_interval_s
+        events = []
+        for name in self.model_names:
+            version = store.current_version(self.store_root, name)
+            loaded = self._models.get(name)
+            if version is None or (loaded and loaded.version == version):
+                continue
+            if self._refused.get(name) == version:
+                continue
+            events.append(self._load(name, version))
+        return events
+
+    def _load(self, name: str, version: str) -> ModelEvent:
+        try:
+            checkpoint = store.load_version(self.store_root, name, version, self.device)
+            thresholds = Thresholds.from_dict(checkpoint.thresholds or {})
+            length = checkpoint.model.config.window_length
+            if length != self.window_length:
+                raise CheckpointError(
+                    f"its window_length is {length}, the worker's is {self.window_length}; "
+                    "retrain the model or set DETECTOR_WINDOW_LENGTH to match"
+                )
+        except (CheckpointError, InvalidThresholds, store.ModelStoreError, OSError) as error:
+            self._refused[name] = version
+            kept = self._models.get(name)
+            logger.error(
+                "refusing model %s version %s (%s); still serving %s",
+                name,
+                version,
+                error,
+                kept.version if kept else "nothing",
+            )
+            return ModelEvent(name, version, str(error))
+        old = self._models.get(name)
+        self._models[name] = LoadedModel(name, version, checkpoint.model, thresholds)
+        self._refused.pop(name, None)
+        logger.info(
+            "serving model %s version %s (was %s)", name, version, old.version if old else "none"
+        )
+        return ModelEvent(name, version, None)
+
+
+class WindowScore(NamedTuple):
+    """The model's verdict on one window."""
+
+    score: float
+    # The nearest prototype of the channel that contributes most to the score.
+    nearest_prototype: int
+    attribution: tuple[float, ...]  # per channel, sums to 1
+
+
+class Scorer:
+    """Scores stacked windows with the registry's models on one device."""
+
+    def __init__(
+        self, registry: ModelRegistry, *, device: torch.device, mixed_precision: bool
+    ) -> None:
+        self.registry = registry
+        self.device = device
+        self._cuda = device.type == "cuda"
+        self._autocast = mixed_precision and self._cuda
+
+    def score(self, model_name: str, windows: np.ndarray) -> list[WindowScore]:
+        """Score windows (B, C, L) float32 with the served version of ``model_name``."""
+        loaded = self.registry.get(model_name)
+        if loaded is None:
+            raise LookupError(f"model {model_name!r} has no version loaded")
+        batch = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32))
+        if self._cuda:
+            # Pinned host memory lets the copy overlap with whatever the GPU is still doing.
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        with (
+            torch.inference_mode(),
+            torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast),
+        ):
+            result = loaded.model.score(batch)
+        scores = result.score.float().cpu().numpy()
+        prototypes = result.nearest_prototype.cpu().numpy()
+        attributions = result.attribution.float().cpu().numpy()
+        top_channel = attributions.argmax(axis=1)
+        return [
+            WindowScore(
+                float(scores[i]),
+                int(prototypes[i, top_channel[i]]),
+                tuple(float(a) for a in attributions[i]),
+            )
+            for i in range(len(scores))
+        ]

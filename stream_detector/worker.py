@@ -1,0 +1,62 @@
+"""The streaming worker's run loop: poll, process, publish, then commit; drain on stop.
+
+The work lives in ``pipeline.Pipeline``; this loop only sequences it, retries with a
+back-off when Redis or the broker fails (reporting not-ready meanwhile), and on stop
+finishes the batch, publishes, commits and leaves the consumer group.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from stream_detector.config import Settings
+from stream_detector.consumer import ConsumerError
+from stream_detector.metrics import Health, Metrics, MetricsServer
+from stream_detector.pipeline import RETRYABLE, open_pipeline
+
+logger = logging.getLogger(__name__)
+
+MAX_BACKOFF_S = 10.0
+
+
+def run(settings: Settings, stop: threading.Event) -> int:
+    """Run the worker until ``stop`` is set; return the process exit code."""
+    metrics, health = Metrics(), Health(heartbeat_timeout_s=60.0)
+    server = MetricsServer(metrics, health, settings.metrics_port).start()
+    pipeline = open_pipeline(settings, metrics)
+    poll_ok = False
+    health.add_check("consumer", lambda: poll_ok or bool(pipeline.partitions))
+    health.add_check("redis", pipeline.redis_ok)
+    health.add_check("model", lambda: bool(pipeline.registry.loaded))
+    health.add_check("broker", lambda: pipeline.broker_ok)
+    backoff_s = 0.0  # > 0 while retrying unfinished work: poll nothing new until it is done
+    try:
+        pipeline.wait_for_a_model(stop)
+        while not stop.is_set():
+            health.beat()
+            try:
+                pipeline.refresh_models()
+                messages = []
+                if not backoff_s:
+                    messages = pipeline.consumer.poll_batch(
+                        settings.kafka.poll_batch_size, pipeline.poll_timeout_s()
+                    )
+                    poll_ok = True
+                pipeline.ingest(messages)  # decode, dead letters, windows (one Redis call)
+                pipeline.score_due()  # batcher -> scorer -> alerts -> publisher
+                pipeline.commit_if_idle()  # acks, alert state, mark emitted, then offsets
+                pipeline.report_lag()
+                health.set_detail("partitions", sorted(pipeline.partitions))
+                backoff_s = 0.0
+            except RETRYABLE as error:
+                poll_ok = poll_ok and not isinstance(error, ConsumerError)
+                backoff_s = min(2 * backoff_s or 0.1, MAX_BACKOFF_S)
+                metrics.retries.labels(type(error).__name__).inc()
+                logger.warning("retrying in %.1f s: %s", backoff_s, error)
+                stop.wait(backoff_s)
+        pipeline.drain()
+    finally:
+        pipeline.close()
+        server.stop()
+    return 0
