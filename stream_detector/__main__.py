@@ -104,7 +104,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stream_detector", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m stream_detector",
+        description="Streaming anomaly detection for sensor fleets.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     commands.add_parser("run", help="the streaming worker, configured by DETECTOR_* variables")
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = commands.add_parser("demo", help="the whole pipeline on one machine, on NAB data")
     demo.add_argument("--out", type=Path, default=Path("demo-out"))
-    demo.add_argument("--speed", type=float, default=200.0, help="readings/s replayed")
+    demo.add_argument("--speed", type=float, default=100.0, help="readings/s replayed")
     demo.add_argument("--series", type=Path, help="another NAB-style CSV (timestamp,value)")
     demo.add_argument("--backbone", default="smollm2", help="smollm2, or a local HF model dir")
     demo.add_argument("--profile", default="quick", help="training profile (quick, default)")

@@ -144,7 +144,7 @@ class RedisSettings(_Group):
 class ModelSettings(_Group):
     """Which models score which sensors, and where to find them."""
 
-    # A local directory or an object-storage URL holding <name>/<version>/ and CURRENT.
+    # A local directory holding <name>/versions/<version>/ and <name>/CURRENT (store.py).
     store: str = "./models"
     default_model: str = Field("default", min_length=1)
     # Sensor-id glob (fnmatch, case-sensitive) -> model name; the first match in

@@ -1,4 +1,4 @@
-"""Readings in from Kafka (the only Consumer).
+"""Readings in from Kafka (the only Consumer); also the trainer's topic replay (``replay``).
 
 Offsets are stored by hand (``enable.auto.offset.store=False``) and committed by
 hand (``enable.auto.commit=False``): the worker calls ``store(messages)`` only after
@@ -12,7 +12,8 @@ the partition next, which is what makes the input at-least-once.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -205,3 +206,93 @@ class ReadingConsumer:
             return
         self._closed = True
         self._consumer.close()
+
+
+def replay(
+    bootstrap_servers: str,
+    topic: str,
+    since_ms: int,
+    *,
+    config: Mapping[str, Any] | None = None,
+    group_id: str = "stream-detector-replay",
+    batch_size: int = 1000,
+    timeout_s: float = 300.0,
+) -> Iterator[ConsumedMessage]:
+    """Every record of ``topic`` from the first one stamped at or after ``since_ms``.
+
+    The start offset of each partition comes from ``offsets_for_times`` (the broker's
+    record timestamps, i.e. produce time unless producers set their own); the end is the
+    high watermark when the replay starts, so records produced meanwhile are not read.
+    Partitions are assigned directly: no consumer group is joined and no offset is
+    committed, so a replay never disturbs the workers. Raises ConsumerError when the
+    topic does not exist or the end is not reached within ``timeout_s``.
+    """
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap_servers,
+            "isolation.level": "read_committed",
+            **(config or {}),
+            "group.id": group_id,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "enable.partition.eof": True,
+        }
+    )
+    try:
+        try:
+            metadata = consumer.list_topics(topic, timeout=timeout_s)
+        except KafkaException as exception:
+            raise ConsumerError(
+                f"cannot read the metadata of topic {topic!r} from {bootstrap_servers}: "
+                f"{exception.args[0].str()}"
+            ) from exception
+        found = metadata.topics.get(topic)
+        if found is None or found.error is not None or not found.partitions:
+            raise ConsumerError(f"topic {topic!r} does not exist on {bootstrap_servers}")
+        wanted = [TopicPartition(topic, p, since_ms) for p in sorted(found.partitions)]
+        starts = consumer.offsets_for_times(wanted, timeout=timeout_s)
+        ends: dict[int, int] = {}
+        assignment = []
+        for start in starts:
+            _, high = consumer.get_watermark_offsets(start, timeout=timeout_s)
+            # A negative offset: no record at or after since_ms in this partition.
+            if 0 <= start.offset < high:
+                ends[start.partition] = high
+                assignment.append(TopicPartition(topic, start.partition, start.offset))
+        consumer.assign(assignment)
+        deadline = time.monotonic() + timeout_s
+        while ends:
+            if time.monotonic() > deadline:
+                raise ConsumerError(
+                    f"replay of {topic!r} did not reach the end of partitions {sorted(ends)} "
+                    f"within {timeout_s:.0f} s"
+                )
+            for message in consumer.consume(batch_size, 1.0):
+                partition = message.partition()
+                error = message.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        ends.pop(partition, None)
+                        continue
+                    if error.fatal():
+                        raise ConsumerError(f"fatal consumer error: {error.str()}")
+                    logger.warning("consumer error during replay (continuing): %s", error.str())
+                    continue
+                if partition not in ends or message.offset() >= ends[partition]:
+                    continue
+                timestamp_type, timestamp_ms = message.timestamp()
+                yield ConsumedMessage(
+                    key=message.key(),
+                    value=message.value(),
+                    topic=message.topic(),
+                    partition=partition,
+                    offset=message.offset(),
+                    timestamp_ms=timestamp_ms
+                    if timestamp_type != TIMESTAMP_NOT_AVAILABLE
+                    else None,
+                    headers=tuple(message.headers() or ()),
+                )
+                if message.offset() >= ends[partition] - 1:
+                    ends.pop(partition)
+    finally:
+        consumer.close()

@@ -30,7 +30,12 @@ from confluent_kafka import KafkaException
 
 from stream_detector import alerts
 from stream_detector.batcher import Batch, Batcher, RejectedWindow
-from stream_detector.config import Settings, kafka_consumer_config, kafka_producer_config
+from stream_detector.config import (
+    Settings,
+    kafka_consumer_config,
+    kafka_producer_config,
+    mask_url,
+)
 from stream_detector.consumer import ConsumedMessage, ConsumerError, ReadingConsumer, next_offsets
 from stream_detector.metrics import Metrics
 from stream_detector.publisher import Publisher, PublishError
@@ -41,6 +46,7 @@ from stream_detector.windows import WindowStore, WindowStoreError
 logger = logging.getLogger(__name__)
 
 LAG_INTERVAL_S = 10.0
+COMMIT_INTERVAL_S = 1.0
 # Failures of Redis or the broker: the pipeline keeps its work, and calling again retries it.
 RETRYABLE = (WindowStoreError, PublishError, ConsumerError, KafkaException)
 
@@ -100,6 +106,8 @@ class Pipeline:
         self.broker_ok = True
         self.partitions: set[tuple[str, int]] = set()
         self._next_lag_s = 0.0
+        self._offsets_stored = False  # stored with the consumer, not yet committed
+        self._next_commit_s = 0.0
         self._reset()
 
     def _reset(self) -> None:
@@ -329,22 +337,31 @@ class Pipeline:
         """No window is queued or being scored, and no input awaits decoding or appending."""
         return not (self.batcher or self._in_flight or self._new or self._to_append)
 
-    def commit_if_idle(self) -> None:
-        """When idle, make the outputs durable, then store alert state and input offsets."""
-        if not self.idle or not self._uncommitted:
-            return
-        if not self._acknowledged:
-            self._acknowledge_outputs()
-        for channels, group in self._by_store(self._states).items():
-            self._store(channels).put_alert_state({s: self._states[s].to_dict() for s in group})
-        self._states = {}
-        for channels, group in self._by_store(self._emitted).items():
-            self._store(channels).mark_emitted({s: self._emitted[s] for s in group})
-        self._emitted = {}
-        if not self.publisher.transactional:
-            self.consumer.store(self._uncommitted)
+    def commit_if_idle(self, force: bool = False) -> None:
+        """When idle, make the outputs durable, then store alert state and input offsets.
+
+        Stored offsets are committed at most every ``COMMIT_INTERVAL_S`` (and always with
+        ``force``, on revoke and on close): a crash replays at most that much input, which
+        the windows' offset guard skips.
+        """
+        if self.idle and self._uncommitted:
+            if not self._acknowledged:
+                self._acknowledge_outputs()
+            for channels, group in self._by_store(self._states).items():
+                states = {sensor_id: self._states[sensor_id].to_dict() for sensor_id in group}
+                self._store(channels).put_alert_state(states)
+            self._states = {}
+            for channels, group in self._by_store(self._emitted).items():
+                self._store(channels).mark_emitted({s: self._emitted[s] for s in group})
+            self._emitted = {}
+            if not self.publisher.transactional:
+                self.consumer.store(self._uncommitted)
+                self._offsets_stored = True
+            self._uncommitted, self._outputs, self._acknowledged = [], [], False
+        if self._offsets_stored and (force or self._clock() >= self._next_commit_s):
             self.consumer.commit()
-        self._uncommitted, self._outputs, self._acknowledged = [], [], False
+            self._offsets_stored = False
+            self._next_commit_s = self._clock() + COMMIT_INTERVAL_S
 
     def _acknowledge_outputs(self) -> None:
         try:
@@ -402,7 +419,7 @@ class Pipeline:
             logger.warning(
                 "no model of %s has a loadable CURRENT version in %s yet; waiting",
                 list(self.registry.model_names),
-                self.registry.store_root,
+                mask_url(str(self.registry.store_root)),
             )
             stop.wait(self.registry.poll_interval_s)
 
@@ -427,7 +444,7 @@ class Pipeline:
         """Score everything queued and commit (before partitions go or the worker stops)."""
         self.ingest([])
         self.score_due(flush_all=True)
-        self.commit_if_idle()
+        self.commit_if_idle(force=True)
 
     def drain(self, timeout_s: float = 30.0) -> None:
         """``finish``, retrying Redis and broker failures for up to ``timeout_s``."""

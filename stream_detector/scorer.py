@@ -69,7 +69,7 @@ class ModelRegistry:
         poll_interval_s: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.store_root = Path(store_root)
+        self.store_root = store_root  # a path or a URL: kept as given
         self.model_names = tuple(dict.fromkeys(model_names))
         self.device = device
         self.window_length = window_length

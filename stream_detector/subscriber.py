@@ -119,6 +119,7 @@ def tail_events(
         [settings.kafka.topics.alerts],
         config={
             **settings.kafka.extra,
+            "session.timeout.ms": settings.kafka.session_timeout_ms,
             "auto.offset.reset": "earliest" if from_beginning else "latest",
         },
     )

@@ -56,3 +56,25 @@ def init_prototypes(model: AnomalyLLM, windows: torch.Tensor, seed: int = 0) -> 
         centers = spherical_kmeans(normalised[:, channel], clusters, seed=seed + channel)
         # Centroids are unit vectors; scale to the norm of a normalised window.
         prototypes[channel] = (centers * normalised.shape[-1] ** 0.5).to(prototypes.device)
+
+
+@torch.no_grad()
+def refit_prototypes(model: AnomalyLLM, windows: torch.Tensor, iterations: int = 10) -> None:
+    """Move each channel's prototypes to the k-means centroids of new windows (M, C, L).
+
+    Warm-started from the current prototypes, so prototype k stays the pattern the
+    student learned to pair with k; each keeps its norm (the student sees it unscaled),
+    and a prototype that attracts no window keeps its place.
+    """
+    normalised = F.normalize(instance_norm(windows.float()), dim=-1)
+    prototypes = model.student.prototypes
+    for channel in range(normalised.shape[1]):
+        points = normalised[:, channel].to(prototypes.device)  # (M, L)
+        norms = prototypes[channel].float().norm(dim=-1, keepdim=True)  # (K, 1)
+        centers = prototypes[channel].float() / norms.clamp(min=1e-12)  # (K, L)
+        for _ in range(iterations):
+            assignment = (points @ centers.T).argmax(dim=1)  # (M,)
+            sums = torch.zeros_like(centers).index_add_(0, assignment, points)  # (K, L)
+            filled = torch.bincount(assignment, minlength=len(centers)) > 0
+            centers = torch.where(filled[:, None], F.normalize(sums, dim=-1), centers)
+        prototypes[channel] = (centers * norms).to(prototypes.dtype)

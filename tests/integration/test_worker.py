@@ -6,6 +6,7 @@ subprocesses configured by DETECTOR_* variables where a test kills one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -39,7 +40,7 @@ from stream_detector.config import (
 from stream_detector.consumer import ConsumedMessage, ReadingConsumer
 from stream_detector.model import AnomalyLLM
 from stream_detector.publisher import ReadingProducer
-from stream_detector.services import free_port
+from stream_detector.services import EmbeddedRedis, free_port
 from stream_detector.windows import WindowStore
 from tests.conftest import Topics
 from tests.tiny import tiny_config, tiny_model
@@ -62,6 +63,15 @@ POLICY = AlertPolicy(confirm_k=2, confirm_n=3, min_duration_windows=2, cooldown_
 class TrainedModel:
     model: AnomalyLLM
     threshold: float
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models gain nothing from threads, and on a busy machine they lose a lot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -165,11 +175,22 @@ def settings_env(settings: Settings) -> dict[str, str]:
     data = settings.model_dump(mode="json")
     data["redis"]["url"] = settings.redis.url.get_secret_value()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DETECTOR_")}
+    env["OMP_NUM_THREADS"] = "1"
     for name, value in data.items():
         env[f"DETECTOR_{name.upper()}"] = (
             json.dumps(value) if isinstance(value, dict) else str(value)
         )
     return env
+
+
+def scrape(port: int, name: str, labels: str = "") -> float:
+    """One sample from a worker's /metrics (0 when absent)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        body = response.read().decode()
+    for line in body.splitlines():
+        if line.startswith(f"{name}{{{labels}}} " if labels else f"{name} "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 class WorkerThread:
@@ -203,11 +224,7 @@ class WorkerThread:
         return sorted(partition for _, partition in json.loads(body).get("partitions", []))
 
     def metric(self, name: str, labels: str = "") -> float:
-        _, body = self.http("/metrics")
-        for line in body.splitlines():
-            if line.startswith(f"{name}{{{labels}}} " if labels else f"{name} "):
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
+        return scrape(self.settings.metrics_port, name, labels)
 
     def close(self) -> None:
         self.stop.set()
@@ -386,6 +403,8 @@ def test_a_killed_worker_is_replaced_without_losing_or_doubling_anything(
     second = start()
     try:
         outputs = reader.read_until(lambda o: expected <= o.scored(), timeout_s=120)
+        # It re-read what the first one had not committed, and skipped it in the windows.
+        assert scrape(settings.metrics_port, "detector_replayed_readings_total") > 0
     finally:
         second.send_signal(signal.SIGTERM)
         second.wait(60)
@@ -485,6 +504,15 @@ def test_bad_input_goes_to_the_dead_letter_topic_and_the_worker_carries_on(
             lambda o: len(o.dead_letters) >= len(bad) and expected_windows(plan) <= o.scored()
         )
         assert handle.metric("detector_invalid_readings_total", 'reason="bad_json"') == 1
+        assert handle.http("/healthz")[0] == 200
+        status, body = handle.http("/readyz")
+        assert status == 200, body
+        assert json.loads(body)["checks"] == {
+            "consumer": True,
+            "redis": True,
+            "model": True,
+            "broker": True,
+        }
     reasons = {}
     for message in outputs.dead_letters:
         headers = dict(message.headers)
@@ -533,3 +561,65 @@ def test_hot_swap_serves_a_promoted_version_and_refuses_a_tampered_one(
         assert (
             handle.metric("detector_model_version_info", f'model="{MODEL}",version="{second}"') == 1
         )
+
+
+def test_exactly_once_mode_commits_offsets_with_the_outputs(
+    kafka_bootstrap: str,
+    topics: Topics,
+    model_store: Path,
+    settings_for: Callable[..., Settings],
+    reader: OutputReader,
+) -> None:
+    plan = make_plan(2, 80)
+    produce(kafka_bootstrap, topics.readings, plan)
+    kafka = {"exactly_once": True, "instance_id": f"eos-{uuid.uuid4().hex[:8]}"}
+    settings = settings_for(model_store, kafka=kafka)
+
+    with running(settings):
+        outputs = reader.read_until(lambda o: expected_windows(plan) <= o.scored())
+    # The offsets went with the last transaction: a restarted worker has nothing to redo.
+    with running(settings) as restarted:
+        deadline = time.monotonic() + 30
+        while restarted.partitions() != [0, 1, 2]:
+            assert time.monotonic() < deadline, "the restarted worker got no partitions"
+            time.sleep(0.2)
+        time.sleep(1.0)
+        assert restarted.metric("detector_readings_total") == 0
+    outputs = reader.read_quietly()
+    assert len(outputs.scores) == len(expected_windows(plan))
+
+
+def test_a_redis_outage_makes_the_worker_unready_and_it_resumes_after(
+    kafka_bootstrap: str,
+    topics: Topics,
+    model_store: Path,
+    settings_for: Callable[..., Settings],
+    reader: OutputReader,
+) -> None:
+    port = free_port()
+    plan = make_plan(2, 140)
+    with contextlib.ExitStack() as stack:
+        own_redis = stack.enter_context(EmbeddedRedis(port=port))
+        settings = settings_for(model_store)
+        settings = settings.model_copy(
+            update={"redis": RedisSettings(url=own_redis.url, key_prefix="outage")}
+        )
+        handle = stack.enter_context(running(settings))
+        produce(kafka_bootstrap, topics.readings, plan, range(0, 40))
+        reader.read_until(lambda o: expected_windows(make_plan(2, 40)) <= o.scored())
+
+        own_redis.stop()
+        produce(kafka_bootstrap, topics.readings, plan, range(40, 140))
+        deadline = time.monotonic() + 30
+        while handle.metric("detector_retries_total", 'system="WindowStoreError"') < 2:
+            assert time.monotonic() < deadline, "the worker did not retry without Redis"
+            time.sleep(0.2)
+        status, body = handle.http("/readyz")
+        assert status == 503 and json.loads(body)["checks"]["redis"] is False
+        assert handle.http("/healthz")[0] == 200 and handle.thread.is_alive()
+
+        own_redis.start()  # same port, empty: the worker notices the lost state
+        last = (plan.sensor_id(0), plan.ts_ms(139))
+        reader.read_until(lambda o: last in o.scored())
+        assert handle.metric("detector_redis_state_losses_total") == 1
+        assert handle.http("/readyz")[0] == 200

@@ -1,0 +1,366 @@
+"""End-to-end throughput and latency of the worker, against the limits of its parts.
+
+One run, one broker, one machine:
+
+1. ``bare_consume``: a plain confluent-kafka consume loop over the pre-produced readings
+   (what the broker and client alone can deliver).
+2. ``model_only``: the scorer on random windows at the worker's batch size, expressed as
+   readings/s (each window is due after ``stride`` readings of its sensor).
+3. ``end_to_end``: the worker (in a thread) on the same readings: decode, Redis windows,
+   batching, scoring, alert decisions, publishing, offset commits.
+4. ``latency``: readings produced at 50% of the measured end-to-end capacity, stamped with
+   the wall clock; reading-to-score latency is the time until its score record is read
+   back from the scores topic.
+5. ``redis_bytes_per_sensor``: MEMORY USAGE of a sensor's window and alert state.
+
+Usage: ``python benchmarks/e2e_throughput.py [--sensors 1000] [--model tiny|smollm2]``;
+brokers are embedded unless ``--bootstrap``/``--redis`` name existing ones. Results go to
+``benchmarks/results/e2e_throughput.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis
+import torch
+from confluent_kafka import Consumer
+
+from stream_detector import store, worker
+from stream_detector.config import KafkaTopics, ModelSettings, RedisSettings, Settings
+from stream_detector.consumer import ReadingConsumer
+from stream_detector.model import SMOLLM2, AnomalyLLM, ModelConfig
+from stream_detector.publisher import ReadingProducer
+from stream_detector.scorer import ModelRegistry, Scorer, resolve_device
+from stream_detector.services import EmbeddedKafka, EmbeddedRedis, create_topics, free_port
+
+RESULTS = Path(__file__).parent / "results" / "e2e_throughput.json"
+TINY_GPT2 = {
+    "model_type": "gpt2",
+    "n_embd": 32,
+    "n_layer": 2,
+    "n_head": 2,
+    "n_positions": 64,
+    "vocab_size": 1,
+}
+PARTITIONS = 4
+T0_MS = 1_700_000_000_000
+
+
+def build_model(kind: str, window_length: int) -> AnomalyLLM:
+    """A randomly initialised model: weights do not change the cost of scoring."""
+    torch.manual_seed(0)
+    if kind == "tiny":
+        config = ModelConfig(
+            window_length=window_length,
+            patch_length=16,
+            patch_stride=16,
+            embedding_dim=16,
+            backbone="tiny",
+            backbone_layers=2,
+            prototypes=4,
+            student_dim=16,
+            student_layers=1,
+            student_heads=2,
+            backbone_config=TINY_GPT2,
+        )
+        return AnomalyLLM.from_config(config)
+    return AnomalyLLM.pretrained(
+        ModelConfig(window_length=window_length, backbone=SMOLLM2, backbone_layers=6)
+    )
+
+
+def produce_backlog(bootstrap: str, topic: str, sensors: int, readings: int) -> int:
+    """Readings 0..readings-1 of every sensor, one second apart, as fast as possible."""
+    producer = ReadingProducer(bootstrap, topic, config={"linger.ms": 20, "batch.size": 1 << 20})
+    rng = np.random.default_rng(0)
+    for step in range(readings):
+        ts_ms = T0_MS + step * 1000
+        values = np.sin(step / 8 + np.arange(sensors)) + rng.normal(0, 0.05, sensors)
+        for index in range(sensors):
+            sensor_id = f"sensor-{index:05d}"
+            value = f'{{"sensor_id":"{sensor_id}","ts":{ts_ms},"value":{values[index]:.5f}}}'
+            producer.send(sensor_id.encode(), value.encode())
+    producer.flush(120)
+    return sensors * readings
+
+
+def bare_consume(bootstrap: str, topic: str, count: int) -> float:
+    """Messages/s of a plain confluent-kafka consume loop over ``count`` messages."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"bench-bare-{uuid.uuid4().hex[:8]}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "session.timeout.ms": 6000,
+        }
+    )
+    assigned_at: list[float] = []
+    # Timed from the assignment: fetching starts then, so prefetching is counted too.
+    consumer.subscribe([topic], on_assign=lambda c, p: assigned_at.append(time.perf_counter()))
+    received = 0
+    try:
+        while received < count:
+            received += sum(1 for m in consumer.consume(500, 1.0) if m.error() is None)
+        return received / (time.perf_counter() - assigned_at[0])
+    finally:
+        consumer.close()
+
+
+def model_only(model_dir: Path, settings: Settings, seconds: float = 10.0) -> float:
+    """Windows/s of the scorer alone at the worker's batch size."""
+    device = resolve_device(settings.device)
+    registry = ModelRegistry(
+        model_dir,
+        ["default"],
+        device=device,
+        window_length=settings.window_length,
+        poll_interval_s=60,
+    )
+    registry.refresh()
+    scorer = Scorer(registry, device=device, mixed_precision=settings.mixed_precision)
+    windows = (
+        np.random.default_rng(0)
+        .normal(size=(settings.batch_size, 1, settings.window_length))
+        .astype(np.float32)
+    )
+    scorer.score("default", windows)  # warm-up
+    scored, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        scored += len(scorer.score("default", windows))
+    return scored / (time.perf_counter() - started)
+
+
+def scrape(port: int, name: str) -> float:
+    """Sum of the samples of one metric on a worker's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        lines = response.read().decode().splitlines()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in lines
+        if line.startswith(name) and (line[len(name)] in " {")
+    )
+
+
+def end_to_end(settings: Settings, readings: int, windows: int) -> float:
+    """Readings/s of the worker over the backlog, from its first batch to its last score."""
+    port = settings.metrics_port
+    deadline = time.monotonic() + 600
+    started = None
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if started is None and scrape(port, "detector_readings_total") > 0:
+                started = time.perf_counter()
+            if scrape(port, "detector_windows_scored_total") >= windows:
+                return readings / (time.perf_counter() - started)
+        time.sleep(0.05)
+    raise TimeoutError("the worker did not score the backlog within 10 minutes")
+
+
+def latency_at(
+    settings: Settings, sensors: int, rate: float, seconds: float
+) -> dict[str, float | int]:
+    """Reading-to-score latency (ms) with readings produced at ``rate`` per second."""
+    topics = settings.kafka.topics
+    reader = ReadingConsumer(
+        settings.kafka.bootstrap_servers,
+        f"bench-latency-{uuid.uuid4().hex[:8]}",
+        [topics.scores],
+        config={"auto.offset.reset": "latest", "session.timeout.ms": 6000},
+    )
+    latencies: list[float] = []
+    phase_start_ms = time.time_ns() // 1_000_000
+    done = threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            for message in reader.poll_batch(1000, 0.1):
+                record = json.loads(message.value)
+                if record["ts_ms"] >= phase_start_ms:
+                    latencies.append(time.time_ns() / 1e6 - record["ts_ms"])
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    time.sleep(3.0)  # let the reader join and reach the end of the topic
+    producer = ReadingProducer(settings.kafka.bootstrap_servers, topics.readings)
+    started, sent = time.monotonic(), 0
+    rng = np.random.default_rng(1)
+    while time.monotonic() - started < seconds:
+        due = int((time.monotonic() - started) * rate)
+        while sent < due:
+            index = sent % sensors
+            sensor_id = f"sensor-{index:05d}"
+            ts_ms = time.time_ns() // 1_000_000
+            value = f'{{"sensor_id":"{sensor_id}","ts":{ts_ms},"value":{rng.normal():.5f}}}'
+            producer.send(sensor_id.encode(), value.encode())
+            sent += 1
+        time.sleep(0.005)
+    producer.flush()
+    time.sleep(3.0)  # the last windows' scores
+    done.set()
+    thread.join(5)
+    reader.close()
+    values = np.array(latencies)
+    return {
+        "rate_readings_per_s": round(rate, 1),
+        "readings": sent,
+        "scores": len(values),
+        "p50_ms": round(float(np.percentile(values, 50)), 1) if len(values) else None,
+        "p99_ms": round(float(np.percentile(values, 99)), 1) if len(values) else None,
+    }
+
+
+def redis_bytes(redis_url: str, prefix: str, sensors: int, sample: int = 100) -> dict[str, float]:
+    """Mean MEMORY USAGE of a sensor's window and alert state (a sample of sensors)."""
+    # A measurement, not part of the product: windows.py stays the only Redis user there.
+    client = redis.Redis.from_url(redis_url)
+    ids = [f"sensor-{i:05d}" for i in np.linspace(0, sensors - 1, sample).astype(int)]
+    window = [client.memory_usage(f"{prefix}:w:{s}", samples=0) or 0 for s in ids]
+    state = [client.memory_usage(f"{prefix}:a:{s}", samples=0) or 0 for s in ids]
+    client.close()
+    return {
+        "window": round(float(np.mean(window)), 1),
+        "alert_state": round(float(np.mean(state)), 1),
+        "total": round(float(np.mean(window) + np.mean(state)), 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sensors", type=int, default=1000)
+    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    parser.add_argument("--window-length", type=int, default=128)
+    parser.add_argument("--stride", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--latency-seconds", type=float, default=20.0)
+    parser.add_argument("--bootstrap", help="an existing broker (default: embedded tansu)")
+    parser.add_argument("--redis", help="an existing Redis URL (default: embedded)")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="intra-op threads (default 1: on a shared CPU, more threads than free cores "
+        "make small batches an order of magnitude slower)",
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.torch_threads)
+
+    readings_per_sensor = args.window_length * 2
+    windows = args.sensors * ((readings_per_sensor - args.window_length) // args.stride + 1)
+    run_id = uuid.uuid4().hex[:8]
+    load_before = os.getloadavg()
+    with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
+        bootstrap = args.bootstrap or stack.enter_context(EmbeddedKafka()).bootstrap_servers
+        redis_url = args.redis or stack.enter_context(EmbeddedRedis()).url
+        topics = KafkaTopics(
+            readings=f"bench-{run_id}-readings",
+            scores=f"bench-{run_id}-scores",
+            alerts=f"bench-{run_id}-alerts",
+            dead_letters=f"bench-{run_id}-dlq",
+        )
+        create_topics(bootstrap, [topics.readings], PARTITIONS)
+        create_topics(bootstrap, [topics.scores, topics.alerts, topics.dead_letters], 1)
+        model_dir = Path(tmp) / "models"
+        model = build_model(args.model, args.window_length)
+        # A threshold no score reaches: the benchmark measures scoring, not alert storms.
+        store.publish_version(
+            model_dir, "default", model, thresholds={"default": {"threshold": 1e9}}
+        )
+        prefix = f"bench-{run_id}"
+        settings = Settings(
+            kafka={
+                "bootstrap_servers": bootstrap,
+                "group_id": f"bench-{run_id}-worker",
+                "topics": topics,
+                "session_timeout_ms": 6000,
+            },
+            redis=RedisSettings(url=redis_url, key_prefix=prefix),
+            model=ModelSettings(store=str(model_dir)),
+            window_length=args.window_length,
+            stride=args.stride,
+            batch_size=args.batch_size,
+            metrics_port=free_port(),
+            log_level="WARNING",
+        )
+        print(f"producing {args.sensors} sensors x {readings_per_sensor} readings ...", flush=True)
+        readings = produce_backlog(bootstrap, topics.readings, args.sensors, readings_per_sensor)
+        print("bare consume loop ...", flush=True)
+        bare = bare_consume(bootstrap, topics.readings, readings)
+        print("model only ...", flush=True)
+        model_windows = model_only(model_dir, settings)
+        print("end to end ...", flush=True)
+        stop = threading.Event()
+        thread = threading.Thread(target=worker.run, args=(settings, stop), daemon=True)
+        thread.start()
+        try:
+            e2e = end_to_end(settings, readings, windows)
+            print(f"latency at 50% of {e2e:.0f} readings/s ...", flush=True)
+            port = settings.metrics_port
+            before = [scrape(port, f"detector_end_to_end_seconds_{s}") for s in ("sum", "count")]
+            latency = latency_at(settings, args.sensors, e2e / 2, args.latency_seconds)
+            after = [scrape(port, f"detector_end_to_end_seconds_{s}") for s in ("sum", "count")]
+            worker_seconds, worker_count = after[0] - before[0], after[1] - before[1]
+        finally:
+            stop.set()
+            thread.join(60)
+        memory = redis_bytes(redis_url, prefix, args.sensors)
+
+    model_readings = model_windows * args.stride
+    result: dict[str, Any] = {
+        "benchmark": "e2e_throughput",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "load_average_before": [round(x, 2) for x in load_before],
+            "device": str(resolve_device(settings.device)),
+            "torch_threads": torch.get_num_threads(),
+        },
+        "setup": {
+            "model": args.model,
+            "sensors": args.sensors,
+            "readings": readings,
+            "windows": windows,
+            "window_length": args.window_length,
+            "stride": args.stride,
+            "batch_size": args.batch_size,
+            "partitions": PARTITIONS,
+            "broker": "embedded tansu" if not args.bootstrap else "external",
+        },
+        "readings_per_s": {
+            "end_to_end": round(e2e, 1),
+            "bare_consume": round(bare, 1),
+            "model_only": round(model_readings, 1),
+        },
+        "model_only_windows_per_s": round(model_windows, 1),
+        "ratios": {
+            "end_to_end_vs_bare_consume": round(e2e / bare, 3),
+            "end_to_end_vs_model_only": round(e2e / model_readings, 3),
+        },
+        "latency_at_half_capacity": latency,
+        # The worker's own histogram over the same phase: Kafka timestamp to acknowledged score.
+        "worker_mean_end_to_end_ms_at_half_capacity": round(1000 * worker_seconds / worker_count, 1)
+        if worker_count
+        else None,
+        "redis_bytes_per_sensor": memory,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

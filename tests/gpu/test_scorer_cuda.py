@@ -1,0 +1,34 @@
+"""The worker's scorer on CUDA: pinned copies and bf16 autocast agree with the CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stream_detector import store
+from stream_detector.scorer import ModelRegistry, Scorer, resolve_device
+from tests.tiny import tiny_model
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA; none on this machine"),
+]
+
+
+def scores_on(device: torch.device, root: Path, windows: np.ndarray) -> list[float]:
+    registry = ModelRegistry(root, ["pumps"], device=device, window_length=32, poll_interval_s=60.0)
+    registry.refresh()
+    scorer = Scorer(registry, device=device, mixed_precision=True)
+    return [s.score for s in scorer.score("pumps", windows)]
+
+
+def test_auto_picks_cuda_and_mixed_precision_scores_match_the_cpu(tmp_path: Path) -> None:
+    store.publish_version(tmp_path, "pumps", tiny_model(channels=2))
+    windows = np.random.default_rng(0).normal(size=(64, 2, 32)).astype(np.float32)
+    device = resolve_device("auto")
+    assert device.type == "cuda"
+    expected = scores_on(torch.device("cpu"), tmp_path, windows)
+    assert scores_on(device, tmp_path, windows) == pytest.approx(expected, rel=0.05, abs=0.05)

@@ -1,0 +1,893 @@
+"""The retraining job (``fit``, ``refresh``) and model-store operations (``models``).
+
+    python -m trainer fit --from-kafka --since 7d --store s3://models --model pumps
+    python -m trainer fit --from-files a.csv b.npz --store ./models --model pumps --profile quick
+    python -m trainer refresh --from-kafka --since 2d --store ./models --model pumps
+    python -m trainer models list --store ./models --model pumps --json
+    python -m trainer models show|promote|rollback --store ./models --model pumps [--version V]
+
+A run, under the model's store lock (so two CronJob runs never overlap):
+
+1. read the data: the readings topic replayed since ``--since`` for the sensors routed to
+   the model (``DETECTOR_*`` settings, as the worker), minus alert spans; or files. See
+   ``trainer.sources`` for gaps, the memory cap and the train/calibration/hold-out split;
+2. ``fit``: train teacher and student from scratch (``trainer.train.fit``, ``--profile``).
+   ``refresh``: load CURRENT, keep every weight but the prototypes, re-fit those with
+   k-means on the recent training windows;
+3. calibrate per-sensor thresholds on the calibration split (``trainer.thresholds``);
+4. judge the candidate and CURRENT on the hold-out split and labelled incidents
+   (``trainer.gate``); store the version (with ``report.json``) either way, and promote it
+   only if it is not worse, or with ``--force``.
+
+Idempotent: a run's fingerprint covers the data as trained on and every setting; a rerun
+with the same fingerprint publishes nothing and repeats the earlier outcome.
+
+Exit codes: 0 promoted (or nothing to do), 1 failed, 3 stored but refused by the gate,
+4 another job holds the model's lock.
+
+Tests and experiments can train a randomly initialised backbone of any size with
+``--model-config FILE``: a JSON object of ``ModelConfig`` fields; when it contains a
+non-empty ``backbone_config`` (a Hugging Face config dict), no pretrained weights are read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from stream_detector import store
+from stream_detector.alerts import InvalidThresholds, Thresholds
+from stream_detector.checkpoint import Checkpoint, CheckpointError
+from stream_detector.config import Settings, mask_url
+from stream_detector.consumer import ConsumerError
+from stream_detector.model import SMOLLM2, AnomalyLLM, BackboneError, ModelConfig
+from stream_detector.scorer import resolve_device
+from trainer import gate, sources, thresholds, train
+from trainer.data import DataFormatError, DataNotFoundError
+from trainer.prototypes import refit_prototypes
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_REFUSED = 3
+EXIT_LOCKED = 4
+REFRESH_MAX_WINDOWS = 4096  # k-means input cap for refresh
+
+
+class JobError(RuntimeError):
+    """The job cannot run as asked; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """Everything a ``fit`` or ``refresh`` run is told (the command line, parsed)."""
+
+    mode: str  # "fit" or "refresh"
+    store: str
+    model_name: str
+    from_kafka: bool = False
+    since: str = "7d"
+    files: tuple[Path, ...] = ()
+    columns: tuple[str, ...] | None = None
+    file_interval_ms: int = sources.DEFAULT_FILE_INTERVAL_MS
+    incidents: Path | None = None
+    profile: str = "default"
+    backbone: str = SMOLLM2
+    backbone_layers: int = 6
+    window_length: int | None = None
+    model_config: Path | None = None
+    thresholds: thresholds.ThresholdConfig = field(default_factory=thresholds.ThresholdConfig)
+    gate: gate.GateConfig = field(default_factory=gate.GateConfig)
+    max_readings_per_sensor: int = sources.DEFAULT_MAX_READINGS_PER_SENSOR
+    gap_factor: float = sources.DEFAULT_GAP_FACTOR
+    margin_windows: float = 1.0
+    calibration_fraction: float = 0.25
+    holdout_fraction: float = 0.15
+    force: bool = False
+    report: Path | None = None
+    lock_lease_s: float = store.DEFAULT_LEASE_S
+    progress: bool = True
+
+
+@dataclass
+class JobResult:
+    """The exit code and the report of one run."""
+
+    exit_code: int
+    report: dict[str, Any]
+
+
+class _Phases:
+    """Wall-clock seconds per phase, for the report (and the refresh-vs-fit benchmark)."""
+
+    def __init__(self, console: Console) -> None:
+        self.seconds: dict[str, float] = {}
+        self._console = console
+
+    @contextmanager
+    def __call__(self, name: str, message: str) -> Iterator[None]:
+        started = time.perf_counter()
+        with self._console.status(message):
+            yield
+        self.seconds[name] = round(time.perf_counter() - started, 3)
+        self._console.log(f"{message} done in {self.seconds[name]:.1f} s")
+
+
+def _package_version() -> str:
+    try:
+        return metadata.version("stream-detector")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def score_windows(
+    model: AnomalyLLM, windows: np.ndarray, device: torch.device, batch_size: int = 256
+) -> np.ndarray:
+    """Scores of windows (N, C, L), batch by batch."""
+    model.to(device).eval()
+    out = []
+    for start in range(0, len(windows), batch_size):
+        batch = torch.from_numpy(np.ascontiguousarray(windows[start : start + batch_size]))
+        out.append(model.score(batch.to(device), attribution=False).score.float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def _scores_of(
+    model: AnomalyLLM, split: dict[str, sources.SensorWindows], device: torch.device
+) -> dict[str, thresholds.SensorScores]:
+    return {
+        sensor_id: thresholds.SensorScores(w.end_ts_ms, score_windows(model, w.windows, device))
+        for sensor_id, w in split.items()
+    }
+
+
+def _incident_scores(
+    model: AnomalyLLM,
+    data: sources.TrainingData,
+    stride: int,
+    gap_factor: float,
+    device: torch.device,
+) -> list[tuple[sources.Span, thresholds.SensorScores, int]]:
+    length = model.config.window_length
+    out = []
+    for span in data.incidents:
+        series = data.series[span.sensor_id]
+        windows = sources.incident_windows(series, span, length, stride, gap_factor)
+        if not len(windows.end_ts_ms):
+            logger.warning("incident %s has no complete window of data; not judged", span)
+            continue
+        scores = thresholds.SensorScores(
+            windows.end_ts_ms, score_windows(model, windows.windows, device)
+        )
+        out.append((span, scores, int(length * series.interval_ms)))
+    return out
+
+
+def _evaluate(
+    model: AnomalyLLM,
+    thresholds_json: dict[str, Any] | None,
+    splits: sources.Splits,
+    data: sources.TrainingData,
+    settings: Settings,
+    options: JobOptions,
+    device: torch.device,
+) -> gate.Evaluation:
+    return gate.evaluate(
+        _scores_of(model, splits.holdout, device),
+        _incident_scores(model, data, settings.stride, options.gap_factor, device),
+        Thresholds.from_dict(thresholds_json or {}),
+        settings.alerts,
+    )
+
+
+def _model_config(options: JobOptions, channels: int, window_length: int) -> ModelConfig:
+    overrides: dict[str, Any] = {}
+    if options.model_config is not None:
+        try:
+            overrides = json.loads(options.model_config.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise JobError(f"--model-config {options.model_config}: {error}") from error
+        if not isinstance(overrides, dict):
+            raise JobError(f"--model-config {options.model_config} must hold a JSON object")
+    base = {"backbone": options.backbone, "backbone_layers": options.backbone_layers}
+    try:
+        config = ModelConfig.from_dict(
+            {**base, **overrides, "channels": channels, "window_length": window_length}
+        )
+        config.validate()
+    except (TypeError, ValueError) as error:
+        raise JobError(f"model configuration: {error}") from error
+    return config
+
+
+def _read_data(
+    options: JobOptions, settings: Settings, window_length: int, now_ms: int, console: Console
+) -> sources.TrainingData:
+    incidents = sources.read_incidents(options.incidents) if options.incidents else []
+    if options.from_kafka:
+        since_ms = sources.parse_since(options.since, now_ms)
+
+        def progress(count: int) -> None:
+            console.log(f"{count} messages replayed")
+
+        data = sources.read_stream(
+            settings,
+            options.model_name,
+            since_ms,
+            window_length=window_length,
+            now_ms=now_ms,
+            max_readings_per_sensor=options.max_readings_per_sensor,
+            margin_windows=options.margin_windows,
+            incidents=incidents,
+            progress=progress if options.progress else None,
+        )
+    else:
+        data = sources.read_files(
+            list(options.files),
+            window_length=window_length,
+            columns=options.columns,
+            interval_ms=options.file_interval_ms,
+            max_readings_per_sensor=options.max_readings_per_sensor,
+            margin_windows=options.margin_windows,
+            incidents=incidents,
+        )
+    if not data.series:
+        where = "the readings topic" if options.from_kafka else "the files"
+        raise JobError(
+            f"no readings of model {options.model_name!r} in {where}; check --since, the "
+            "topic names and the model routes (DETECTOR_MODEL__ROUTES)"
+        )
+    return data
+
+
+def _fingerprint(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _published_with(root: str, model_name: str, fingerprint: str) -> str | None:
+    for version in reversed(store.list_versions(root, model_name)):
+        try:
+            config = store.version_metadata(root, model_name, version)
+        except store.ModelStoreError:
+            continue
+        if config.get("training", {}).get("fingerprint") == fingerprint:
+            return version
+    return None
+
+
+def _repeat(
+    options: JobOptions, version: str, current: str | None, lock: store.StoreLock
+) -> JobResult:
+    """A rerun with the same fingerprint: publish nothing, repeat the earlier outcome."""
+    earlier = store.read_version_file(options.store, options.model_name, version, "report.json")
+    earlier_report = json.loads(earlier) if earlier else {}
+    promoted_before = earlier_report.get("decision", {}).get("promote", False)
+    report: dict[str, Any] = {
+        "job": options.mode,
+        "model": options.model_name,
+        "store": mask_url(options.store),
+        "version": version,
+        "no_op": True,
+        "current_version": current,
+    }
+    if current == version:
+        report["decision"] = {"promote": False, "reasons": [f"{version} is already CURRENT"]}
+        return JobResult(EXIT_OK, report)
+    if options.force:
+        store.promote(
+            options.store, options.model_name, version, reason="--force on a rerun", lock=lock
+        )
+        report["decision"] = {"promote": True, "reasons": ["same data and settings; --force"]}
+        return JobResult(EXIT_OK, report)
+    if promoted_before:
+        report["decision"] = {
+            "promote": False,
+            "reasons": [f"{version} was promoted before and has since been replaced; not redone"],
+        }
+        return JobResult(EXIT_OK, report)
+    report["decision"] = {
+        "promote": False,
+        "reasons": [f"{version} was refused by the gate before; use --force to promote it"],
+        "earlier": earlier_report.get("decision"),
+    }
+    return JobResult(EXIT_REFUSED, report)
+
+
+def _load_current(
+    options: JobOptions, current: str | None, device: torch.device
+) -> tuple[Checkpoint | None, str | None]:
+    """CURRENT's checkpoint, or None and why it cannot be compared with."""
+    if current is None:
+        return None, None
+    try:
+        return store.load_version(options.store, options.model_name, current, device), None
+    except (CheckpointError, store.ModelStoreError, OSError) as error:
+        return None, f"CURRENT {current} cannot be loaded ({error})"
+
+
+def run(options: JobOptions, settings: Settings, now_ms: int | None = None) -> JobResult:
+    """Run one ``fit`` or ``refresh``; never raises for data, broker or store trouble."""
+    console = Console(stderr=True, quiet=not options.progress)
+    started = time.perf_counter()
+    report: dict[str, Any] = {
+        "job": options.mode,
+        "model": options.model_name,
+        "store": mask_url(options.store),
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    try:
+        with store.StoreLock(
+            options.store, options.model_name, purpose=options.mode, lease_s=options.lock_lease_s
+        ) as lock:
+            result = _run_locked(options, settings, lock, report, console, now_ms)
+    except store.StoreLockedError as error:
+        result = JobResult(EXIT_LOCKED, {**report, "error": str(error)})
+    except (
+        JobError,
+        DataFormatError,
+        DataNotFoundError,
+        ConsumerError,
+        CheckpointError,
+        BackboneError,
+        InvalidThresholds,
+        store.ModelStoreError,
+        ValueError,
+        OSError,
+    ) as error:
+        result = JobResult(EXIT_FAILED, {**report, "error": f"{type(error).__name__}: {error}"})
+    result.report["exit_code"] = result.exit_code
+    result.report["seconds"] = round(time.perf_counter() - started, 3)
+    if "error" in result.report:
+        console.print(f"[red]{options.mode} failed:[/red] {result.report['error']}")
+    if options.report is not None:
+        options.report.parent.mkdir(parents=True, exist_ok=True)
+        options.report.write_text(json.dumps(result.report, indent=2, default=str) + "\n")
+    return result
+
+
+def _run_locked(
+    options: JobOptions,
+    settings: Settings,
+    lock: store.StoreLock,
+    report: dict[str, Any],
+    console: Console,
+    now_ms: int | None,
+) -> JobResult:
+    phase = _Phases(console)
+    device = resolve_device(settings.device)
+    now_ms = now_ms if now_ms is not None else time.time_ns() // 1_000_000
+    current = store.current_version(options.store, options.model_name)
+    report["current_version"] = current
+    with phase("load_current", f"loading CURRENT ({current})"):
+        current_checkpoint, incomparable = _load_current(options, current, device)
+    if options.mode == "refresh":
+        if current_checkpoint is None:
+            raise JobError(
+                f"refresh needs a loadable CURRENT version of {options.model_name}: "
+                f"{incomparable or 'there is none'}; run fit first"
+            )
+        window_length = current_checkpoint.model.config.window_length
+    else:
+        window_length = options.window_length or settings.window_length
+        if window_length != settings.window_length:
+            logger.warning(
+                "window length %d differs from the workers' DETECTOR_WINDOW_LENGTH %d: "
+                "workers will refuse this model until the two agree",
+                window_length,
+                settings.window_length,
+            )
+    with phase("read", "reading data"):
+        data = _read_data(options, settings, window_length, now_ms, console)
+        splits = sources.split_windows(
+            data,
+            window_length,
+            settings.stride,
+            calibration_fraction=options.calibration_fraction,
+            holdout_fraction=options.holdout_fraction,
+            gap_factor=options.gap_factor,
+        )
+    report["data"] = {**data.summary(), "windows": splits.summary()}
+    if not splits.summary()["calibration_windows"]:
+        raise JobError(
+            "no calibration windows: every sensor needs more than "
+            f"{window_length} consecutive readings in its recent data; read a longer period"
+        )
+    if current_checkpoint is not None and current_checkpoint.model.config.channels != (
+        data.channels
+    ):
+        incomparable = (
+            f"CURRENT takes {current_checkpoint.model.config.channels} channels, "
+            f"the data has {data.channels}"
+        )
+        if options.mode == "refresh":
+            raise JobError(f"refresh impossible: {incomparable}; run fit")
+    model_config = (
+        current_checkpoint.model.config
+        if options.mode == "refresh" and current_checkpoint is not None
+        else _model_config(options, data.channels, window_length)
+    )
+    train_config = train.profile(options.profile)
+    fingerprint = _fingerprint(
+        {
+            "mode": options.mode,
+            "data": data.digest(),
+            "model": model_config.to_dict() if options.mode == "fit" else None,
+            "train": dataclasses.asdict(train_config) if options.mode == "fit" else None,
+            "parent": (
+                current_checkpoint.metadata.get("weights_sha256")
+                if options.mode == "refresh" and current_checkpoint is not None
+                else None
+            ),
+            "thresholds": options.thresholds.to_dict(),
+            "splits": [options.calibration_fraction, options.holdout_fraction, options.gap_factor],
+            "stride": settings.stride,
+            "alerts": settings.alerts.model_dump(mode="json"),
+            "margin_windows": options.margin_windows,
+            "package": _package_version(),
+        }
+    )
+    report["fingerprint"] = fingerprint
+    existing = _published_with(options.store, options.model_name, fingerprint)
+    if existing is not None:
+        console.log(f"same data and settings as version {existing}: nothing to do")
+        return _repeat(options, existing, current, lock)
+
+    if options.mode == "fit":
+        with phase("train", f"training ({options.profile} profile)"):
+            candidate, report["training"] = _fit(
+                options, splits.train, model_config, train_config, device
+            )
+    else:
+        assert current_checkpoint is not None
+        with phase("train", "re-fitting prototypes (k-means)"):
+            candidate = copy.deepcopy(current_checkpoint.model)
+            windows = train._thin(splits.train, REFRESH_MAX_WINDOWS)
+            if len(windows) < model_config.prototypes:
+                raise JobError(
+                    f"{len(windows)} training windows are too few for "
+                    f"{model_config.prototypes} prototypes; read a longer period"
+                )
+            refit_prototypes(candidate, torch.from_numpy(windows))
+        report["training"] = {"parent_version": current, "kmeans_windows": len(windows)}
+    lock.verify()
+    with phase("calibrate", "calibrating thresholds"):
+        calibration = _scores_of(candidate, splits.calibration, device)
+        thresholds_json = thresholds.calibrate(calibration, options.thresholds, settings.alerts)
+    report["thresholds"] = {
+        **thresholds.summary(thresholds_json),
+        "config": options.thresholds.to_dict(),
+    }
+    with phase("gate", "comparing with CURRENT on held-back data"):
+        candidate_eval = _evaluate(
+            candidate, thresholds_json, splits, data, settings, options, device
+        )
+        current_eval = None
+        if current_checkpoint is not None and incomparable is None:
+            if current_checkpoint.model.config.window_length != window_length:
+                incomparable = (
+                    f"CURRENT's window length is {current_checkpoint.model.config.window_length}, "
+                    f"the candidate's {window_length}"
+                )
+            else:
+                current_eval = _evaluate(
+                    current_checkpoint.model,
+                    current_checkpoint.thresholds,
+                    splits,
+                    data,
+                    settings,
+                    options,
+                    device,
+                )
+    if current is not None and incomparable is not None and current_checkpoint is None:
+        # A CURRENT that cannot even be loaded is served by no worker: anything is better.
+        decision = gate.Decision(True, True, [f"{incomparable}; nothing to compare with"])
+    else:
+        decision = gate.decide(
+            candidate_eval,
+            current_eval,
+            options.gate,
+            force=options.force,
+            incomparable=incomparable,
+        )
+    report["comparison"] = {
+        "candidate": candidate_eval.to_dict(),
+        "current": current_eval.to_dict() if current_eval else None,
+        "gate": options.gate.to_dict(),
+    }
+    report["decision"] = decision.to_dict()
+    version = store.new_version(fingerprint)
+    report["version"] = version
+    report["timings_s"] = phase.seconds
+    provenance = {
+        "fingerprint": fingerprint,
+        "mode": options.mode,
+        "parent_version": current,
+        "profile": options.profile if options.mode == "fit" else None,
+        "train_config": dataclasses.asdict(train_config) if options.mode == "fit" else None,
+        "summary": report["training"],
+        "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    lock.verify()
+    with phase("publish", f"storing version {version}"):
+        store.publish_version(
+            options.store,
+            options.model_name,
+            candidate,
+            thresholds=thresholds_json,
+            metadata_extra={
+                "training": provenance,
+                "normalisation": "per-window, per-channel instance normalisation",
+                "data_window": {
+                    "start": report["data"]["range"]["start"],
+                    "end": report["data"]["range"]["end"],
+                    "sensors": sorted(data.series),
+                    "window_length": window_length,
+                    "stride": settings.stride,
+                },
+                "metrics": {"holdout": candidate_eval.to_dict()},
+            },
+            version=version,
+            promote=False,
+            extra_files={"report.json": _report_bytes(report)},
+            lock=lock,
+        )
+        if decision.promote:
+            store.promote(
+                options.store,
+                options.model_name,
+                version,
+                reason=f"{options.mode}: {'; '.join(decision.reasons)}",
+                lock=lock,
+            )
+    _print_outcome(console, version, decision, candidate_eval, current_eval)
+    return JobResult(EXIT_OK if decision.promote else EXIT_REFUSED, report)
+
+
+def _report_bytes(report: dict[str, Any]) -> bytes:
+    return (json.dumps(report, indent=2, default=str) + "\n").encode()
+
+
+def _fit(
+    options: JobOptions,
+    windows: np.ndarray,
+    model_config: ModelConfig,
+    train_config: train.TrainConfig,
+    device: torch.device,
+) -> tuple[AnomalyLLM, dict[str, Any]]:
+    initial = None
+    if model_config.backbone_config:
+        torch.manual_seed(train_config.seed)
+        initial = AnomalyLLM.from_config(model_config)
+    result = train.fit(
+        windows, model_config, train_config, device, model=initial, progress=options.progress
+    )
+    return result.model, {
+        **result.summary(),
+        "train_loss": [round(x, 5) for x in result.train_loss],
+        "validation_loss": [round(x, 5) for x in result.validation_loss],
+    }
+
+
+def _print_outcome(
+    console: Console,
+    version: str,
+    decision: gate.Decision,
+    candidate: gate.Evaluation,
+    current: gate.Evaluation | None,
+) -> None:
+    table = Table(title=f"version {version}")
+    table.add_column("")
+    table.add_column("candidate")
+    table.add_column("CURRENT")
+    rows = [
+        ("false-alarm rate", "false_alarm_rate", "{:.4f}"),
+        ("alerts / sensor-day", "alerts_per_sensor_day", "{:.2f}"),
+        ("incidents detected", "detected", "{}"),
+    ]
+    for label, attribute, fmt in rows:
+        table.add_row(
+            label,
+            fmt.format(getattr(candidate, attribute)),
+            fmt.format(getattr(current, attribute)) if current else "-",
+        )
+    console.print(table)
+    verdict = "[green]promoted[/green]" if decision.promote else "[red]not promoted[/red]"
+    console.print(f"{verdict}: {'; '.join(decision.reasons)}")
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as error:
+        raise JobError(f"DETECTOR_* settings are invalid: {error}") from error
+
+
+def _options(args: argparse.Namespace, settings: Settings) -> JobOptions:
+    try:
+        threshold_config = thresholds.ThresholdConfig(
+            risk_level=args.risk_level,
+            initial_quantile=args.initial_quantile,
+            min_peaks=args.min_peaks,
+            max_alerts_per_day=args.max_alerts_per_day,
+        )
+    except ValueError as error:
+        raise JobError(str(error)) from error
+    return JobOptions(
+        mode=args.command,
+        store=args.store or settings.model.store,
+        model_name=args.model or settings.model.default_model,
+        from_kafka=args.from_kafka,
+        since=args.since,
+        files=tuple(args.from_files or ()),
+        columns=tuple(args.columns) if args.columns else None,
+        file_interval_ms=round(args.file_interval_s * 1000),
+        incidents=args.incidents,
+        profile=getattr(args, "profile", "default"),
+        backbone=getattr(args, "backbone", SMOLLM2),
+        backbone_layers=getattr(args, "backbone_layers", 6),
+        window_length=getattr(args, "window_length", None),
+        model_config=getattr(args, "model_config", None),
+        thresholds=threshold_config,
+        gate=gate.GateConfig(
+            max_false_alarm_increase=args.max_false_alarm_increase,
+            max_alert_rate_increase=args.max_alert_rate_increase,
+            max_missed_increase=args.max_missed_increase,
+            noise_allowance=args.noise_allowance,
+        ),
+        max_readings_per_sensor=args.max_readings_per_sensor,
+        gap_factor=args.gap_factor,
+        margin_windows=args.exclusion_margin_windows,
+        calibration_fraction=args.calibration_fraction,
+        holdout_fraction=args.holdout_fraction,
+        force=args.force,
+        report=args.report,
+        lock_lease_s=args.lock_lease_s,
+        progress=not args.quiet,
+    )
+
+
+def run_job_command(args: argparse.Namespace) -> int:
+    """Handle ``python -m trainer fit`` and ``python -m trainer refresh``."""
+    try:
+        settings = _settings()
+        options = _options(args, settings)
+    except JobError as error:
+        print(f"{args.command}: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    result = run(options, settings)
+    summary = {
+        key: result.report.get(key)
+        for key in ("version", "current_version", "decision", "exit_code", "error", "no_op")
+        if key in result.report
+    }
+    print(json.dumps(summary, indent=2, default=str))
+    return result.exit_code
+
+
+def _version_row(root: str, model_name: str, version: str, current: str | None) -> dict[str, Any]:
+    row: dict[str, Any] = {"version": version, "current": version == current}
+    try:
+        config = store.version_metadata(root, model_name, version)
+    except store.ModelStoreError as error:
+        return {**row, "complete": False, "error": str(error)}
+    training = config.get("training", {})
+    report_bytes = store.read_version_file(root, model_name, version, "report.json")
+    report = json.loads(report_bytes) if report_bytes else {}
+    holdout = config.get("metrics", {}).get("holdout", {})
+    return {
+        **row,
+        "complete": True,
+        "mode": training.get("mode"),
+        "parent_version": training.get("parent_version"),
+        "trained_at": training.get("trained_at"),
+        "gate_passed": report.get("decision", {}).get("passed"),
+        "false_alarm_rate": holdout.get("false_alarm_rate"),
+        "window_length": config.get("model", {}).get("window_length"),
+        "channels": config.get("model", {}).get("channels"),
+    }
+
+
+def run_models_command(args: argparse.Namespace) -> int:
+    """Handle ``python -m trainer models list|show|promote|rollback``."""
+    console = Console()
+    try:
+        settings = _settings()
+        root = args.store or settings.model.store
+        model_name = args.model or settings.model.default_model
+        if args.action == "list":
+            return _list(console, root, model_name, args.json)
+        if args.action == "show":
+            version = args.version or store.current_version(root, model_name)
+            if version is None:
+                raise JobError(f"{model_name} has no CURRENT version; name one with --version")
+            shown = _show(root, model_name, version)
+            print(json.dumps(shown, indent=2, default=str))
+            return EXIT_OK
+        if args.action == "promote":
+            if not args.version:
+                raise JobError("models promote needs --version")
+            store.promote(root, model_name, args.version, reason=args.reason or "operator")
+            console.print(f"{model_name}: CURRENT is now {args.version}")
+            return EXIT_OK
+        target = store.rollback(root, model_name, reason=args.reason or "operator rollback")
+        console.print(f"{model_name}: rolled back; CURRENT is now {target}")
+        return EXIT_OK
+    except store.StoreLockedError as error:
+        print(f"models {args.action}: {error}", file=sys.stderr)
+        return EXIT_LOCKED
+    except (JobError, store.ModelStoreError, OSError) as error:
+        print(f"models {args.action}: {error}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _list(console: Console, root: str, model_name: str, as_json: bool) -> int:
+    current = store.current_version(root, model_name)
+    rows = [
+        _version_row(root, model_name, v, current) for v in store.list_versions(root, model_name)
+    ]
+    if as_json:
+        listing = {
+            "model": model_name,
+            "store": mask_url(root),
+            "current": current,
+            "versions": rows,
+        }
+        print(json.dumps(listing, indent=2))
+        return EXIT_OK
+    table = Table(title=f"{model_name} in {mask_url(root)}")
+    for column in ("", "version", "mode", "parent", "gate", "false alarms", "L"):
+        table.add_column(column)
+    for row in rows:
+        gate_text = {True: "passed", False: "refused", None: "-"}[row.get("gate_passed")]
+        table.add_row(
+            "*" if row["current"] else "",
+            row["version"],
+            str(row.get("mode") or ("incomplete" if not row["complete"] else "-")),
+            str(row.get("parent_version") or "-"),
+            gate_text,
+            "-" if row.get("false_alarm_rate") is None else f"{row['false_alarm_rate']:.4f}",
+            str(row.get("window_length") or "-"),
+        )
+    console.print(table)
+    return EXIT_OK
+
+
+def _show(root: str, model_name: str, version: str) -> dict[str, Any]:
+    config = store.version_metadata(root, model_name, version)
+    config.get("model", {}).pop("backbone_config", None)  # long, and not for people
+    thresholds_bytes = store.read_version_file(root, model_name, version, "thresholds.json")
+    report_bytes = store.read_version_file(root, model_name, version, "report.json")
+    return {
+        "model": model_name,
+        "version": version,
+        "current": store.current_version(root, model_name) == version,
+        "config": config,
+        "thresholds": (
+            thresholds.summary(json.loads(thresholds_bytes)) if thresholds_bytes else None
+        ),
+        "report": json.loads(report_bytes) if report_bytes else None,
+        "history": [
+            entry
+            for entry in store.history(root, model_name)
+            if version in (entry.get("from"), entry.get("to"))
+        ],
+    }
+
+
+def _store_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--store", help="model store: a directory or a URL (default: DETECTOR_MODEL__STORE)"
+    )
+    parser.add_argument("--model", help="model name (default: DETECTOR_MODEL__DEFAULT_MODEL)")
+
+
+def _job_arguments(parser: argparse.ArgumentParser) -> None:
+    _store_arguments(parser)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--from-kafka",
+        action="store_true",
+        help="replay the readings topic (DETECTOR_KAFKA__* settings, as the worker)",
+    )
+    source.add_argument(
+        "--from-files", nargs="+", type=Path, metavar="PATH", help=".csv, NAB, UCR or .npz files"
+    )
+    parser.add_argument(
+        "--since", default="7d", help="with --from-kafka: 7d, 12h, 2w or an ISO time (default 7d)"
+    )
+    parser.add_argument("--columns", nargs="+", help="CSV value columns (default: all others)")
+    parser.add_argument(
+        "--file-interval-s",
+        type=float,
+        default=60.0,
+        help="sampling interval assumed for files without timestamps (default 60)",
+    )
+    parser.add_argument(
+        "--incidents", type=Path, help="JSON list of [sensor, start, end] labelled incidents"
+    )
+    parser.add_argument("--force", action="store_true", help="promote even if the gate refuses")
+    parser.add_argument("--report", type=Path, help="also write the run's JSON report here")
+    parser.add_argument("--risk-level", type=float, default=1e-3, help="q per window (1e-3)")
+    parser.add_argument("--initial-quantile", type=float, default=0.98, help="POT u (0.98)")
+    parser.add_argument("--min-peaks", type=int, default=30, help="else quantile (30)")
+    parser.add_argument(
+        "--max-alerts-per-day", type=float, help="alert budget per sensor (default: none)"
+    )
+    parser.add_argument("--max-false-alarm-increase", type=float, default=0.002)
+    parser.add_argument("--max-alert-rate-increase", type=float, default=0.5)
+    parser.add_argument("--max-missed-increase", type=int, default=0)
+    parser.add_argument(
+        "--noise-allowance", type=float, default=2.0, help="gate slack, in standard errors"
+    )
+    parser.add_argument(
+        "--max-readings-per-sensor",
+        type=int,
+        default=sources.DEFAULT_MAX_READINGS_PER_SENSOR,
+        help="memory cap; the oldest readings beyond it are dropped",
+    )
+    parser.add_argument("--gap-factor", type=float, default=sources.DEFAULT_GAP_FACTOR)
+    parser.add_argument("--exclusion-margin-windows", type=float, default=1.0)
+    parser.add_argument("--calibration-fraction", type=float, default=0.25)
+    parser.add_argument("--holdout-fraction", type=float, default=0.15)
+    parser.add_argument("--lock-lease-s", type=float, default=store.DEFAULT_LEASE_S)
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.set_defaults(handler=run_job_command)
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``fit``, ``refresh`` and ``models`` to the trainer's command line."""
+    fit = subparsers.add_parser(
+        "fit",
+        help="train a new model version, calibrate, gate and promote it",
+        description="Full retrain from the stream or files; see trainer/jobs.py.",
+    )
+    _job_arguments(fit)
+    fit.add_argument("--profile", choices=sorted(train.PROFILES), default="default")
+    fit.add_argument("--backbone", default=SMOLLM2, help="Hugging Face name or directory")
+    fit.add_argument("--backbone-layers", type=int, default=6, help="K blocks kept (6)")
+    fit.add_argument(
+        "--window-length", type=int, help="readings per window (default: DETECTOR_WINDOW_LENGTH)"
+    )
+    fit.add_argument(
+        "--model-config",
+        type=Path,
+        help="JSON of ModelConfig fields; a backbone_config in it means a random backbone",
+    )
+    refresh = subparsers.add_parser(
+        "refresh",
+        help="re-fit CURRENT's prototypes and thresholds on recent data",
+        description="Cheap update: k-means prototypes + threshold recalibration.",
+    )
+    _job_arguments(refresh)
+
+    models = subparsers.add_parser("models", help="list, show, promote or roll back versions")
+    models.add_argument("action", choices=["list", "show", "promote", "rollback"])
+    _store_arguments(models)
+    models.add_argument("--version", help="for show (default CURRENT) and promote")
+    models.add_argument("--reason", help="recorded in the promotion history")
+    models.add_argument("--json", action="store_true", help="list: machine-readable output")
+    models.set_defaults(handler=run_models_command)
