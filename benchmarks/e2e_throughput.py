@@ -6,11 +6,11 @@ One run, one broker, one machine:
    (what the broker and client alone can deliver).
 2. ``model_only``: the scorer on random windows at the worker's batch size, expressed as
    readings/s (each window is due after ``stride`` readings of its sensor).
-3. ``end_to_end``: the worker (in a thread) on the same readings: decode, Redis windows,
+3. ``end_to_end``: the worker (its own process) on the same readings: decode, Redis windows,
    batching, scoring, alert decisions, publishing, offset commits.
-4. ``latency``: readings produced at 50% of the measured end-to-end capacity, stamped with
-   the wall clock; reading-to-score latency is the time until its score record is read
-   back from the scores topic.
+4. ``latency``: readings produced at 50% (and 25%) of the measured end-to-end capacity,
+   stamped with the wall clock; reading-to-score latency is the time until its score
+   record is read back from the scores topic. The load generator runs on the same CPUs.
 5. ``redis_bytes_per_sensor``: MEMORY USAGE of a sensor's window and alert state.
 
 Usage: ``python benchmarks/e2e_throughput.py [--sensors 1000] [--model tiny|smollm2]``;
@@ -23,8 +23,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import multiprocessing
 import os
 import platform
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -38,7 +42,7 @@ import redis
 import torch
 from confluent_kafka import Consumer
 
-from stream_detector import store, worker
+from stream_detector import store
 from stream_detector.config import KafkaTopics, ModelSettings, RedisSettings, Settings
 from stream_detector.consumer import ReadingConsumer
 from stream_detector.model import SMOLLM2, AnomalyLLM, ModelConfig
@@ -97,7 +101,7 @@ def produce_backlog(bootstrap: str, topic: str, sensors: int, readings: int) -> 
     return sensors * readings
 
 
-def bare_consume(bootstrap: str, topic: str, count: int) -> float:
+def bare_consume(bootstrap: str, topic: str, count: int, fetch_wait_ms: int) -> float:
     """Messages/s of a plain confluent-kafka consume loop over ``count`` messages."""
     consumer = Consumer(
         {
@@ -106,6 +110,7 @@ def bare_consume(bootstrap: str, topic: str, count: int) -> float:
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,
             "session.timeout.ms": 6000,
+            "fetch.wait.max.ms": fetch_wait_ms,
         }
     )
     assigned_at: list[float] = []
@@ -144,6 +149,29 @@ def model_only(model_dir: Path, settings: Settings, seconds: float = 10.0) -> fl
     return scored / (time.perf_counter() - started)
 
 
+def start_worker(settings: Settings, torch_threads: int, log: Path) -> subprocess.Popen[bytes]:
+    """``python -m stream_detector run`` configured by DETECTOR_* variables.
+
+    A process of its own, so that the benchmark's producer and reader do not share its GIL.
+    """
+    data = settings.model_dump(mode="json")
+    data["redis"]["url"] = settings.redis.url.get_secret_value()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DETECTOR_")}
+    env["OMP_NUM_THREADS"] = str(torch_threads)
+    for name, value in data.items():
+        env[f"DETECTOR_{name.upper()}"] = (
+            json.dumps(value) if isinstance(value, dict) else str(value)
+        )
+    with log.open("wb") as output:
+        return subprocess.Popen(
+            [sys.executable, "-m", "stream_detector", "run"],
+            cwd=Path(__file__).resolve().parents[1],
+            env=env,
+            stdout=output,
+            stderr=output,
+        )
+
+
 def scrape(port: int, name: str) -> float:
     """Sum of the samples of one metric on a worker's /metrics."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
@@ -170,6 +198,24 @@ def end_to_end(settings: Settings, readings: int, windows: int) -> float:
     raise TimeoutError("the worker did not score the backlog within 10 minutes")
 
 
+def paced_readings(bootstrap: str, topic: str, sensors: int, rate: float, seconds: float) -> int:
+    """Produce readings stamped with the wall clock at ``rate`` per second; return the count."""
+    producer = ReadingProducer(bootstrap, topic)
+    started, sent = time.monotonic(), 0
+    rng = np.random.default_rng(1)
+    while time.monotonic() - started < seconds:
+        due = int((time.monotonic() - started) * rate)
+        while sent < due:
+            sensor_id = f"sensor-{sent % sensors:05d}"
+            ts_ms = time.time_ns() // 1_000_000
+            value = f'{{"sensor_id":"{sensor_id}","ts":{ts_ms},"value":{rng.normal():.5f}}}'
+            producer.send(sensor_id.encode(), value.encode())
+            sent += 1
+        time.sleep(0.005)
+    producer.flush()
+    return sent
+
+
 def latency_at(
     settings: Settings, sensors: int, rate: float, seconds: float
 ) -> dict[str, float | int]:
@@ -179,7 +225,11 @@ def latency_at(
         settings.kafka.bootstrap_servers,
         f"bench-latency-{uuid.uuid4().hex[:8]}",
         [topics.scores],
-        config={"auto.offset.reset": "latest", "session.timeout.ms": 6000},
+        config={
+            **settings.kafka.extra,
+            "auto.offset.reset": "latest",
+            "session.timeout.ms": 6000,
+        },
     )
     latencies: list[float] = []
     phase_start_ms = time.time_ns() // 1_000_000
@@ -195,20 +245,13 @@ def latency_at(
     thread = threading.Thread(target=read, daemon=True)
     thread.start()
     time.sleep(3.0)  # let the reader join and reach the end of the topic
-    producer = ReadingProducer(settings.kafka.bootstrap_servers, topics.readings)
-    started, sent = time.monotonic(), 0
-    rng = np.random.default_rng(1)
-    while time.monotonic() - started < seconds:
-        due = int((time.monotonic() - started) * rate)
-        while sent < due:
-            index = sent % sensors
-            sensor_id = f"sensor-{index:05d}"
-            ts_ms = time.time_ns() // 1_000_000
-            value = f'{{"sensor_id":"{sensor_id}","ts":{ts_ms},"value":{rng.normal():.5f}}}'
-            producer.send(sensor_id.encode(), value.encode())
-            sent += 1
-        time.sleep(0.005)
-    producer.flush()
+    # The load generator gets a process of its own, so that it does not share the reader's GIL.
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        sent = pool.apply(
+            paced_readings,
+            (settings.kafka.bootstrap_servers, topics.readings, sensors, rate, seconds),
+        )
     time.sleep(3.0)  # the last windows' scores
     done.set()
     thread.join(5)
@@ -217,10 +260,42 @@ def latency_at(
     return {
         "rate_readings_per_s": round(rate, 1),
         "readings": sent,
+        # Every sensor's window is full already: one score per `stride` of its readings.
+        "scores_expected": sent // sensors // settings.stride * sensors,
         "scores": len(values),
         "p50_ms": round(float(np.percentile(values, 50)), 1) if len(values) else None,
         "p99_ms": round(float(np.percentile(values, 99)), 1) if len(values) else None,
     }
+
+
+def wait_until_idle(port: int, quiet_s: float = 2.0, timeout_s: float = 120.0) -> None:
+    """Until the worker has scored nothing new for ``quiet_s``: no backlog from a phase before."""
+    deadline = time.monotonic() + timeout_s
+    last, since = -1.0, time.monotonic()
+    while time.monotonic() < deadline:
+        scored = scrape(port, "detector_windows_scored_total")
+        if scored != last:
+            last, since = scored, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return
+        time.sleep(0.2)
+
+
+def latency_phase(
+    settings: Settings, sensors: int, rate: float, seconds: float
+) -> dict[str, float | int | None]:
+    """``latency_at``, plus the worker's own mean end-to-end latency over the same phase."""
+    port = settings.metrics_port
+    wait_until_idle(port)
+    before = [scrape(port, f"detector_end_to_end_seconds_{s}") for s in ("sum", "count")]
+    result = latency_at(settings, sensors, rate, seconds)
+    after = [scrape(port, f"detector_end_to_end_seconds_{s}") for s in ("sum", "count")]
+    worker_seconds, worker_count = after[0] - before[0], after[1] - before[1]
+    # Kafka timestamp of the window's newest reading to the acknowledgement of its score.
+    result["worker_mean_ms"] = (
+        round(1000 * worker_seconds / worker_count, 1) if worker_count else None
+    )
+    return result
 
 
 def redis_bytes(redis_url: str, prefix: str, sensors: int, sample: int = 100) -> dict[str, float]:
@@ -246,6 +321,12 @@ def main() -> None:
     parser.add_argument("--stride", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--latency-seconds", type=float, default=20.0)
+    parser.add_argument(
+        "--latency-fractions",
+        type=lambda text: [float(x) for x in text.split(",")],
+        default=[0.5, 0.25],
+        help="shares of the measured capacity to measure latency at (default 0.5,0.25)",
+    )
     parser.add_argument("--bootstrap", help="an existing broker (default: embedded tansu)")
     parser.add_argument("--redis", help="an existing Redis URL (default: embedded)")
     parser.add_argument(
@@ -254,6 +335,13 @@ def main() -> None:
         default=1,
         help="intra-op threads (default 1: on a shared CPU, more threads than free cores "
         "make small batches an order of magnitude slower)",
+    )
+    parser.add_argument(
+        "--fetch-wait-ms",
+        type=int,
+        default=10,
+        help="librdkafka fetch.wait.max.ms for every consumer (tansu holds a fetch for about "
+        "200 ms when no new data is there instead of answering when data arrives)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -287,6 +375,7 @@ def main() -> None:
                 "group_id": f"bench-{run_id}-worker",
                 "topics": topics,
                 "session_timeout_ms": 6000,
+                "extra": {"fetch.wait.max.ms": str(args.fetch_wait_ms)},
             },
             redis=RedisSettings(url=redis_url, key_prefix=prefix),
             model=ModelSettings(store=str(model_dir)),
@@ -299,24 +388,22 @@ def main() -> None:
         print(f"producing {args.sensors} sensors x {readings_per_sensor} readings ...", flush=True)
         readings = produce_backlog(bootstrap, topics.readings, args.sensors, readings_per_sensor)
         print("bare consume loop ...", flush=True)
-        bare = bare_consume(bootstrap, topics.readings, readings)
+        bare = bare_consume(bootstrap, topics.readings, readings, args.fetch_wait_ms)
         print("model only ...", flush=True)
         model_windows = model_only(model_dir, settings)
         print("end to end ...", flush=True)
-        stop = threading.Event()
-        thread = threading.Thread(target=worker.run, args=(settings, stop), daemon=True)
-        thread.start()
+        worker = start_worker(settings, args.torch_threads, Path(tmp) / "worker.log")
         try:
             e2e = end_to_end(settings, readings, windows)
-            print(f"latency at 50% of {e2e:.0f} readings/s ...", flush=True)
-            port = settings.metrics_port
-            before = [scrape(port, f"detector_end_to_end_seconds_{s}") for s in ("sum", "count")]
-            latency = latency_at(settings, args.sensors, e2e / 2, args.latency_seconds)
-            after = [scrape(port, f"detector_end_to_end_seconds_{s}") for s in ("sum", "count")]
-            worker_seconds, worker_count = after[0] - before[0], after[1] - before[1]
+            latency = {}
+            for fraction in args.latency_fractions:
+                print(f"latency at {fraction:.0%} of {e2e:.0f} readings/s ...", flush=True)
+                latency[f"{fraction:.0%}"] = latency_phase(
+                    settings, args.sensors, e2e * fraction, args.latency_seconds
+                )
         finally:
-            stop.set()
-            thread.join(60)
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(60)
         memory = redis_bytes(redis_url, prefix, args.sensors)
 
     model_readings = model_windows * args.stride
@@ -339,6 +426,7 @@ def main() -> None:
             "batch_size": args.batch_size,
             "partitions": PARTITIONS,
             "broker": "embedded tansu" if not args.bootstrap else "external",
+            "fetch_wait_max_ms": args.fetch_wait_ms,
         },
         "readings_per_s": {
             "end_to_end": round(e2e, 1),
@@ -350,11 +438,7 @@ def main() -> None:
             "end_to_end_vs_bare_consume": round(e2e / bare, 3),
             "end_to_end_vs_model_only": round(e2e / model_readings, 3),
         },
-        "latency_at_half_capacity": latency,
-        # The worker's own histogram over the same phase: Kafka timestamp to acknowledged score.
-        "worker_mean_end_to_end_ms_at_half_capacity": round(1000 * worker_seconds / worker_count, 1)
-        if worker_count
-        else None,
+        "reading_to_score_latency_at_fraction_of_capacity": latency,
         "redis_bytes_per_sensor": memory,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,8 @@ from confluent_kafka import (
 logger = logging.getLogger(__name__)
 
 PartitionsHook = Callable[[list[tuple[str, int]]], None]
+# How far ahead of this host's clock the broker's may run before replay stops early.
+_REPLAY_CLOCK_SKEW_MS = 60_000
 
 
 class ConsumerError(RuntimeError):
@@ -221,12 +223,17 @@ def replay(
     """Every record of ``topic`` from the first one stamped at or after ``since_ms``.
 
     The start offset of each partition comes from ``offsets_for_times`` (the broker's
-    record timestamps, i.e. produce time unless producers set their own); the end is the
-    high watermark when the replay starts, so records produced meanwhile are not read.
-    Partitions are assigned directly: no consumer group is joined and no offset is
+    record timestamps, i.e. produce time unless producers set their own); records stamped
+    before ``since_ms`` are skipped, so a broker that ignores the time in that lookup
+    (tansu does) costs a longer read, not extra records. A partition ends at its
+    end-of-partition event, or at the first record stamped after the replay began
+    (produced meanwhile, allowing a minute of clock skew; not yielded). The end is not
+    taken from the high watermark, which some Kafka-compatible brokers (tansu) report
+    late. Partitions are assigned directly: no consumer group is joined and no offset is
     committed, so a replay never disturbs the workers. Raises ConsumerError when the
     topic does not exist or the end is not reached within ``timeout_s``.
     """
+    end_ms = time.time_ns() // 1_000_000 + _REPLAY_CLOCK_SKEW_MS
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap_servers,
@@ -241,58 +248,56 @@ def replay(
     try:
         try:
             metadata = consumer.list_topics(topic, timeout=timeout_s)
+            found = metadata.topics.get(topic)
+            if found is None or found.error is not None or not found.partitions:
+                raise ConsumerError(f"topic {topic!r} does not exist on {bootstrap_servers}")
+            wanted = [TopicPartition(topic, p, since_ms) for p in sorted(found.partitions)]
+            # A negative offset: no record at or after since_ms in that partition.
+            starts = [
+                tp for tp in consumer.offsets_for_times(wanted, timeout=timeout_s) if tp.offset >= 0
+            ]
         except KafkaException as exception:
             raise ConsumerError(
-                f"cannot read the metadata of topic {topic!r} from {bootstrap_servers}: "
+                f"cannot look up offsets of topic {topic!r} on {bootstrap_servers}: "
                 f"{exception.args[0].str()}"
             ) from exception
-        found = metadata.topics.get(topic)
-        if found is None or found.error is not None or not found.partitions:
-            raise ConsumerError(f"topic {topic!r} does not exist on {bootstrap_servers}")
-        wanted = [TopicPartition(topic, p, since_ms) for p in sorted(found.partitions)]
-        starts = consumer.offsets_for_times(wanted, timeout=timeout_s)
-        ends: dict[int, int] = {}
-        assignment = []
-        for start in starts:
-            _, high = consumer.get_watermark_offsets(start, timeout=timeout_s)
-            # A negative offset: no record at or after since_ms in this partition.
-            if 0 <= start.offset < high:
-                ends[start.partition] = high
-                assignment.append(TopicPartition(topic, start.partition, start.offset))
-        consumer.assign(assignment)
+        pending = {tp.partition for tp in starts}
+        consumer.assign(starts)
         deadline = time.monotonic() + timeout_s
-        while ends:
+        while pending:
             if time.monotonic() > deadline:
                 raise ConsumerError(
-                    f"replay of {topic!r} did not reach the end of partitions {sorted(ends)} "
-                    f"within {timeout_s:.0f} s"
+                    f"replay of {topic!r} did not reach the end of partitions "
+                    f"{sorted(pending)} within {timeout_s:.0f} s"
                 )
             for message in consumer.consume(batch_size, 1.0):
                 partition = message.partition()
                 error = message.error()
                 if error is not None:
                     if error.code() == KafkaError._PARTITION_EOF:
-                        ends.pop(partition, None)
+                        pending.discard(partition)
                         continue
                     if error.fatal():
                         raise ConsumerError(f"fatal consumer error: {error.str()}")
                     logger.warning("consumer error during replay (continuing): %s", error.str())
                     continue
-                if partition not in ends or message.offset() >= ends[partition]:
+                if partition not in pending:
                     continue
                 timestamp_type, timestamp_ms = message.timestamp()
+                known = timestamp_type != TIMESTAMP_NOT_AVAILABLE
+                if known and timestamp_ms > end_ms:
+                    pending.discard(partition)
+                    continue
+                if known and timestamp_ms < since_ms:
+                    continue
                 yield ConsumedMessage(
                     key=message.key(),
                     value=message.value(),
                     topic=message.topic(),
                     partition=partition,
                     offset=message.offset(),
-                    timestamp_ms=timestamp_ms
-                    if timestamp_type != TIMESTAMP_NOT_AVAILABLE
-                    else None,
+                    timestamp_ms=timestamp_ms if known else None,
                     headers=tuple(message.headers() or ()),
                 )
-                if message.offset() >= ends[partition] - 1:
-                    ends.pop(partition)
     finally:
         consumer.close()

@@ -105,7 +105,8 @@ class Pipeline:
         self._clock = clock
         self.broker_ok = True
         self.partitions: set[tuple[str, int]] = set()
-        self._next_lag_s = 0.0
+        self._lag_stop = threading.Event()
+        self._lag_thread: threading.Thread | None = None
         self._offsets_stored = False  # stored with the consumer, not yet committed
         self._next_commit_s = 0.0
         self._reset()
@@ -423,16 +424,22 @@ class Pipeline:
             )
             stop.wait(self.registry.poll_interval_s)
 
-    def report_lag(self) -> None:
-        """Update the lag gauges, at most every ``LAG_INTERVAL_S`` (the query costs round trips)."""
-        now = self._clock()
-        if now < self._next_lag_s:
-            return
-        self._next_lag_s = now + LAG_INTERVAL_S
-        try:
-            self.metrics.set_lag(self.consumer.lag(timeout_s=1.0))
-        except (KafkaException, ConsumerError) as error:
-            logger.warning("could not measure consumer lag: %s", error)
+    def start_lag_reports(self, interval_s: float = LAG_INTERVAL_S) -> None:
+        """Measure the consumer lag every ``interval_s`` in a daemon thread.
+
+        Off the loop: the query takes a round trip per partition (seconds on tansu), and
+        librdkafka allows it while another thread polls.
+        """
+
+        def report() -> None:
+            while not self._lag_stop.wait(interval_s):
+                try:
+                    self.metrics.set_lag(self.consumer.lag(timeout_s=1.0))
+                except (KafkaException, ConsumerError, RuntimeError) as error:
+                    logger.warning("could not measure consumer lag: %s", error)
+
+        self._lag_thread = threading.Thread(target=report, name="consumer-lag", daemon=True)
+        self._lag_thread.start()
 
     def poll_timeout_s(self) -> float:
         """How long the next poll may wait: until the oldest queued window is due, at most."""
@@ -466,6 +473,9 @@ class Pipeline:
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Leave the group (committing stored offsets) and deliver what is queued."""
+        self._lag_stop.set()
+        if self._lag_thread is not None:
+            self._lag_thread.join(timeout_s)
         try:
             self.consumer.close()
         finally:

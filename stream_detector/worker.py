@@ -33,6 +33,7 @@ def run(settings: Settings, stop: threading.Event) -> int:
     backoff_s = 0.0  # > 0 while retrying unfinished work: poll nothing new until it is done
     try:
         pipeline.wait_for_a_model(stop)
+        pipeline.start_lag_reports()
         while not stop.is_set():
             health.beat()
             try:
@@ -46,7 +47,6 @@ def run(settings: Settings, stop: threading.Event) -> int:
                 pipeline.ingest(messages)  # decode, dead letters, windows (one Redis call)
                 pipeline.score_due()  # batcher -> scorer -> alerts -> publisher
                 pipeline.commit_if_idle()  # acks, alert state, mark emitted, then offsets
-                pipeline.report_lag()
                 health.set_detail("partitions", sorted(pipeline.partitions))
                 backoff_s = 0.0
             except RETRYABLE as error:

@@ -34,11 +34,17 @@ def dominant_period(train: np.ndarray, max_lag: int = 2048) -> int | None:
 
 
 def choose_window_length(train: np.ndarray) -> int:
-    """About two periods of the training data, a multiple of the patch count."""
+    """About two periods of the training data, a multiple of the patch count.
+
+    At most half the training data, so a short training part still yields enough
+    windows for the prototypes and the validation split.
+    """
     period = dominant_period(train)
     target = 128 if period is None else 2 * period
     length = min(max(target, MIN_WINDOW), MAX_WINDOW)
-    return int(math.ceil(length / PATCHES_PER_WINDOW) * PATCHES_PER_WINDOW)
+    length = int(math.ceil(length / PATCHES_PER_WINDOW) * PATCHES_PER_WINDOW)
+    half = len(train) // 2 // PATCHES_PER_WINDOW * PATCHES_PER_WINDOW
+    return max(min(length, half), 2 * PATCHES_PER_WINDOW)
 
 
 class AnomalyLLMDetector:

@@ -40,7 +40,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -96,8 +96,8 @@ class JobOptions:
     backbone_layers: int = 6
     window_length: int | None = None
     model_config: Path | None = None
-    thresholds: thresholds.ThresholdConfig = field(default_factory=thresholds.ThresholdConfig)
-    gate: gate.GateConfig = field(default_factory=gate.GateConfig)
+    threshold_config: thresholds.ThresholdConfig = field(default_factory=thresholds.ThresholdConfig)
+    gate_config: gate.GateConfig = field(default_factory=gate.GateConfig)
     max_readings_per_sensor: int = sources.DEFAULT_MAX_READINGS_PER_SENSOR
     gap_factor: float = sources.DEFAULT_GAP_FACTOR
     margin_windows: float = 1.0
@@ -141,63 +141,94 @@ def _package_version() -> str:
 
 
 def score_windows(
-    model: AnomalyLLM, windows: np.ndarray, device: torch.device, batch_size: int = 256
-) -> np.ndarray:
-    """Scores of windows (N, C, L), batch by batch."""
-    model.to(device).eval()
-    out = []
-    for start in range(0, len(windows), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(windows[start : start + batch_size]))
-        out.append(model.score(batch.to(device), attribution=False).score.float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
+    models: Sequence[AnomalyLLM],
+    windows: np.ndarray,
+    device: torch.device,
+    *,
+    shared_teacher: bool = False,
+    batch_size: int = 256,
+) -> list[np.ndarray]:
+    """Each model's scores of windows (N, C, L), as ``AnomalyLLM.score`` gives them.
+
+    ``shared_teacher``: the models have identical teachers (a refresh and its parent), so
+    the teacher, by far the costlier half, runs once per batch for all of them.
+    """
+    out: list[list[np.ndarray]] = [[] for _ in models]
+    for model in models:
+        model.to(device).eval()
+    with torch.inference_mode():
+        for start in range(0, len(windows), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(windows[start : start + batch_size]))
+            x = x.to(device)
+            teacher = models[0].teacher(x).float() if shared_teacher else None  # (B, d)
+            for scores, model in zip(out, models, strict=True):
+                c = teacher if teacher is not None else model.teacher(x).float()
+                z, _ = model.student(x)
+                scores.append(torch.linalg.vector_norm(c - z.float(), dim=-1).cpu().numpy())
+    return [np.concatenate(s) if s else np.zeros(0, np.float32) for s in out]
 
 
 def _scores_of(
-    model: AnomalyLLM, split: dict[str, sources.SensorWindows], device: torch.device
-) -> dict[str, thresholds.SensorScores]:
-    return {
-        sensor_id: thresholds.SensorScores(w.end_ts_ms, score_windows(model, w.windows, device))
-        for sensor_id, w in split.items()
-    }
+    models: Sequence[AnomalyLLM],
+    split: dict[str, sources.SensorWindows],
+    device: torch.device,
+    shared_teacher: bool,
+) -> list[dict[str, thresholds.SensorScores]]:
+    per_model: list[dict[str, thresholds.SensorScores]] = [{} for _ in models]
+    for sensor_id, w in split.items():
+        scored = score_windows(models, w.windows, device, shared_teacher=shared_teacher)
+        for result, scores in zip(per_model, scored, strict=True):
+            result[sensor_id] = thresholds.SensorScores(w.end_ts_ms, scores)
+    return per_model
 
 
 def _incident_scores(
-    model: AnomalyLLM,
+    models: Sequence[AnomalyLLM],
     data: sources.TrainingData,
     stride: int,
     gap_factor: float,
     device: torch.device,
-) -> list[tuple[sources.Span, thresholds.SensorScores, int]]:
-    length = model.config.window_length
-    out = []
+    shared_teacher: bool,
+) -> list[list[tuple[sources.Span, thresholds.SensorScores, int]]]:
+    length = models[0].config.window_length
+    per_model: list[list[tuple[sources.Span, thresholds.SensorScores, int]]] = [[] for _ in models]
     for span in data.incidents:
         series = data.series[span.sensor_id]
         windows = sources.incident_windows(series, span, length, stride, gap_factor)
         if not len(windows.end_ts_ms):
             logger.warning("incident %s has no complete window of data; not judged", span)
             continue
-        scores = thresholds.SensorScores(
-            windows.end_ts_ms, score_windows(model, windows.windows, device)
-        )
-        out.append((span, scores, int(length * series.interval_ms)))
-    return out
+        slack_ms = int(length * series.interval_ms)
+        scored = score_windows(models, windows.windows, device, shared_teacher=shared_teacher)
+        for result, scores in zip(per_model, scored, strict=True):
+            result.append((span, thresholds.SensorScores(windows.end_ts_ms, scores), slack_ms))
+    return per_model
 
 
 def _evaluate(
-    model: AnomalyLLM,
-    thresholds_json: dict[str, Any] | None,
+    models: Sequence[tuple[AnomalyLLM, dict[str, Any] | None]],
     splits: sources.Splits,
     data: sources.TrainingData,
     settings: Settings,
     options: JobOptions,
     device: torch.device,
-) -> gate.Evaluation:
-    return gate.evaluate(
-        _scores_of(model, splits.holdout, device),
-        _incident_scores(model, data, settings.stride, options.gap_factor, device),
-        Thresholds.from_dict(thresholds_json or {}),
-        settings.alerts,
+) -> list[gate.Evaluation]:
+    """Judge (model, its thresholds.json) pairs on the same hold-out data and incidents."""
+    networks = [model for model, _ in models]
+    shared = options.mode == "refresh"
+    holdout = _scores_of(networks, splits.holdout, device, shared)
+    incidents = _incident_scores(
+        networks, data, settings.stride, options.gap_factor, device, shared
     )
+    return [
+        gate.evaluate(
+            holdout[index],
+            incidents[index],
+            Thresholds.from_dict(thresholds_json or {}),
+            settings.alerts,
+        )
+        for index, (_, thresholds_json) in enumerate(models)
+    ]
 
 
 def _model_config(options: JobOptions, channels: int, window_length: int) -> ModelConfig:
@@ -438,7 +469,7 @@ def _run_locked(
                 if options.mode == "refresh" and current_checkpoint is not None
                 else None
             ),
-            "thresholds": options.thresholds.to_dict(),
+            "thresholds": options.threshold_config.to_dict(),
             "splits": [options.calibration_fraction, options.holdout_fraction, options.gap_factor],
             "stride": settings.stride,
             "alerts": settings.alerts.model_dump(mode="json"),
@@ -471,33 +502,26 @@ def _run_locked(
         report["training"] = {"parent_version": current, "kmeans_windows": len(windows)}
     lock.verify()
     with phase("calibrate", "calibrating thresholds"):
-        calibration = _scores_of(candidate, splits.calibration, device)
-        thresholds_json = thresholds.calibrate(calibration, options.thresholds, settings.alerts)
+        (calibration,) = _scores_of([candidate], splits.calibration, device, False)
+        thresholds_json = thresholds.calibrate(
+            calibration, options.threshold_config, settings.alerts
+        )
     report["thresholds"] = {
         **thresholds.summary(thresholds_json),
-        "config": options.thresholds.to_dict(),
+        "config": options.threshold_config.to_dict(),
     }
+    judged: list[tuple[AnomalyLLM, dict[str, Any] | None]] = [(candidate, thresholds_json)]
+    if current_checkpoint is not None and incomparable is None:
+        current_length = current_checkpoint.model.config.window_length
+        if current_length != window_length:
+            incomparable = (
+                f"CURRENT's window length is {current_length}, the candidate's {window_length}"
+            )
+        else:
+            judged.append((current_checkpoint.model, current_checkpoint.thresholds))
     with phase("gate", "comparing with CURRENT on held-back data"):
-        candidate_eval = _evaluate(
-            candidate, thresholds_json, splits, data, settings, options, device
-        )
-        current_eval = None
-        if current_checkpoint is not None and incomparable is None:
-            if current_checkpoint.model.config.window_length != window_length:
-                incomparable = (
-                    f"CURRENT's window length is {current_checkpoint.model.config.window_length}, "
-                    f"the candidate's {window_length}"
-                )
-            else:
-                current_eval = _evaluate(
-                    current_checkpoint.model,
-                    current_checkpoint.thresholds,
-                    splits,
-                    data,
-                    settings,
-                    options,
-                    device,
-                )
+        candidate_eval, *others = _evaluate(judged, splits, data, settings, options, device)
+    current_eval = others[0] if others else None
     if current is not None and incomparable is not None and current_checkpoint is None:
         # A CURRENT that cannot even be loaded is served by no worker: anything is better.
         decision = gate.Decision(True, True, [f"{incomparable}; nothing to compare with"])
@@ -505,14 +529,14 @@ def _run_locked(
         decision = gate.decide(
             candidate_eval,
             current_eval,
-            options.gate,
+            options.gate_config,
             force=options.force,
             incomparable=incomparable,
         )
     report["comparison"] = {
         "candidate": candidate_eval.to_dict(),
         "current": current_eval.to_dict() if current_eval else None,
-        "gate": options.gate.to_dict(),
+        "gate": options.gate_config.to_dict(),
     }
     report["decision"] = decision.to_dict()
     version = store.new_version(fingerprint)
@@ -651,8 +675,8 @@ def _options(args: argparse.Namespace, settings: Settings) -> JobOptions:
         backbone_layers=getattr(args, "backbone_layers", 6),
         window_length=getattr(args, "window_length", None),
         model_config=getattr(args, "model_config", None),
-        thresholds=threshold_config,
-        gate=gate.GateConfig(
+        threshold_config=threshold_config,
+        gate_config=gate.GateConfig(
             max_false_alarm_increase=args.max_false_alarm_increase,
             max_alert_rate_increase=args.max_alert_rate_increase,
             max_missed_increase=args.max_missed_increase,

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from confluent_kafka import Producer
 
 from stream_detector import loadgen, store, worker
 from stream_detector.config import (
@@ -29,7 +30,7 @@ from stream_detector.config import (
     RedisSettings,
     Settings,
 )
-from stream_detector.consumer import ReadingConsumer
+from stream_detector.consumer import ConsumerError, ReadingConsumer, replay
 from stream_detector.publisher import Publisher, ReadingProducer
 from stream_detector.schemas import AlertEvent
 from stream_detector.services import free_port
@@ -307,6 +308,22 @@ def test_two_concurrent_fits_on_one_store_one_wins_the_other_fails_clearly(
 # From the stream
 
 
+def test_replay_starts_at_the_time_asked_for_and_reads_to_the_end(
+    kafka_bootstrap: str, topic_factory: Any
+) -> None:
+    (topic,) = topic_factory("replayed", partitions=2)
+    now_ms = time.time_ns() // 1_000_000
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    for i in range(40):
+        stamp = now_ms - (3_600_000 if i < 20 else 600_000) + i
+        producer.produce(topic, key=f"k{i % 5}", value=str(i), timestamp=stamp)
+    assert producer.flush(10) == 0
+    replayed = list(replay(kafka_bootstrap, topic, now_ms - 1_800_000, timeout_s=60))
+    assert sorted(int(m.value) for m in replayed) == list(range(20, 40))
+    with pytest.raises(ConsumerError, match="does not exist"):
+        list(replay(kafka_bootstrap, f"missing-{uuid.uuid4().hex}", 0, timeout_s=10))
+
+
 def _alert_events(sensor: str, start_ms: int, end_ms: int) -> list[AlertEvent]:
     common = {
         "alert_id": uuid.uuid4().hex[:20],
@@ -440,7 +457,8 @@ def test_fit_from_kafka_skips_alerted_spans_and_a_running_worker_serves_the_resu
 
     data = report["data"]
     assert set(data["sensors"]) == {"s-00000", "s-00001", "s-00002"}
-    assert data["dropped_readings"]["other_models"] == 300, (data["messages_read"], data["dropped_readings"], {k: v["readings"] for k, v in data["sensors"].items()})
+    assert data["messages_read"] == 3 * plan.readings_per_sensor + 300
+    assert data["dropped_readings"]["other_models"] == 300
     assert {span["sensor_id"] for span in data["excluded_spans"]} == {"s-00001", "s-00002"}
     margin_ms = WINDOW * MINUTE_MS
     for sensor, (alert_start, alert_end) in spans.items():
