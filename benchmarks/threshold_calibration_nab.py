@@ -97,6 +97,17 @@ def score_file(path: Path, risk_levels: list[float], score: str) -> dict[str, An
     return result
 
 
+def _pooled(files: list[dict[str, Any]], key: str, method: str) -> dict[str, Any]:
+    """Files whose threshold came from ``method``: how many, and their pooled rate."""
+    chosen = [f for f in files if f[key]["method"] == method]
+    windows = sum(f["holdout_windows"] for f in chosen)
+    above = sum(f[key]["above"] for f in chosen)
+    return {
+        "files": len(chosen),
+        "pooled_false_alarm_rate": round(above / windows, 6) if windows else None,
+    }
+
+
 def summarise(files: list[dict[str, Any]], risk_levels: list[float]) -> dict[str, Any]:
     summary = {}
     windows = sum(f["holdout_windows"] for f in files)
@@ -110,7 +121,7 @@ def summarise(files: list[dict[str, Any]], risk_levels: list[float]) -> dict[str
             "files_within_2x_of_target": int(((rates <= 2 * q) & (rates >= q / 2)).sum()),
             "files_at_or_below_target": int((rates <= q).sum()),
             "files_above_10x_target": int((rates > 10 * q).sum()),
-            "methods": {m: sum(f[key]["method"] == m for f in files) for m in ("pot", "quantile")},
+            "by_method": {m: _pooled(files, key, m) for m in ("pot", "quantile")},
         }
     return summary
 

@@ -59,6 +59,12 @@ class ModelConfig:
     student_dim: int = 64
     student_layers: int = 2
     student_heads: int = 4
+    # "instance": each window to zero mean, unit variance per channel (the paper; blind
+    # to level and amplitude). "global": the training data's per-channel statistics
+    # below, so a level shift or an amplitude burst is itself unusual.
+    normalisation: str = "instance"
+    channel_mean: tuple[float, ...] | None = None
+    channel_std: tuple[float, ...] | None = None
     # The truncated backbone's own Hugging Face config; filled in when the backbone
     # is loaded so a checkpoint can rebuild it without the original weights.
     backbone_config: dict[str, Any] = field(default_factory=dict)
@@ -76,7 +82,10 @@ class ModelConfig:
         unknown = set(data) - names
         if unknown:
             raise ValueError(f"unknown model config keys: {sorted(unknown)}")
-        return cls(**data)
+        statistics = {
+            key: tuple(data[key]) for key in ("channel_mean", "channel_std") if data.get(key)
+        }
+        return cls(**{**data, **statistics})
 
     def validate(self) -> None:
         if self.window_length < self.patch_length:
@@ -86,6 +95,10 @@ class ModelConfig:
             )
         if self.channels < 1 or self.prototypes < 1 or self.backbone_layers < 1:
             raise ValueError("channels, prototypes and backbone_layers must be >= 1")
+        if self.normalisation not in ("instance", "global"):
+            raise ValueError(
+                f"normalisation must be 'instance' or 'global', not {self.normalisation!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -102,6 +115,23 @@ def instance_norm(x: torch.Tensor) -> torch.Tensor:
     mean = x.mean(dim=-1, keepdim=True)
     std = x.std(dim=-1, keepdim=True, unbiased=False)
     return (x - mean) / (std + _EPS)
+
+
+class Normaliser(nn.Module):
+    """Per-window (instance) or training-statistics (global) normalisation. (B, C, L)"""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.instance = config.normalisation == "instance"
+        mean = config.channel_mean or (0.0,) * config.channels
+        std = config.channel_std or (1.0,) * config.channels
+        self.register_buffer("mean", torch.tensor(mean).view(-1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(-1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.instance:
+            return instance_norm(x)
+        return (x - self.mean) / (self.std + _EPS)
 
 
 def _blocks(base: nn.Module) -> nn.ModuleList:
@@ -233,8 +263,8 @@ class Teacher(nn.Module):
         for name, parameter in self.backbone.named_parameters():
             parameter.requires_grad = any(part in name for part in trainable)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.patcher(instance_norm(x))  # (B, N, H)
+    def forward(self, x_norm: torch.Tensor) -> torch.Tensor:
+        tokens = self.patcher(x_norm)  # (B, N, H)
         hidden = self.backbone(inputs_embeds=tokens, use_cache=False).last_hidden_state
         return self.head(hidden.mean(dim=1))  # (B, d)
 
@@ -269,10 +299,9 @@ class Student(nn.Module):
         )
         return similarity.argmax(dim=-1)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x_norm = instance_norm(x)
+    def forward(self, x_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         index = self.nearest(x_norm)  # (B, C)
-        channel = torch.arange(x.shape[1], device=x.device)
+        channel = torch.arange(x_norm.shape[1], device=x_norm.device)
         chosen = self.prototypes[channel, index]  # (B, C, L)
         tokens = torch.cat(
             [self.prototype_patcher(chosen), self.patcher(x_norm)], dim=1
@@ -289,6 +318,7 @@ class AnomalyLLM(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
+        self.normalise = Normaliser(config)
         self.teacher = Teacher(config, backbone)
         self.student = Student(config)
 
@@ -309,9 +339,26 @@ class AnomalyLLM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Teacher output c, student output z (both (B, d)) and prototype indices (B, C)."""
-        c = self.teacher(x)
-        z, index = self.student(x)
+        x_norm = self.normalise(x)
+        c = self.teacher(x_norm)
+        z, index = self.student(x_norm)
         return c, z, index
+
+    def fit_normalisation(self, windows: torch.Tensor) -> None:
+        """Record the per-channel statistics of training windows (N, C, L) for "global"."""
+        if self.normalisation_is_instance:
+            return
+        mean = windows.float().mean(dim=(0, 2))
+        std = windows.float().std(dim=(0, 2), unbiased=False).clamp(min=_EPS)
+        self.config = dataclasses.replace(
+            self.config, channel_mean=tuple(mean.tolist()), channel_std=tuple(std.tolist())
+        )
+        self.normalise.mean.copy_(mean.view(-1, 1))
+        self.normalise.std.copy_(std.view(-1, 1))
+
+    @property
+    def normalisation_is_instance(self) -> bool:
+        return self.normalise.instance
 
     def distance(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c, z, index = self(x)

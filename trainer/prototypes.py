@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from stream_detector.model import AnomalyLLM, instance_norm
+from stream_detector.model import AnomalyLLM
 
 
 def spherical_kmeans(
@@ -45,7 +45,7 @@ def spherical_kmeans(
 @torch.no_grad()
 def init_prototypes(model: AnomalyLLM, windows: torch.Tensor, seed: int = 0) -> None:
     """Set each channel's prototypes to k-means centroids of training windows (M, C, L)."""
-    normalised = instance_norm(windows.float())
+    normalised = model.normalise(windows.float().to(model.normalise.mean.device)).cpu()
     clusters = model.config.prototypes
     if normalised.shape[0] < clusters:
         raise ValueError(
@@ -66,7 +66,8 @@ def refit_prototypes(model: AnomalyLLM, windows: torch.Tensor, iterations: int =
     student learned to pair with k; each keeps its norm (the student sees it unscaled),
     and a prototype that attracts no window keeps its place.
     """
-    normalised = F.normalize(instance_norm(windows.float()), dim=-1)
+    device = model.normalise.mean.device
+    normalised = F.normalize(model.normalise(windows.float().to(device)).cpu(), dim=-1)
     prototypes = model.student.prototypes
     for channel in range(normalised.shape[1]):
         points = normalised[:, channel].to(prototypes.device)  # (M, L)

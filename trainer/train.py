@@ -177,6 +177,7 @@ def fit(
         )
     train, validation = windows_t[:-validation_count], windows_t[-validation_count:]
     model = model or AnomalyLLM.pretrained(model_config)
+    model.fit_normalisation(train)
     if config.kmeans_init:
         init_prototypes(model, train, seed=config.seed)
     model.to(device).train()
