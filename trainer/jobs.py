@@ -150,8 +150,8 @@ def score_windows(
 ) -> list[np.ndarray]:
     """Each model's scores of windows (N, C, L), as ``AnomalyLLM.score`` gives them.
 
-    ``shared_teacher``: the models have identical teachers (a refresh and its parent), so
-    the teacher, by far the costlier half, runs once per batch for all of them.
+    ``shared_teacher``: the models have identical normalisation and teachers (a refresh
+    and its parent), so the teacher, by far the costlier half, runs once per batch.
     """
     out: list[list[np.ndarray]] = [[] for _ in models]
     for model in models:
@@ -160,10 +160,13 @@ def score_windows(
         for start in range(0, len(windows), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(windows[start : start + batch_size]))
             x = x.to(device)
-            teacher = models[0].teacher(x).float() if shared_teacher else None  # (B, d)
+            shared = None
+            if shared_teacher:
+                shared = models[0].teacher(models[0].normalise(x)).float()  # (B, d)
             for scores, model in zip(out, models, strict=True):
-                c = teacher if teacher is not None else model.teacher(x).float()
-                z, _ = model.student(x)
+                x_norm = model.normalise(x)
+                c = shared if shared is not None else model.teacher(x_norm).float()
+                z, _ = model.student(x_norm)
                 scores.append(torch.linalg.vector_norm(c - z.float(), dim=-1).cpu().numpy())
     return [np.concatenate(s) if s else np.zeros(0, np.float32) for s in out]
 
@@ -783,15 +786,16 @@ def _list(console: Console, root: str, model_name: str, as_json: bool) -> int:
         print(json.dumps(listing, indent=2))
         return EXIT_OK
     table = Table(title=f"{model_name} in {mask_url(root)}")
-    for column in ("", "version", "mode", "parent", "gate", "false alarms", "L"):
-        table.add_column(column)
+    table.add_column("")
+    table.add_column("version", no_wrap=True)  # operators copy it into promote --version
+    for column in ("mode", "gate", "false alarms", "L"):
+        table.add_column(column, no_wrap=True)
     for row in rows:
         gate_text = {True: "passed", False: "refused", None: "-"}[row.get("gate_passed")]
         table.add_row(
             "*" if row["current"] else "",
             row["version"],
             str(row.get("mode") or ("incomplete" if not row["complete"] else "-")),
-            str(row.get("parent_version") or "-"),
             gate_text,
             "-" if row.get("false_alarm_rate") is None else f"{row['false_alarm_rate']:.4f}",
             str(row.get("window_length") or "-"),

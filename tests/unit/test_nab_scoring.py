@@ -202,7 +202,10 @@ def fit_log(monkeypatch: pytest.MonkeyPatch) -> list[np.ndarray]:
     }
     log: list[np.ndarray] = []
 
-    def get_detector(name: str, **settings: Any) -> ToyDetector:
+    def get_detector(
+        name: str, profile: str = "default", streaming: bool = False, **settings: Any
+    ) -> ToyDetector:
+        assert streaming, "NAB must ask for the streaming (causal) variant"
         return ToyDetector(log, **registry[name], **settings)
 
     monkeypatch.setattr(detectors, "get_detector", get_detector, raising=False)
