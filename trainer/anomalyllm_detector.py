@@ -72,8 +72,10 @@ class AnomalyLLMDetector:
         batch_size: int = 256,
         device: str = "cpu",
         seed: int = 0,
+        normalisation: str = "instance",
     ) -> None:
         self.causal = causal
+        self.normalisation = normalisation
         self.profile_name = profile_name
         self.backbone = backbone
         self.backbone_layers = backbone_layers
@@ -96,6 +98,7 @@ class AnomalyLLMDetector:
             "window_length": self.window_length or "2 x dominant period, 64..512",
             "patches_per_window": PATCHES_PER_WINDOW,
             "causal": self.causal,
+            "normalisation": self.normalisation,
             "max_scored_windows": self.max_scored_windows,
         }
 
@@ -110,6 +113,7 @@ class AnomalyLLMDetector:
             patch_stride=patch,
             backbone=self.backbone,
             backbone_layers=self.backbone_layers,
+            normalisation=self.normalisation,
         )
         train_config = profile(self.profile_name, seed=self.seed)
         stride = max(1, (len(train) - length) // (train_config.max_train_windows * 2))
@@ -141,6 +145,15 @@ class AnomalyLLMDetector:
         if self.causal:
             return _latest_window_score(scores, starts + length - 1, len(series))
         return _mean_over_covering(scores, starts, length, len(series))
+
+
+class AnomalyLLMGlobalDetector(AnomalyLLMDetector):
+    """AnomalyLLM normalised by training statistics, as the demo and sensors use it."""
+
+    name = "anomalyllm-global"
+
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(normalisation="global", **settings)
 
 
 def _latest_window_score(scores: np.ndarray, ends: np.ndarray, size: int) -> np.ndarray:

@@ -333,6 +333,7 @@ class WindowedGaussianDetector:
 
 DETECTORS: dict[str, str] = {
     "anomalyllm": "trainer.anomalyllm_detector:AnomalyLLMDetector",
+    "anomalyllm-global": "trainer.anomalyllm_detector:AnomalyLLMGlobalDetector",
     "discord": "trainer.detectors:DiscordDetector",
     "gaussian": "trainer.detectors:WindowedGaussianDetector",
     "hst": "trainer.detectors:HalfSpaceTreesDetector",
