@@ -95,7 +95,8 @@ class AnomalyLLMDetector:
             "train": train_config,
             "backbone": self.backbone,
             "backbone_layers": self.backbone_layers,
-            "window_length": self.window_length or "2 x dominant period, 64..512",
+            "window_length": self.window_length
+            or "2 x dominant period, 64..512, at most half the training part",
             "patches_per_window": PATCHES_PER_WINDOW,
             "causal": self.causal,
             "normalisation": self.normalisation,
