@@ -220,7 +220,7 @@ def load_backbone(
     base = _truncate(_load_pretrained_base(name), layers)
     backbone_config = base.config.to_diff_dict()
     backbone_config["model_type"] = base.config.model_type
-    # Tie-breaking fields of the quantised source that have no meaning once dequantised.
+    # Where the weights came from and how they were quantised: meaningless once dequantised.
     backbone_config.pop("quantization_config", None)
     backbone_config.pop("_name_or_path", None)
     cache.mkdir(parents=True, exist_ok=True)
