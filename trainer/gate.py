@@ -23,10 +23,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from stream_detector.alerts import SensorAlertState, Thresholds, update
+from stream_detector.alerts import Thresholds
 from stream_detector.config import AlertPolicy
 from trainer.sources import Span
-from trainer.thresholds import SensorScores, days_covered
+from trainer.thresholds import SensorScores, days_covered, replay_alerts
 
 
 @dataclass(frozen=True)
@@ -87,30 +87,6 @@ class Decision:
         return asdict(self)
 
 
-def _replay(
-    scores: SensorScores, sensor_id: str, thresholds: Thresholds, policy: AlertPolicy
-) -> tuple[int, list[int]]:
-    """(windows above the threshold in force, event times of the alerts that opened)."""
-    state = SensorAlertState(sensor_id)
-    threshold = thresholds.for_sensor(sensor_id, policy)
-    above, opened = 0, []
-    for ts_ms, score in zip(scores.end_ts_ms.tolist(), scores.scores.tolist(), strict=True):
-        state, events = update(
-            state,
-            score=score,
-            ts_ms=ts_ms,
-            threshold=threshold,
-            policy=policy,
-            model_version="gate",
-            nearest_prototype=0,
-            attribution=(1.0,),
-        )
-        if state.threshold is not None and score > state.threshold:
-            above += 1
-        opened += [event.event_ts_ms for event in events if event.state == "open"]
-    return above, opened
-
-
 def evaluate(
     holdout: Mapping[str, SensorScores],
     incidents: Sequence[tuple[Span, SensorScores, int]],
@@ -122,14 +98,17 @@ def evaluate(
     for sensor_id, scores in holdout.items():
         if not len(scores.scores):
             continue
-        above, opened = _replay(scores, sensor_id, thresholds, policy)
+        above, opened = replay_alerts(
+            scores, sensor_id, thresholds.for_sensor(sensor_id, policy), policy
+        )
         result.windows += len(scores.scores)
         result.above_threshold += above
         result.alerts += len(opened)
         result.sensor_days += days_covered(scores.end_ts_ms)
     for span, scores, slack_ms in incidents:
         result.incidents += 1
-        _, opened = _replay(scores, span.sensor_id, thresholds, policy)
+        threshold = thresholds.for_sensor(span.sensor_id, policy)
+        _, opened = replay_alerts(scores, span.sensor_id, threshold, policy)
         if any(span.start_ts_ms <= ts <= span.end_ts_ms + slack_ms for ts in opened):
             result.detected += 1
         else:

@@ -140,10 +140,16 @@ def pot_threshold(scores: np.ndarray, config: ThresholdConfig) -> Estimate:
     )
 
 
-def count_alerts(scores: SensorScores, threshold: float, policy: AlertPolicy) -> int:
-    """Alerts the worker's policy would open on these scores at ``threshold``."""
-    state = SensorAlertState("calibration")
-    opened = 0
+def replay_alerts(
+    scores: SensorScores, sensor_id: str, threshold: float | None, policy: AlertPolicy
+) -> tuple[int, list[int]]:
+    """Run the worker's alert policy over these scores.
+
+    Returns the windows above the threshold in force and the event times of the alerts
+    that opened (``threshold=None`` is the worker's quantile fallback).
+    """
+    state = SensorAlertState(sensor_id)
+    above, opened = 0, []
     for ts_ms, score in zip(scores.end_ts_ms.tolist(), scores.scores.tolist(), strict=True):
         state, events = update(
             state,
@@ -151,12 +157,19 @@ def count_alerts(scores: SensorScores, threshold: float, policy: AlertPolicy) ->
             ts_ms=ts_ms,
             threshold=threshold,
             policy=policy,
-            model_version="calibration",
+            model_version="replay",
             nearest_prototype=0,
             attribution=(1.0,),
         )
-        opened += sum(event.state == "open" for event in events)
-    return opened
+        if state.threshold is not None and score > state.threshold:
+            above += 1
+        opened += [event.event_ts_ms for event in events if event.state == "open"]
+    return above, opened
+
+
+def count_alerts(scores: SensorScores, threshold: float, policy: AlertPolicy) -> int:
+    """Alerts the worker's policy would open on these scores at ``threshold``."""
+    return len(replay_alerts(scores, "calibration", threshold, policy)[1])
 
 
 def days_covered(end_ts_ms: np.ndarray) -> float:
