@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable
+from concurrent.futures import Future
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
@@ -297,6 +298,21 @@ class EmbeddedRedis(_EmbeddedProcess):
             return False
 
 
+def _await_admin(
+    futures: dict[str, Future], verb: str, harmless: int, bootstrap_servers: str, timeout_s: float
+) -> None:
+    """Wait for per-topic admin results; the `harmless` error code counts as success."""
+    for name, future in futures.items():
+        try:
+            future.result(timeout=timeout_s)
+        except KafkaException as exception:
+            error: KafkaError = exception.args[0]
+            if error.code() != harmless:
+                raise TopicAdminError(
+                    f"could not {verb} topic {name!r} on {bootstrap_servers}: {error.str()}"
+                ) from exception
+
+
 def create_topics(
     bootstrap_servers: str,
     names: Iterable[str],
@@ -315,15 +331,7 @@ def create_topics(
         operation_timeout=timeout_s,
         request_timeout=timeout_s,
     )
-    for name, future in futures.items():
-        try:
-            future.result(timeout=timeout_s)
-        except KafkaException as exception:
-            error: KafkaError = exception.args[0]
-            if error.code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise TopicAdminError(
-                    f"could not create topic {name!r} on {bootstrap_servers}: {error.str()}"
-                ) from exception
+    _await_admin(futures, "create", KafkaError.TOPIC_ALREADY_EXISTS, bootstrap_servers, timeout_s)
     deadline = time.monotonic() + timeout_s
     missing = set(wanted)
     while missing:
@@ -348,12 +356,4 @@ def delete_topics(bootstrap_servers: str, names: Iterable[str], *, timeout_s: fl
         return
     admin = AdminClient({"bootstrap.servers": bootstrap_servers})
     futures = admin.delete_topics(wanted, operation_timeout=timeout_s, request_timeout=timeout_s)
-    for name, future in futures.items():
-        try:
-            future.result(timeout=timeout_s)
-        except KafkaException as exception:
-            error: KafkaError = exception.args[0]
-            if error.code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
-                raise TopicAdminError(
-                    f"could not delete topic {name!r} on {bootstrap_servers}: {error.str()}"
-                ) from exception
+    _await_admin(futures, "delete", KafkaError.UNKNOWN_TOPIC_OR_PART, bootstrap_servers, timeout_s)
