@@ -16,7 +16,15 @@ from functools import cached_property
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MASK = "***"
@@ -41,6 +49,7 @@ _RESERVED_KAFKA_KEYS = frozenset(
 )
 
 KafkaConfig = dict[str, str | int | bool]
+FailPoint = Literal["before_score", "after_produce", "before_commit"]
 
 
 def is_secret_key(key: str) -> bool:
@@ -72,7 +81,9 @@ def mask_kafka_extra(extra: Mapping[str, str]) -> dict[str, str]:
 class _Group(BaseModel):
     """A frozen settings group that rejects unknown keys, so typos in variable names fail."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Validation errors name the field and the rule but never echo the input: a rejected
+    # kafka.extra or redis.url holds credentials, and the error is printed at startup.
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
 
 class KafkaTopics(_Group):
@@ -98,6 +109,8 @@ class KafkaSettings(_Group):
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     poll_batch_size: int = Field(500, ge=1, le=100_000)
     poll_timeout_ms: int = Field(100, ge=0)
+    # How often the consumer lag is measured for the lag metric (and autoscaling).
+    lag_interval_s: float = Field(10.0, gt=0)
     # True: consume-transform-produce in Kafka transactions (needs broker support).
     exactly_once: bool = False
     transactional_id_prefix: str = "stream-detector"
@@ -129,6 +142,10 @@ class RedisSettings(_Group):
     key_prefix: str = "sd:"
     # A sensor silent this long loses its window and alert state.
     sensor_ttl_s: int = Field(7 * 24 * 3600, ge=60)
+    # When Redis loses its state (restart without persistence, failover, flush), the
+    # worker rewinds its partitions this far back in time and rebuilds the windows from
+    # Kafka. Cover window_length readings of the slowest sensor; longer costs replay time.
+    rebuild_lookback_s: float = Field(3600.0, gt=0)
 
     @field_validator("url")
     @classmethod
@@ -252,6 +269,7 @@ class Settings(BaseSettings):
         env_parse_none_str="null",
         frozen=True,
         extra="forbid",
+        hide_input_in_errors=True,
     )
 
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
@@ -269,6 +287,9 @@ class Settings(BaseSettings):
     # Autocast on CUDA; ignored on CPU.
     mixed_precision: bool = True
     metrics_port: int = Field(8000, ge=1, le=65_535)
+    # Testing only (the reliability suite): failpoint name -> the hit on which the worker
+    # kills itself with SIGKILL. See stream_detector.chaos.
+    failpoints: dict[FailPoint, PositiveInt] = Field(default_factory=dict)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("log_level", mode="before")

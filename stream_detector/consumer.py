@@ -198,6 +198,33 @@ class ReadingConsumer:
             lags[name] = max(high - position, 0)
         return lags
 
+    def rewind(
+        self, partitions: Sequence[tuple[str, int]], since_ms: int, timeout_s: float = 10.0
+    ) -> dict[tuple[str, int], tuple[int, int]]:
+        """Seek owned partitions back to their first record stamped at or after ``since_ms``.
+
+        Returns (from offset, position before the seek) per partition that moved; a
+        partition with no record that recent stays where it is. Raises ConsumerError when
+        the broker cannot answer or the seek fails.
+        """
+        wanted = [TopicPartition(topic, partition, since_ms) for topic, partition in partitions]
+        if not wanted:
+            return {}
+        try:
+            positions = {
+                (tp.topic, tp.partition): tp.offset for tp in self._consumer.position(wanted)
+            }
+            moved = {}
+            for tp in self._consumer.offsets_for_times(wanted, timeout=timeout_s):
+                name = (tp.topic, tp.partition)
+                if tp.offset < 0 or (0 <= positions[name] <= tp.offset):
+                    continue
+                self._consumer.seek(tp)
+                moved[name] = (tp.offset, positions[name])
+        except KafkaException as exception:
+            raise ConsumerError(f"could not rewind {list(partitions)}: {exception}") from exception
+        return moved
+
     def group_metadata(self) -> object:
         """The consumer group metadata that Publisher.commit sends with a transaction."""
         return self._consumer.consumer_group_metadata()

@@ -102,7 +102,17 @@ class Metrics:
         )
         self.state_losses = Counter(
             "detector_redis_state_losses",
-            "Times Redis was found to have lost its state",
+            "Times Redis was found to have lost its state (each starts a rebuild from Kafka)",
+            registry=r,
+        )
+        self.rebuild_messages = Counter(
+            "detector_rebuild_messages",
+            "Records rewound to rebuild windows after Redis lost its state",
+            registry=r,
+        )
+        self.sensors = Gauge(
+            "detector_sensors",
+            "Sensors this worker holds (bounded by limits.max_sensors_per_worker)",
             registry=r,
         )
         self._versions: dict[str, str] = {}

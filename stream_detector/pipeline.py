@@ -6,14 +6,20 @@
 2. ``score_due``: take the batches the batcher releases, score them, fold each score into
    its sensor's alert state (read from Redis once per step), publish scores and alerts.
 3. ``commit_if_idle``: once no window is queued or in flight, wait for the broker to
-   acknowledge every output (or commit the transaction), then store the alert states,
-   acknowledge the windows (``mark_emitted``) and commit the input offsets.
+   acknowledge every output (or commit the transaction), then store the alert states and
+   acknowledge the windows in one atomic Redis call, and commit the input offsets.
 
 Every step keeps its unfinished work when Redis or the broker fails, so the loop retries
 by calling it again without new messages. Outputs since the last commit are kept too and
 produced again if the broker lost any: outputs are at-least-once, de-duplicated by their
 ids downstream. A crash between steps replays the uncommitted input; ``WindowStore``
 skips readings already applied and re-reports each sensor's newest unacknowledged window.
+
+When Redis loses its state (``RedisStateLost``), the pipeline drops its unfinished work
+and rewinds its partitions ``redis.rebuild_lookback_s`` back, so the windows (and alert
+states) are rebuilt from Kafka; the outputs of the replayed readings are produced again,
+with the same ids. Readings older than the lookback are not recovered: the gap is logged
+and kept in ``last_rebuild``.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +37,7 @@ from confluent_kafka import KafkaException
 
 from stream_detector import alerts
 from stream_detector.batcher import Batch, Batcher, RejectedWindow
+from stream_detector.chaos import FailPoints
 from stream_detector.config import (
     Settings,
     kafka_consumer_config,
@@ -41,11 +49,10 @@ from stream_detector.metrics import Metrics
 from stream_detector.publisher import Publisher, PublishError
 from stream_detector.schemas import AlertEvent, InvalidReading, Reading, ScoreRecord, decode_reading
 from stream_detector.scorer import ModelEvent, ModelRegistry, Scorer, resolve_device
-from stream_detector.windows import WindowStore, WindowStoreError
+from stream_detector.windows import RedisStateLost, WindowStore, WindowStoreError
 
 logger = logging.getLogger(__name__)
 
-LAG_INTERVAL_S = 10.0
 COMMIT_INTERVAL_S = 1.0
 # Failures of Redis or the broker: the pipeline keeps its work, and calling again retries it.
 RETRYABLE = (WindowStoreError, PublishError, ConsumerError, KafkaException)
@@ -103,12 +110,19 @@ class Pipeline:
         self._store_factory = store_factory
         self._stores: dict[int, WindowStore] = {}
         self._clock = clock
-        self.broker_ok = True
+        self.broker_ok = True  # the last attempt to deliver outputs succeeded
+        self.broker_reachable = True  # the last lag query got an answer
         self.partitions: set[tuple[str, int]] = set()
         self._lag_stop = threading.Event()
         self._lag_thread: threading.Thread | None = None
         self._offsets_stored = False  # stored with the consumer, not yet committed
         self._next_commit_s = 0.0
+        self.failpoints = FailPoints(settings.failpoints)
+        # sensor -> (its partition, when last seen): the sensors this worker holds, oldest
+        # first, bounded by limits.max_sensors_per_worker.
+        self._sensors: OrderedDict[str, tuple[tuple[str, int], float]] = OrderedDict()
+        self._replay_since_ms: dict[tuple[str, int], int] = {}  # rewound, not yet caught up
+        self.last_rebuild: dict[str, Any] | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -136,8 +150,11 @@ class Pipeline:
         self.metrics.readings.inc(len(messages))
         now_ms = time.time_ns() // 1_000_000
         for message in self._new:
+            if self._before_lookback(message):
+                continue
             try:
                 reading = self._decode(message, now_ms)
+                self._admit(reading.sensor_id, (message.topic, message.partition))
             except InvalidReading as invalid:
                 self.metrics.invalid_readings.labels(invalid.code).inc()
                 self._send(
@@ -163,10 +180,47 @@ class Pipeline:
             if message.timestamp_ms is not None:
                 self._ingest_ts[(reading.sensor_id, reading.ts_ms)] = message.timestamp_ms
         self._new = []
-        for channels in list(self._to_append):
-            self._append(channels, self._to_append[channels])
-            del self._to_append[channels]
+        try:
+            for channels in list(self._to_append):
+                self._append(channels, self._to_append[channels])
+                del self._to_append[channels]
+        except RedisStateLost:
+            self._rebuild()
         self._ingest_ts = {}
+
+    def _before_lookback(self, message: ConsumedMessage) -> bool:
+        """True for a record a rebuild rewound past: older than the lookback, skip it."""
+        partition = (message.topic, message.partition)
+        since_ms = self._replay_since_ms.get(partition)
+        if since_ms is None:
+            return False
+        if message.timestamp_ms is not None and message.timestamp_ms < since_ms:
+            return True
+        del self._replay_since_ms[partition]
+        return False
+
+    def _admit(self, sensor_id: str, partition: tuple[str, int]) -> None:
+        """Track the sensor, or raise ``InvalidReading`` when the worker holds too many.
+
+        Sensors silent for ``redis.sensor_ttl_s`` (whose windows Redis has expired) and the
+        sensors of revoked partitions no longer count.
+        """
+        now_s = self._clock()
+        if sensor_id in self._sensors:
+            self._sensors[sensor_id] = (partition, now_s)
+            self._sensors.move_to_end(sensor_id)
+            return
+        expired_before_s = now_s - self.settings.redis.sensor_ttl_s
+        while self._sensors and next(iter(self._sensors.values()))[1] < expired_before_s:
+            self._sensors.popitem(last=False)
+        limit = self.settings.limits.max_sensors_per_worker
+        if len(self._sensors) >= limit:
+            raise InvalidReading(
+                f"too_many_sensors: this worker already holds {limit} sensors "
+                "(limits.max_sensors_per_worker)"
+            )
+        self._sensors[sensor_id] = (partition, now_s)
+        self.metrics.sensors.set(len(self._sensors))
 
     def _decode(self, message: ConsumedMessage, now_ms: int) -> Reading:
         reading = decode_reading(
@@ -200,9 +254,6 @@ class Pipeline:
         self.metrics.replayed_readings.inc(result.replayed)
         self.metrics.late_readings.labels("late").inc(result.late)
         self.metrics.late_readings.labels("duplicate_ts").inc(result.duplicate_ts)
-        if result.state_lost:
-            self.metrics.state_losses.inc()
-            logger.error("Redis lost the window state: windows restart from empty")
         if result.reset:
             logger.warning(
                 "%d sensors changed their channel count: windows restarted", result.reset
@@ -242,6 +293,7 @@ class Pipeline:
         self._in_flight += self.batcher.ready(self._clock(), flush_all)
         if not self._in_flight:
             return
+        self.failpoints.hit("before_score")
         scored = []
         for batch in self._in_flight:
             started = time.perf_counter()
@@ -348,18 +400,26 @@ class Pipeline:
         if self.idle and self._uncommitted:
             if not self._acknowledged:
                 self._acknowledge_outputs()
-            for channels, group in self._by_store(self._states).items():
-                states = {sensor_id: self._states[sensor_id].to_dict() for sensor_id in group}
-                self._store(channels).put_alert_state(states)
-            self._states = {}
-            for channels, group in self._by_store(self._emitted).items():
-                self._store(channels).mark_emitted({s: self._emitted[s] for s in group})
-            self._emitted = {}
+                self.failpoints.hit("after_produce")
+            # Alert states and window acknowledgements go together, so that a crash never
+            # leaves a state that has seen windows which a replay would score again.
+            sensor_ids = self._states.keys() | self._emitted.keys()
+            try:
+                for channels, group in self._by_store(sensor_ids).items():
+                    self._store(channels).acknowledge(
+                        {s: self._states[s].to_dict() for s in group if s in self._states},
+                        {s: self._emitted[s] for s in group if s in self._emitted},
+                    )
+            except RedisStateLost:
+                self._rebuild()
+                return
+            self._states, self._emitted = {}, {}
             if not self.publisher.transactional:
                 self.consumer.store(self._uncommitted)
                 self._offsets_stored = True
             self._uncommitted, self._outputs, self._acknowledged = [], [], False
         if self._offsets_stored and (force or self._clock() >= self._next_commit_s):
+            self.failpoints.hit("before_commit")
             self.consumer.commit()
             self._offsets_stored = False
             self._next_commit_s = self._clock() + COMMIT_INTERVAL_S
@@ -424,18 +484,55 @@ class Pipeline:
             )
             stop.wait(self.registry.poll_interval_s)
 
-    def start_lag_reports(self, interval_s: float = LAG_INTERVAL_S) -> None:
+    def _rebuild(self) -> None:
+        """Redis lost its state: rewind this worker's partitions and rebuild from Kafka.
+
+        Unfinished work is dropped (the replay redoes it) before the stores accept the new
+        state, so no reading is applied out of order. A failure part-way raises, and the
+        next attempt meets ``RedisStateLost`` again and rewinds again.
+        """
+        self.metrics.state_losses.inc()
+        lookback_s = self.settings.redis.rebuild_lookback_s
+        since_ms = time.time_ns() // 1_000_000 - int(lookback_s * 1000)
+        moved = self.consumer.rewind(sorted(self.partitions), since_ms)
+        if self.publisher.transactional:
+            self._abort_quietly()
+        self._reset()
+        for store in self._stores.values():
+            store.detect_state_loss()
+        self._replay_since_ms = dict.fromkeys(moved, since_ms)
+        replayed = sum(position - start for start, position in moved.values() if position >= 0)
+        self.metrics.rebuild_messages.inc(max(replayed, 0))
+        self.last_rebuild = {
+            "at_ms": time.time_ns() // 1_000_000,
+            "lookback_s": lookback_s,
+            "replay_from": {f"{t}:{p}": start for (t, p), (start, _) in moved.items()},
+        }
+        logger.error(
+            "Redis lost the window and alert state: rebuilding from Kafka, replaying %s "
+            "(records since %d ms, %d consumed before). Readings older than %.0f s are not "
+            "recovered: sensors whose windows need them score again once refilled.",
+            {f"{t}:{p}": f"{start}..{position}" for (t, p), (start, position) in moved.items()},
+            since_ms,
+            replayed,
+            lookback_s,
+        )
+
+    def start_lag_reports(self, interval_s: float) -> None:
         """Measure the consumer lag every ``interval_s`` in a daemon thread.
 
         Off the loop: the query takes a round trip per partition (seconds on tansu), and
-        librdkafka allows it while another thread polls.
+        librdkafka allows it while another thread polls. Whether it gets an answer is the
+        ``broker_reachable`` readiness signal, which an idle worker has no other way to see.
         """
 
         def report() -> None:
             while not self._lag_stop.wait(interval_s):
                 try:
-                    self.metrics.set_lag(self.consumer.lag(timeout_s=1.0))
+                    self.metrics.set_lag(self.consumer.lag(timeout_s=min(interval_s, 5.0)))
+                    self.broker_reachable = True
                 except (KafkaException, ConsumerError, RuntimeError) as error:
+                    self.broker_reachable = False
                     logger.warning("could not measure consumer lag: %s", error)
 
         self._lag_thread = threading.Thread(target=report, name="consumer-lag", daemon=True)
@@ -490,6 +587,12 @@ class Pipeline:
         """Finish the in-flight work before the partitions go, or drop it for the next owner."""
         self.partitions -= set(partitions)
         self.metrics.assigned_partitions.set(len(self.partitions))
+        gone = set(partitions)
+        for sensor_id in [s for s, (part, _) in self._sensors.items() if part in gone]:
+            del self._sensors[sensor_id]
+        self.metrics.sensors.set(len(self._sensors))
+        for partition in gone:
+            self._replay_since_ms.pop(partition, None)
         try:
             self.finish()
         except Exception as error:  # the next owner replays whatever we could not commit

@@ -49,10 +49,13 @@ class LoadedModel:
 
 
 class ModelEvent(NamedTuple):
-    """A version that ``refresh`` swapped in (``error`` None) or refused."""
+    """A version that ``refresh`` swapped in (``error`` None) or refused.
+
+    ``version`` is None when the store could not be read at all.
+    """
 
     model_name: str
-    version: str
+    version: str | None
     error: str | None
 
 
@@ -101,8 +104,18 @@ class ModelRegistry:
         self._next_poll_s = now + self.poll_interval_s
         events = []
         for name in self.model_names:
-            version = store.current_version(self.store_root, name)
             loaded = self._models.get(name)
+            try:
+                version = store.current_version(self.store_root, name)
+            except Exception as error:  # whatever the backend raises, keep serving
+                logger.warning(
+                    "cannot read the CURRENT pointer of model %s (%s); still serving %s",
+                    name,
+                    error,
+                    loaded.version if loaded else "nothing",
+                )
+                events.append(ModelEvent(name, None, f"store unreadable: {error}"))
+                continue
             if version is None or (loaded and loaded.version == version):
                 continue
             if self._refused.get(name) == version:

@@ -21,8 +21,10 @@ Data model (all keys start with ``key_prefix``):
 - ``{prefix}:offsets``: hash ``topic:partition`` -> last applied Kafka offset. Readings
   at or below it are replays and are skipped, so a crash-and-replay never appends twice.
 - ``{prefix}:epoch``: a token written once; if it disappears or changes, Redis lost
-  its state (restart without persistence, flush, failover) and the store reports
-  ``state_lost`` once.
+  its state (restart without persistence, flush, failover). Writes are guarded by it:
+  once a store has seen the token, ``append_batch`` and ``acknowledge`` raise
+  ``RedisStateLost`` instead of writing into a state they did not build, until the
+  caller has rebuilt (replayed the input) and called ``detect_state_loss``.
 - ``{prefix}:a:{sensor_id}``: alert state as a JSON object, with the same TTL.
 
 Policies:
@@ -35,10 +37,12 @@ Policies:
   batch with its values (intermediate ones too, so a burst loses no scores), and
   resets the stride counter inside the same offset-guarded script, so a replay does
   not make a window due twice.
-- At-least-once scoring: the newest due window stays *pending* until
-  ``mark_emitted`` (call it after its outputs are published). If a replay after a
-  crash skips a sensor's readings while a window is pending, ``append_batch``
-  returns that sensor's current window again with ``recovered=True``.
+- At-least-once scoring: every due window stays *pending* until ``mark_emitted``
+  (call it after its outputs are published): its timestamps and values wait in
+  ``{prefix}:p:{sensor_id}``, a list that ``mark_emitted`` empties, so it exists only
+  between a poll and its commit. If a replay after a crash skips a sensor's readings
+  while windows are pending, ``append_batch`` returns all of them again, oldest first
+  and with ``recovered=True``, before any window the replay makes due.
 
 All keys of one call are touched by one Lua script: on Redis Cluster, put a hash tag in
 the prefix (``key_prefix="{det}"``) so they share a slot. Use a ``noeviction`` or
@@ -75,11 +79,14 @@ local rs = C * 4
 
 redis.call('SET', KEYS[1], ARGV[5], 'NX')
 local epoch = redis.call('GET', KEYS[1])
+if ARGV[6] ~= '' and epoch ~= ARGV[6] then
+  return {epoch}
+end
 
-local T = tonumber(ARGV[6])
+local T = tonumber(ARGV[7])
 local fields, applied, newmax = {}, {}, {}
 for t = 1, T do
-  fields[t] = ARGV[6 + t]
+  fields[t] = ARGV[7 + t]
   local v = redis.call('HGET', KEYS[2], fields[t])
   applied[t] = v and tonumber(v) or -1
   newmax[t] = applied[t]
@@ -108,8 +115,9 @@ end
 
 local n_applied, n_replayed, n_late, n_dup, n_reset = 0, 0, 0, 0, 0
 local due = {}
-local argi = 7 + T
-for i = 3, #KEYS do
+local argi = 8 + T
+local S = (#KEYS - 2) / 2
+for i = 3, 2 + S do
   local meta, vals = ARGV[argi], ARGV[argi + 1]
   argi = argi + 2
   local sensor = i - 2
@@ -127,7 +135,7 @@ for i = 3, #KEYS do
       n_reset = n_reset + 1
     end
   end
-  local load_n, load_start, load_last, load_pend, load_data = n, start_ts, last_ts, pend, data
+  local load_pend = pend
 
   local parts, accepted = {data}, {}
   local any_replayed, running_last = false, last_ts
@@ -148,7 +156,7 @@ for i = 3, #KEYS do
     end
   end
 
-  local emitted_here = false
+  local sensor_due, pending_new = {}, {}
   if #accepted > 0 then
     local all = table.concat(parts)
     local cursor = 1
@@ -208,14 +216,13 @@ for i = 3, #KEYS do
         n = n - 1
       end
       if n == L and since >= stride then
-        due[#due + 1] = sensor
-        due[#due + 1] = start_ts
-        due[#due + 1] = last_ts
-        due[#due + 1] = string.sub(all, cursor, cursor + L * rs - 1)
-        due[#due + 1] = 0
+        local payload = string.sub(all, cursor, cursor + L * rs - 1)
+        for _, v in ipairs({sensor, start_ts, last_ts, payload, 0}) do
+          sensor_due[#sensor_due + 1] = v
+        end
+        pending_new[#pending_new + 1] = struct.pack('<dd', start_ts, last_ts) .. payload
         since = 0
         pend = last_ts
-        emitted_here = true
       end
     end
     local tokens = {}
@@ -228,12 +235,19 @@ for i = 3, #KEYS do
       'EX', ttl)
     n_applied = n_applied + #accepted
   end
-  if any_replayed and not emitted_here and load_pend > 0 and load_n == L then
-    due[#due + 1] = sensor
-    due[#due + 1] = load_start
-    due[#due + 1] = load_last
-    due[#due + 1] = load_data
-    due[#due + 1] = 1
+  local pkey = KEYS[i + S]
+  if any_replayed and load_pend > 0 then
+    for _, entry in ipairs(redis.call('LRANGE', pkey, 0, -1)) do
+      local first_ts, end_ts = struct.unpack('<dd', entry)
+      for _, v in ipairs({sensor, first_ts, end_ts, string.sub(entry, 17), 1}) do
+        due[#due + 1] = v
+      end
+    end
+  end
+  for _, v in ipairs(sensor_due) do due[#due + 1] = v end
+  if #pending_new > 0 then
+    redis.call('RPUSH', pkey, unpack(pending_new))
+    redis.call('EXPIRE', pkey, ttl)
   end
 end
 
@@ -246,17 +260,39 @@ end
 return {epoch, n_applied, n_replayed, n_late, n_dup, n_reset, due}
 """
 
-_MARK_EMITTED_LUA = """
-for i = 1, #KEYS do
-  local head = redis.call('GETRANGE', KEYS[i], 0, 54)
+_ACKNOWLEDGE_LUA = """
+-- KEYS: epoch, A alert-state keys, then E window keys and their E pending keys.
+-- ARGV: expected epoch, ttl, A, A alert states (JSON), E acknowledged window ends.
+if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+local A = tonumber(ARGV[3])
+for i = 1, A do
+  redis.call('SET', KEYS[1 + i], ARGV[3 + i], 'EX', ARGV[2])
+end
+local E = (#KEYS - 1 - A) / 2
+for i = 1, E do
+  local wkey, pkey = KEYS[1 + A + i], KEYS[1 + A + E + i]
+  local acked = tonumber(ARGV[3 + A + i])
+  local head = redis.call('GETRANGE', wkey, 0, 54)
   if #head == 55 then
     local pend = struct.unpack('<d', head, 48)
-    if pend > 0 and pend <= tonumber(ARGV[i]) then
-      redis.call('SETRANGE', KEYS[i], 47, struct.pack('<d', 0))
+    if pend > 0 and pend <= acked then
+      redis.call('SETRANGE', wkey, 47, struct.pack('<d', 0))
     end
   end
+  local entries = redis.call('LRANGE', pkey, 0, -1)
+  local done = 0
+  while done < #entries and struct.unpack('<d', entries[done + 1], 9) <= acked do
+    done = done + 1
+  end
+  if done == #entries then
+    redis.call('DEL', pkey)
+  elseif done > 0 then
+    redis.call('LTRIM', pkey, done, -1)
+  end
 end
-return #KEYS
+return 1
 """
 
 _EPOCH_LUA = """
@@ -267,6 +303,14 @@ return redis.call('GET', KEYS[1])
 
 class WindowStoreError(RuntimeError):
     """Redis could not be reached or refused a command."""
+
+
+class RedisStateLost(WindowStoreError):
+    """Redis lost the state this store built (its epoch marker changed); nothing was written.
+
+    Rebuild the windows by replaying the input, then call ``detect_state_loss`` to accept
+    the new state.
+    """
 
 
 class WindowReading(Protocol):
@@ -308,7 +352,6 @@ class AppendResult:
     duplicate_ts: int  # dropped: ts equal to the sensor's last ts
     rejected: int  # dropped: not finite as float32, or ts_ms <= 0
     reset: int  # sensors whose stored layout did not match (channels changed) and restarted
-    state_lost: bool  # Redis lost its state since this store last looked
 
 
 def _window_from_bytes(
@@ -355,13 +398,17 @@ class WindowStore:
         self.key_prefix = key_prefix
         self.ttl_s = ttl_s
         self._append = client.register_script(_APPEND_LUA)
-        self._mark_emitted = client.register_script(_MARK_EMITTED_LUA)
+        self._acknowledge = client.register_script(_ACKNOWLEDGE_LUA)
         self._read_epoch = client.register_script(_EPOCH_LUA)
         self._epoch: bytes | None = None
 
     def window_key(self, sensor_id: str) -> str:
         """The Redis key of a sensor's window."""
         return f"{self.key_prefix}:w:{sensor_id}"
+
+    def pending_key(self, sensor_id: str) -> str:
+        """The Redis key of a sensor's windows that are due but not yet marked emitted."""
+        return f"{self.key_prefix}:p:{sensor_id}"
 
     def alert_key(self, sensor_id: str) -> str:
         """The Redis key of a sensor's alert state."""
@@ -382,8 +429,28 @@ class WindowStore:
         except redis.RedisError as error:
             where = self._redis.get_connection_kwargs()
             raise WindowStoreError(
-                f"Redis at {where.get('host')}:{where.get('port')} failed to {action}: {error}"
+                f"Redis at {where.get('host')}:{where.get('port')} failed to {action}: "
+                f"{error}{self._tls_hint(error)}"
             ) from error
+
+    def _tls_hint(self, error: redis.RedisError) -> str:
+        # A TLS-only port drops a plaintext client without saying why.
+        connection_class = self._redis.connection_pool.connection_class
+        dropped = isinstance(error, redis.ConnectionError) and not isinstance(
+            error, redis.AuthenticationError
+        )
+        if dropped and not issubclass(connection_class, redis.SSLConnection):
+            return " (if this Redis accepts only TLS, the URL must start with rediss://)"
+        return ""
+
+    def _expected_epoch(self) -> bytes:
+        return self._epoch or b""
+
+    def _state_lost(self) -> RedisStateLost:
+        return RedisStateLost(
+            f"Redis lost the state under {self.key_prefix!r} (epoch marker {self._epoch_key} "
+            "changed): replay the input to rebuild, then call detect_state_loss()"
+        )
 
     def _observe_epoch(self, epoch: bytes) -> bool:
         lost = self._epoch is not None and epoch != self._epoch
@@ -393,7 +460,10 @@ class WindowStore:
         return lost
 
     def append_batch(self, readings: Iterable[WindowReading]) -> AppendResult:
-        """Append a polled batch (in partition order) and return the windows that became due."""
+        """Append a polled batch (in partition order) and return the windows that became due.
+
+        Raises ``RedisStateLost`` (having applied nothing) when Redis lost its state.
+        """
         batch = list(readings)
         for reading in batch:
             if len(reading.values) != self.channels:
@@ -425,7 +495,7 @@ class WindowStore:
                 packed_values[position * reading_size : (position + 1) * reading_size]
             )
         if not meta_by_sensor:
-            return AppendResult([], 0, 0, 0, 0, rejected, 0, state_lost=False)
+            return AppendResult([], 0, 0, 0, 0, rejected, 0)
         sensor_ids = list(meta_by_sensor)
         args: list[Any] = [
             self.window_length,
@@ -433,16 +503,24 @@ class WindowStore:
             self.stride,
             self.ttl_s,
             uuid.uuid4().hex,  # a fresh token, so a re-created marker always differs
+            self._expected_epoch(),
             len(partition_index),
             *(f"{topic}:{partition}" for topic, partition in partition_index),
         ]
         for sensor_id in sensor_ids:
             args += [bytes(meta_by_sensor[sensor_id]), b"".join(values_by_sensor[sensor_id])]
-        keys = [self._epoch_key, self._offsets_key, *map(self.window_key, sensor_ids)]
+        keys = [
+            self._epoch_key,
+            self._offsets_key,
+            *map(self.window_key, sensor_ids),
+            *map(self.pending_key, sensor_ids),
+        ]
         with self._redis_errors("append a batch of readings"):
-            epoch, applied, replayed, late, duplicate_ts, reset, flat_due = self._append(
-                keys=keys, args=args
-            )
+            reply = self._append(keys=keys, args=args)
+        if len(reply) == 1:
+            raise self._state_lost()
+        epoch, applied, replayed, late, duplicate_ts, reset, flat_due = reply
+        self._observe_epoch(epoch)
         return AppendResult(
             due=self._due_windows(sensor_ids, flat_due),
             applied=applied,
@@ -451,7 +529,6 @@ class WindowStore:
             duplicate_ts=duplicate_ts,
             rejected=rejected,
             reset=reset,
-            state_lost=self._observe_epoch(epoch),
         )
 
     def _due_windows(self, sensor_ids: list[str], flat_due: list[Any]) -> list[Window]:
@@ -477,15 +554,38 @@ class WindowStore:
             for k in range(count)
         ]
 
-    def mark_emitted(self, end_ts_by_sensor: Mapping[str, int]) -> None:
-        """Acknowledge that the windows ending at these timestamps were published (idempotent)."""
-        if not end_ts_by_sensor:
+    def acknowledge(
+        self,
+        states: Mapping[str, Mapping[str, Any]],
+        end_ts_by_sensor: Mapping[str, int],
+    ) -> None:
+        """Store alert states and mark windows emitted, atomically (one script call).
+
+        Call it once the outputs of those windows are published. Marking a window emitted
+        also acknowledges every older pending window of its sensor; it is idempotent.
+        Raises ``RedisStateLost`` (having written nothing) when Redis lost its state.
+        """
+        if not states and not end_ts_by_sensor:
             return
-        with self._redis_errors("mark windows as emitted"):
-            self._mark_emitted(
-                keys=[self.window_key(sensor_id) for sensor_id in end_ts_by_sensor],
-                args=list(end_ts_by_sensor.values()),
-            )
+        keys = [
+            self._epoch_key,
+            *map(self.alert_key, states),
+            *map(self.window_key, end_ts_by_sensor),
+            *map(self.pending_key, end_ts_by_sensor),
+        ]
+        args: list[Any] = [self._expected_epoch(), self.ttl_s, len(states)]
+        args += [
+            json.dumps(state, separators=(",", ":"), allow_nan=False) for state in states.values()
+        ]
+        args += list(end_ts_by_sensor.values())
+        with self._redis_errors("store alert states and acknowledge windows"):
+            written = self._acknowledge(keys=keys, args=args)
+        if not written:
+            raise self._state_lost()
+
+    def mark_emitted(self, end_ts_by_sensor: Mapping[str, int]) -> None:
+        """Acknowledge that the windows ending at these timestamps were published."""
+        self.acknowledge({}, end_ts_by_sensor)
 
     def fetch_windows(self, sensor_ids: Iterable[str]) -> dict[str, Window]:
         """Current full windows of these sensors; sensors without a full window are absent."""
@@ -529,14 +629,7 @@ class WindowStore:
 
     def put_alert_state(self, states: Mapping[str, Mapping[str, Any]]) -> None:
         """Store alert state per sensor as JSON with the store's TTL."""
-        if not states:
-            return
-        pipeline = self._redis.pipeline(transaction=False)
-        for sensor_id, state in states.items():
-            encoded = json.dumps(state, separators=(",", ":"), allow_nan=False)
-            pipeline.set(self.alert_key(sensor_id), encoded, ex=self.ttl_s)
-        with self._redis_errors("write alert state"):
-            pipeline.execute()
+        self.acknowledge(states, {})
 
     def ping(self) -> bool:
         """Whether Redis answers."""
@@ -546,7 +639,7 @@ class WindowStore:
             return False
 
     def detect_state_loss(self) -> bool:
-        """True once after Redis lost the store's state (checked via the epoch marker)."""
+        """True once after Redis lost the store's state; from then on writes are accepted."""
         with self._redis_errors("read the epoch marker"):
             epoch = self._read_epoch(keys=[self._epoch_key], args=[uuid.uuid4().hex])
         return self._observe_epoch(epoch)

@@ -29,11 +29,11 @@ def run(settings: Settings, stop: threading.Event) -> int:
     health.add_check("consumer", lambda: poll_ok or bool(pipeline.partitions))
     health.add_check("redis", pipeline.redis_ok)
     health.add_check("model", lambda: bool(pipeline.registry.loaded))
-    health.add_check("broker", lambda: pipeline.broker_ok)
+    health.add_check("broker", lambda: pipeline.broker_ok and pipeline.broker_reachable)
     backoff_s = 0.0  # > 0 while retrying unfinished work: poll nothing new until it is done
     try:
         pipeline.wait_for_a_model(stop)
-        pipeline.start_lag_reports()
+        pipeline.start_lag_reports(settings.kafka.lag_interval_s)
         while not stop.is_set():
             health.beat()
             try:
@@ -48,6 +48,7 @@ def run(settings: Settings, stop: threading.Event) -> int:
                 pipeline.score_due()  # batcher -> scorer -> alerts -> publisher
                 pipeline.commit_if_idle()  # acks, alert state, mark emitted, then offsets
                 health.set_detail("partitions", sorted(pipeline.partitions))
+                health.set_detail("last_state_rebuild", pipeline.last_rebuild)
                 backoff_s = 0.0
             except RETRYABLE as error:
                 poll_ok = poll_ok and not isinstance(error, ConsumerError)

@@ -13,7 +13,7 @@ import redis
 from redis.connection import Connection
 
 from stream_detector.services import free_port
-from stream_detector.windows import WindowStore, WindowStoreError
+from stream_detector.windows import RedisStateLost, WindowStore, WindowStoreError
 
 pytestmark = pytest.mark.integration
 
@@ -147,10 +147,15 @@ def test_a_window_not_marked_emitted_is_recovered_on_replay(
     first = store.append_batch(batch)
     assert [w.end_ts_ms for w in first.due] == [T0_MS + 2000, T0_MS + 4000]
 
-    # Crash before publishing: the replay returns the newest pending window again.
+    # Crash before publishing: the replay returns every pending window again, oldest first.
     replay = store.append_batch(batch)
-    assert [(w.end_ts_ms, w.recovered) for w in replay.due] == [(T0_MS + 4000, True)]
-    np.testing.assert_array_equal(replay.due[0].values, first.due[-1].values)
+    assert [(w.end_ts_ms, w.recovered) for w in replay.due] == [
+        (T0_MS + 2000, True),
+        (T0_MS + 4000, True),
+    ]
+    for recovered, original in zip(replay.due, first.due, strict=True):
+        np.testing.assert_array_equal(recovered.values, original.values)
+        assert recovered.start_ts_ms == original.start_ts_ms
 
     store.mark_emitted({"s1": T0_MS + 4000})
     store.mark_emitted({"s1": T0_MS + 4000})  # idempotent
@@ -161,6 +166,20 @@ def test_a_window_not_marked_emitted_is_recovered_on_replay(
     assert [w.end_ts_ms for w in newer.due] == [T0_MS + 6000]
     store.mark_emitted({"s1": T0_MS + 4000})
     assert [w.recovered for w in store.append_batch(series("s1", 7)).due] == [True]
+    store.mark_emitted({"s1": T0_MS + 6000})
+    assert store.append_batch(series("s1", 7)).due == []
+
+
+def test_pending_windows_leave_redis_once_marked_emitted(
+    make_store: Callable[..., WindowStore], redis_client: redis.Redis
+) -> None:
+    store = make_store(window_length=3, stride=1)
+    first = store.append_batch(series("s1", 6))
+    assert redis_client.llen(store.pending_key("s1")) == len(first.due) == 4
+    store.mark_emitted({"s1": first.due[1].end_ts_ms})
+    assert redis_client.llen(store.pending_key("s1")) == 2
+    store.mark_emitted({"s1": first.due[-1].end_ts_ms})
+    assert not redis_client.exists(store.pending_key("s1"))
 
 
 @pytest.mark.parametrize("batch_size", [1, 4, 9])
@@ -245,18 +264,25 @@ def test_alert_state_round_trip(
     assert states == {"s1": {"phase": "open", "hits": [1, 0, 1]}, "s2": {"phase": "idle"}}
 
 
-def test_state_loss_is_reported_once(
+def test_after_state_loss_writes_are_refused_until_the_loss_is_acknowledged(
     make_store: Callable[..., WindowStore], redis_client: redis.Redis, key_prefix: str
 ) -> None:
     store = make_store(window_length=2)
-    assert not store.append_batch(series("s1", 2)).state_lost
+    store.append_batch(series("s1", 2))
     assert not store.detect_state_loss()
     redis_client.delete(*redis_client.scan_iter(match=f"{key_prefix}:*"))  # like a restart
 
+    with pytest.raises(RedisStateLost):
+        store.append_batch(series("s1", 3, start_offset=10)[2:])
+    with pytest.raises(RedisStateLost):
+        store.put_alert_state({"s1": {"phase": "idle"}})
+    assert redis_client.keys(f"{key_prefix}:w:*") == []
+    assert redis_client.keys(f"{key_prefix}:a:*") == []
+
+    assert store.detect_state_loss()
     after = store.append_batch(series("s1", 3, start_offset=10)[2:])
-    assert after.state_lost
     assert after.applied == 1 and after.due == []  # the window starts over
-    assert not store.append_batch(series("s1", 4, start_offset=10)[3:]).state_lost
+    store.put_alert_state({"s1": {"phase": "idle"}})
 
     other = make_store(window_length=2)
     assert not other.detect_state_loss()

@@ -47,6 +47,8 @@ UNSET_SETTINGS = {
     # None cannot be written as an environment variable; it only matters together with
     # DETECTOR_ALERTS__THRESHOLD_FALLBACK=fixed, when the operator sets a number.
     "DETECTOR_ALERTS__FALLBACK_THRESHOLD",
+    # Fault injection for tests/reliability only: a deployment never sets it.
+    "DETECTOR_FAILPOINTS",
 }
 # checkov findings accepted with a checkov.io/skip annotation in the manifests.
 ACCEPTED_CHECKOV = {

@@ -1,0 +1,153 @@
+"""Fault injection for the reliability suite and the soak benchmark.
+
+- ``FailPoints``: named places in the worker's loop where the process kills itself
+  (SIGKILL, no clean-up) on a chosen hit, configured by ``Settings.failpoints``. Empty in
+  production, where ``hit`` costs one dictionary lookup.
+- ``TcpProxy``: a local TCP forwarder between clients and a broker or Redis whose link
+  can be cut (connections dropped, new ones refused) and restored on the same port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Self
+
+logger = logging.getLogger(__name__)
+
+_CHUNK_BYTES = 65_536
+
+
+class FailPoints:
+    """Counts hits per failpoint; on the configured hit the process dies with SIGKILL."""
+
+    def __init__(self, kill_at: Mapping[str, int]) -> None:
+        self._kill_at = dict(kill_at)
+        self._hits: dict[str, int] = {}
+
+    def hit(self, name: str) -> None:
+        """Record that the worker reached ``name``; die here if this is the configured hit."""
+        if name not in self._kill_at:
+            return
+        self._hits[name] = self._hits.get(name, 0) + 1
+        if self._hits[name] == self._kill_at[name]:
+            logger.warning("failpoint %s: hit %d, killing the process", name, self._hits[name])
+            logging.shutdown()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class TcpProxy:
+    """Forward ``host:port`` to ``target_host:target_port``; ``cut()`` makes the target unreachable.
+
+    While cut, the listening port is closed (clients get "connection refused") and every
+    open connection is dropped; ``restore()`` listens on the same port again.
+    """
+
+    def __init__(
+        self, target_host: str, target_port: int, *, host: str = "127.0.0.1", port: int = 0
+    ) -> None:
+        self.target = (target_host, target_port)
+        self.host = host
+        self.port = port
+        self._listener: socket.socket | None = None
+        self._connections: set[socket.socket] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def address(self) -> str:
+        """``host:port`` clients connect to."""
+        return f"{self.host}:{self.port}"
+
+    @property
+    def is_cut(self) -> bool:
+        """Whether the link is down."""
+        return self._listener is None
+
+    def start(self) -> Self:
+        """Listen (on a free port when none was given) and forward in daemon threads."""
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self.host, self.port))
+        listener.listen(64)
+        self.port = listener.getsockname()[1]
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        return self
+
+    def cut(self) -> None:
+        """Refuse new connections and drop the open ones."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        with self._lock:
+            connections, self._connections = self._connections, set()
+        for connection in connections:
+            _close(connection)
+        logger.info("proxy %s -> %s:%d cut", self.address, *self.target)
+
+    def restore(self) -> None:
+        """Accept connections again on the same port."""
+        if self._listener is None:
+            self.start()
+            logger.info("proxy %s -> %s:%d restored", self.address, *self.target)
+
+    def stop(self) -> None:
+        """Close everything."""
+        self.cut()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # the listener was closed by cut()
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                _close(client)
+                continue
+            with self._lock:
+                if self._listener is not listener:  # cut while connecting
+                    _close(client)
+                    _close(upstream)
+                    continue
+                self._connections |= {client, upstream}
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(_CHUNK_BYTES):
+                sink.sendall(data)
+        except OSError:
+            pass
+        with self._lock:
+            self._connections -= {source, sink}
+        _close(source)
+        _close(sink)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _close(connection: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        connection.shutdown(socket.SHUT_RDWR)
+    connection.close()
