@@ -173,6 +173,9 @@ class ReadingConsumer:
         """Per owned partition: high watermark minus the next offset to consume (never negative).
 
         Partitions with no position yet (nothing fetched) count from the committed offset.
+        The high watermark is the larger of the broker's answer to a query (which raises
+        when the broker is unreachable) and the one carried by the latest fetch response:
+        some Kafka-compatible brokers (tansu) answer the query with a stale value.
         """
         assigned = self._consumer.assignment()
         if not assigned:
@@ -192,6 +195,9 @@ class ReadingConsumer:
             if watermarks is None:
                 continue
             low, high = watermarks
+            fetched = self._consumer.get_watermark_offsets(tp, cached=True)
+            if fetched is not None:
+                high = max(high, fetched[1])
             position = tp.offset if tp.offset != OFFSET_INVALID else committed.get(name, low)
             if position < 0:  # no committed offset: auto.offset.reset decides
                 position = low
