@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from fnmatch import fnmatchcase
 from functools import cached_property
 from typing import Any, Literal
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote_plus, urlsplit, urlunsplit
 
 from pydantic import (
     BaseModel,
@@ -69,8 +69,14 @@ def mask_url(url: str) -> str:
         userinfo, _, hostinfo = netloc.rpartition("@")
         user = userinfo.split(":", 1)[0]
         netloc = f"{user}:{MASK}@{hostinfo}"
-    query = urlencode([(k, MASK if is_secret_key(k) else v) for k, v in pairs], safe="*")
+    query = "&".join(_masked_query_pair(pair) for pair in parts.query.split("&"))
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _masked_query_pair(pair: str) -> str:
+    # Pairs are kept as written (a CA path stays readable); only credential values change.
+    key = pair.partition("=")[0]
+    return f"{key}={MASK}" if is_secret_key(unquote_plus(key)) else pair
 
 
 def mask_kafka_extra(extra: Mapping[str, str]) -> dict[str, str]:

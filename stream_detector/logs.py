@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, unquote_plus, urlsplit
 
 from stream_detector.config import MASK, Settings, is_secret_key
 
@@ -15,12 +15,24 @@ from stream_detector.config import MASK, Settings, is_secret_key
 _STANDARD_ATTRIBUTES = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
 
+def _url_secrets(url: str) -> list[str]:
+    """The password and credential query values of a URL, as written and decoded."""
+    parts = urlsplit(url)
+    secrets = []
+    if parts.password:
+        secrets += [parts.password, unquote(parts.password)]
+    for pair in parts.query.split("&"):
+        key, _, value = pair.partition("=")
+        if value and is_secret_key(unquote_plus(key)):
+            secrets += [value, unquote_plus(value)]
+    return secrets
+
+
 def secrets_of(settings: Settings) -> list[str]:
     """Credential values in the settings that must never appear in a log line."""
     secrets = [value for key, value in settings.kafka.extra.items() if is_secret_key(key)]
-    password = urlsplit(settings.redis.url.get_secret_value()).password
-    if password:
-        secrets += [password, unquote(password)]
+    secrets += _url_secrets(settings.redis.url.get_secret_value())
+    secrets += _url_secrets(settings.model.store)
     return [secret for secret in secrets if len(secret) >= 4]
 
 

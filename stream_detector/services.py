@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import importlib.util
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import IO, Any, Self
+from urllib.parse import quote, urlencode
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -203,7 +206,15 @@ class _EmbeddedProcess:
 
 
 class EmbeddedKafka(_EmbeddedProcess):
-    """A tansu broker, in-memory by default: `with EmbeddedKafka() as kafka: ...`."""
+    """A tansu broker, in-memory by default: `with EmbeddedKafka() as kafka: ...`.
+
+    ``authentication=True`` makes the broker refuse every client that has not passed SASL
+    (SCRAM-SHA-256/512). With the in-memory store no user can be created (creating one is a
+    request, and the broker refuses it unauthenticated), so such a broker can only show
+    refusals. tansu 0.6.0 cannot serve TLS itself (its ``--cert`` and ``--key`` options
+    exclude each other): put a TLS terminator on ``advertised_port`` instead, which the
+    broker then hands to clients in its metadata.
+    """
 
     name = "tansu"
     # tansu drains connected clients for 5 s on SIGTERM but exits at once on SIGINT; with
@@ -218,30 +229,38 @@ class EmbeddedKafka(_EmbeddedProcess):
         storage_engine: str = "memory://tansu/",
         binary: Path | None = None,
         startup_timeout_s: float = 30.0,
+        authentication: bool = False,
+        advertised_port: int | None = None,
     ) -> None:
         super().__init__(host=host, port=port, startup_timeout_s=startup_timeout_s)
         self.storage_engine = storage_engine
         self.binary = binary
+        self.authentication = authentication
+        self.advertised_port = advertised_port
 
     @property
     def bootstrap_servers(self) -> str:
-        """The bootstrap.servers string for clients."""
+        """The bootstrap.servers string for clients of the broker's own (plaintext) port."""
         return f"{self.host}:{self.port}"
 
     def _command(self, workdir: Path) -> list[str]:
-        url = f"tcp://{self.host}:{self.port}"
-        return [
+        advertised_port = self.advertised_port or self.port
+        command = [
             str(self.binary or tansu_binary()),
             "broker",
             "--listener-url",
-            url,
+            f"tcp://{self.host}:{self.port}",
             "--advertised-listener-url",
-            url,
+            f"tcp://{self.host}:{advertised_port}",
             "--storage-engine",
             self.storage_engine,
         ]
+        return [*command, "--authentication"] if self.authentication else command
 
     def _is_ready(self) -> bool:
+        if self.authentication:
+            # Every request before SASL is refused: an open port is all there is to see.
+            return True
         admin = AdminClient({"bootstrap.servers": self.bootstrap_servers, "log_level": 0})
         try:
             admin.list_topics(timeout=2.0)
@@ -251,7 +270,13 @@ class EmbeddedKafka(_EmbeddedProcess):
 
 
 class EmbeddedRedis(_EmbeddedProcess):
-    """A throw-away redis-server without persistence: `with EmbeddedRedis() as redis: redis.url`."""
+    """A throw-away redis-server without persistence: `with EmbeddedRedis() as redis: redis.url`.
+
+    With ``tls_cert`` and ``tls_key`` it accepts TLS only (``rediss://``); ``tls_ca`` is the
+    CA that signed the certificate, which ``url`` tells clients to verify against. With
+    ``username`` and ``password`` the default user is disabled and that ACL user, allowed
+    every command and key, is the only one.
+    """
 
     name = "redis-server"
 
@@ -262,20 +287,36 @@ class EmbeddedRedis(_EmbeddedProcess):
         port: int | None = None,
         binary: Path | None = None,
         startup_timeout_s: float = 15.0,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
+        tls_ca: Path | None = None,
+        username: str | None = None,
+        password: str | None = None,
     ) -> None:
+        if (tls_cert is None) != (tls_key is None) or (tls_ca and not tls_cert):
+            raise ValueError("TLS needs tls_cert and tls_key together (tls_ca is optional)")
+        if (username is None) != (password is None):
+            raise ValueError("an ACL user needs username and password together")
+        if username is not None and (not username or any(c.isspace() for c in username)):
+            raise ValueError(f"ACL user name {username!r} must be one word")
         super().__init__(host=host, port=port, startup_timeout_s=startup_timeout_s)
         self.binary = binary
+        self.tls_cert, self.tls_key, self.tls_ca = tls_cert, tls_key, tls_ca
+        self.username, self.password = username, password
 
     @property
     def url(self) -> str:
-        """A redis:// URL for clients (database 0)."""
-        return f"redis://{self.host}:{self.port}/0"
+        """A redis:// (rediss:// with TLS) URL for clients, with the user (database 0)."""
+        scheme = "rediss" if self.tls_cert else "redis"
+        user = ""
+        if self.username is not None and self.password is not None:
+            user = f"{quote(self.username, safe='')}:{quote(self.password, safe='')}@"
+        query = f"?{urlencode({'ssl_ca_certs': str(self.tls_ca)})}" if self.tls_ca else ""
+        return f"{scheme}://{user}{self.host}:{self.port}/0{query}"
 
     def _command(self, workdir: Path) -> list[str]:
-        return [
+        command = [
             str(self.binary or redis_server_binary()),
-            "--port",
-            str(self.port),
             "--bind",
             self.host,
             "--save",
@@ -287,15 +328,62 @@ class EmbeddedRedis(_EmbeddedProcess):
             "--daemonize",
             "no",
         ]
+        if self.tls_cert and self.tls_key:
+            command += ["--port", "0", "--tls-port", str(self.port)]
+            command += ["--tls-cert-file", str(self.tls_cert), "--tls-key-file", str(self.tls_key)]
+            command += ["--tls-auth-clients", "no"]
+            if self.tls_ca:
+                command += ["--tls-ca-cert-file", str(self.tls_ca)]
+        else:
+            command += ["--port", str(self.port)]
+        if self.username is not None and self.password is not None:
+            # Only the password's sha256 is written, and nothing secret is on the command line.
+            digest = hashlib.sha256(self.password.encode()).hexdigest()
+            acl_file = workdir / "users.acl"
+            acl_file.write_text(
+                f"user default off\nuser {self.username} on #{digest} ~* &* +@all\n"
+            )
+            command += ["--aclfile", str(acl_file)]
+        return command
 
     def _is_ready(self) -> bool:
         # A raw PING keeps windows.py the only module with a Redis client.
+        request = _resp("PING")
+        if self.username is not None and self.password is not None:
+            request = _resp("AUTH", self.username, self.password) + request
         try:
-            with socket.create_connection((self.host, self.port), timeout=1.0) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
+            with (
+                socket.create_connection((self.host, self.port), timeout=1.0) as raw,
+                self._client_socket(raw) as sock,
+            ):
+                sock.sendall(request)
+                reply = b""
+                while not reply.endswith(b"+PONG\r\n") and not reply.startswith(b"-"):
+                    chunk = sock.recv(256)
+                    if not chunk:
+                        return False
+                    reply += chunk
+                return reply.endswith(b"+PONG\r\n")
         except OSError:
             return False
+
+    def _client_socket(self, raw: socket.socket) -> socket.socket:
+        if not self.tls_cert:
+            return raw
+        # Only asks whether the server this object started answers; clients verify it.
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context.wrap_socket(raw)
+
+
+def _resp(*words: str) -> bytes:
+    """One Redis command in the RESP protocol (safe for arguments with spaces)."""
+    encoded = [word.encode() for word in words]
+    return b"".join(
+        [f"*{len(encoded)}\r\n".encode()]
+        + [b"$%d\r\n%s\r\n" % (len(word), word) for word in encoded]
+    )
 
 
 def _await_admin(
@@ -320,12 +408,16 @@ def create_topics(
     *,
     replication_factor: int = 1,
     timeout_s: float = 15.0,
+    config: Mapping[str, Any] | None = None,
 ) -> None:
-    """Create topics and wait until the broker lists them; an existing topic is fine."""
+    """Create topics and wait until the broker lists them; an existing topic is fine.
+
+    ``config`` adds client properties, such as ``security.protocol`` and ``ssl.*``.
+    """
     wanted = list(dict.fromkeys(names))
     if not wanted:
         return
-    admin = AdminClient({"bootstrap.servers": bootstrap_servers})
+    admin = AdminClient({**(config or {}), "bootstrap.servers": bootstrap_servers})
     futures = admin.create_topics(
         [NewTopic(name, partitions, replication_factor) for name in wanted],
         operation_timeout=timeout_s,
