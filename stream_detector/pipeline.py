@@ -47,13 +47,23 @@ from stream_detector.config import (
 from stream_detector.consumer import ConsumedMessage, ConsumerError, ReadingConsumer, next_offsets
 from stream_detector.metrics import Metrics
 from stream_detector.publisher import Publisher, PublishError
-from stream_detector.schemas import AlertEvent, InvalidReading, Reading, ScoreRecord, decode_reading
+from stream_detector.schemas import (
+    REASON_CODES,
+    AlertEvent,
+    InvalidReading,
+    Reading,
+    ScoreRecord,
+    decode_reading,
+)
 from stream_detector.scorer import ModelEvent, ModelRegistry, Scorer, resolve_device
 from stream_detector.windows import RedisStateLost, WindowStore, WindowStoreError
 
 logger = logging.getLogger(__name__)
 
 COMMIT_INTERVAL_S = 1.0
+# Every reason code a dead letter can carry: the decoder's, and the worker's own (no model
+# for the sensor, too many sensors held, a window the model cannot take).
+DEAD_LETTER_CODES = REASON_CODES | {"no_model", "too_many_sensors", "wrong_length"}
 # Failures of Redis or the broker: the pipeline keeps its work, and calling again retries it.
 RETRYABLE = (WindowStoreError, PublishError, ConsumerError, KafkaException)
 

@@ -20,15 +20,36 @@ SCHEMA_VERSION = 1
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS = timedelta(milliseconds=1)
+# About 31,700 years: only a timestamp in the wrong unit gets this far ahead.
+_FAR_FUTURE_MS = 10**15
+
+# The codes ``decode_reading`` rejects a message with (``pipeline.DEAD_LETTER_CODES`` adds
+# the worker's own).
+REASON_CODES = frozenset(
+    {
+        "too_large",
+        "empty",
+        "not_utf8",
+        "bad_json",
+        "not_object",
+        "bad_sensor_id",
+        "key_mismatch",
+        "bad_ts",
+        "ts_out_of_range",
+        "bad_values",
+        "non_numeric",
+        "non_finite",
+        "too_many_channels",
+        "wrong_channels",
+    }
+)
 
 
 class InvalidReading(ValueError):
     """A message that cannot be a reading; ``reason`` goes into the dead-letter header.
 
-    ``reason`` is ``"<code>: <detail>"`` where ``code`` is one of a small stable set
-    (``too_large``, ``empty``, ``not_utf8``, ``bad_json``, ``not_object``,
-    ``bad_sensor_id``, ``key_mismatch``, ``bad_ts``, ``ts_out_of_range``, ``bad_values``,
-    ``non_numeric``, ``non_finite``, ``too_many_channels``, ``wrong_channels``).
+    ``reason`` is ``"<code>: <detail>"``: ``code`` is one of the small stable set
+    ``REASON_CODES``; ``detail`` is one short line that never echoes the input itself.
     """
 
     def __init__(self, reason: str) -> None:
@@ -93,9 +114,11 @@ def decode_reading(
         raise InvalidReading(f"non_finite: {exc} literal") from None
     except json.JSONDecodeError as exc:
         raise InvalidReading(f"bad_json: {exc.msg} at {exc.pos}") from None
-    except (ValueError, RecursionError):
-        # Integers beyond Python's digit limit, or nesting beyond the recursion limit.
-        raise InvalidReading("bad_json: number too long or nesting too deep") from None
+    except RecursionError:
+        raise InvalidReading("bad_json: nested too deeply") from None
+    except ValueError:
+        # The only other ValueError: an integer beyond Python's int_max_str_digits.
+        raise InvalidReading("bad_json: integer with too many digits") from None
     if type(obj) is not dict:
         raise InvalidReading(f"not_object: top level is {_json_type(obj)}")
 
@@ -108,9 +131,15 @@ def decode_reading(
             f"ts_out_of_range: before {limits.min_year}-01-01 (epoch seconds instead of ms?)"
         )
     now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
-    if ts_ms > now + limits.max_future_skew_ms:
+    ahead_ms = ts_ms - now
+    if ahead_ms > _FAR_FUTURE_MS:
+        # Not echoed: the number may have thousands of digits.
         raise InvalidReading(
-            f"ts_out_of_range: {ts_ms - now} ms in the future "
+            "ts_out_of_range: over 10^15 ms in the future (micro- or nanoseconds instead of ms?)"
+        )
+    if ahead_ms > limits.max_future_skew_ms:
+        raise InvalidReading(
+            f"ts_out_of_range: {ahead_ms} ms in the future "
             f"(> {limits.max_future_skew_ms} ms allowed)"
         )
     values = _values(obj, expected_channels, limits)
@@ -142,7 +171,13 @@ def _sensor_id(obj: dict[str, Any], limits: Limits) -> str:
             f"bad_sensor_id: {len(sensor_id)} characters > {limits.max_sensor_id_length}"
         )
     if not sensor_id.isprintable():
-        raise InvalidReading("bad_sensor_id: contains control characters")
+        # Also rejects lone surrogates (a \ud800 escape in the JSON): they cannot be UTF-8
+        # encoded, and decode_reading encodes the id to compare it with the message key.
+        index, char = next((i, c) for i, c in enumerate(sensor_id) if not c.isprintable())
+        raise InvalidReading(
+            f"bad_sensor_id: character {index} (U+{ord(char):04X}) is a control, format, "
+            "separator, surrogate or unassigned character"
+        )
     return sensor_id
 
 
