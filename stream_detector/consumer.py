@@ -29,6 +29,16 @@ from confluent_kafka import (
 logger = logging.getLogger(__name__)
 
 PartitionsHook = Callable[[list[tuple[str, int]]], None]
+# Commit errors that mean this consumer no longer owns the partitions it stored offsets for.
+_MEMBERSHIP_LOST = frozenset(
+    {
+        KafkaError._ASSIGNMENT_LOST,
+        KafkaError.ILLEGAL_GENERATION,
+        KafkaError.UNKNOWN_MEMBER_ID,
+        KafkaError.REBALANCE_IN_PROGRESS,
+        KafkaError.FENCED_INSTANCE_ID,
+    }
+)
 # How far ahead of this host's clock the broker's may run before replay stops early.
 _REPLAY_CLOCK_SKEW_MS = 60_000
 
@@ -156,12 +166,21 @@ class ReadingConsumer:
             logger.warning("could not store offsets %s: %s", offsets, exception.args[0].str())
 
     def commit(self) -> None:
-        """Synchronously commit the stored offsets (nothing stored is fine)."""
+        """Synchronously commit the stored offsets (nothing stored is fine).
+
+        When the group has taken the partitions away meanwhile (a session that expired
+        during a broker outage, a rebalance), the offsets are dropped: whoever owns the
+        partitions next replays from the last commit, and the windows' offset guard skips
+        what was already applied. Retrying would never succeed.
+        """
         try:
             self._consumer.commit(asynchronous=False)
         except KafkaException as exception:
             error: KafkaError = exception.args[0]
             if error.code() == KafkaError._NO_OFFSET:
+                return
+            if error.code() in _MEMBERSHIP_LOST:
+                logger.warning("offsets not committed, the partitions are gone: %s", error.str())
                 return
             raise ConsumerError(f"offset commit failed: {error.str()}") from exception
 

@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import hashlib
 import importlib.util
+import os
 import shutil
 import signal
 import socket
@@ -112,6 +113,10 @@ class _EmbeddedProcess:
     def _command(self, workdir: Path) -> list[str]:
         raise NotImplementedError
 
+    def _environment(self) -> dict[str, str] | None:
+        """The child's environment; None inherits this process's."""
+        return None
+
     def _is_ready(self) -> bool:
         raise NotImplementedError
 
@@ -143,6 +148,7 @@ class _EmbeddedProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=workdir,
+            env=self._environment(),
             start_new_session=True,  # Ctrl-C reaches the demo first, which then drains and stops us
             preexec_fn=_die_with_parent,
         )
@@ -214,11 +220,15 @@ class EmbeddedKafka(_EmbeddedProcess):
     refusals. tansu 0.6.0 cannot serve TLS itself (its ``--cert`` and ``--key`` options
     exclude each other): put a TLS terminator on ``advertised_port`` instead, which the
     broker then hands to clients in its metadata.
+
+    Storage is ``memory://`` (lost when the broker stops) or ``s3://bucket/`` with the
+    ``AWS_*`` variables in ``environment``; this build has no postgres or libsql storage.
+    A broker on S3 storage keeps topics, records and committed offsets across restarts.
     """
 
     name = "tansu"
-    # tansu drains connected clients for 5 s on SIGTERM but exits at once on SIGINT; with
-    # memory storage there is nothing to flush.
+    # tansu drains connected clients for 5 s on SIGTERM but exits at once on SIGINT; every
+    # write is already in storage by the time the client got its acknowledgement.
     stop_signal = signal.SIGINT
 
     def __init__(
@@ -231,12 +241,15 @@ class EmbeddedKafka(_EmbeddedProcess):
         startup_timeout_s: float = 30.0,
         authentication: bool = False,
         advertised_port: int | None = None,
+        environment: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(host=host, port=port, startup_timeout_s=startup_timeout_s)
         self.storage_engine = storage_engine
         self.binary = binary
         self.authentication = authentication
         self.advertised_port = advertised_port
+        # Added to the broker's environment: AWS_ENDPOINT, AWS_ACCESS_KEY_ID, ... for s3://.
+        self.environment = dict(environment or {})
 
     @property
     def bootstrap_servers(self) -> str:
@@ -257,6 +270,9 @@ class EmbeddedKafka(_EmbeddedProcess):
         ]
         return [*command, "--authentication"] if self.authentication else command
 
+    def _environment(self) -> dict[str, str] | None:
+        return {**os.environ, **self.environment} if self.environment else None
+
     def _is_ready(self) -> bool:
         if self.authentication:
             # Every request before SASL is refused: an open port is all there is to see.
@@ -270,7 +286,10 @@ class EmbeddedKafka(_EmbeddedProcess):
 
 
 class EmbeddedRedis(_EmbeddedProcess):
-    """A throw-away redis-server without persistence: `with EmbeddedRedis() as redis: redis.url`.
+    """A throw-away redis-server: `with EmbeddedRedis() as redis: redis.url`.
+
+    Without ``data_dir`` nothing is persisted: a restart comes back empty. With one, a
+    restart on the same directory keeps every acknowledged write (fsync'ed append-only file).
 
     With ``tls_cert`` and ``tls_key`` it accepts TLS only (``rediss://``); ``tls_ca`` is the
     CA that signed the certificate, which ``url`` tells clients to verify against. With
@@ -292,6 +311,7 @@ class EmbeddedRedis(_EmbeddedProcess):
         tls_ca: Path | None = None,
         username: str | None = None,
         password: str | None = None,
+        data_dir: Path | None = None,
     ) -> None:
         if (tls_cert is None) != (tls_key is None) or (tls_ca and not tls_cert):
             raise ValueError("TLS needs tls_cert and tls_key together (tls_ca is optional)")
@@ -303,6 +323,9 @@ class EmbeddedRedis(_EmbeddedProcess):
         self.binary = binary
         self.tls_cert, self.tls_key, self.tls_ca = tls_cert, tls_key, tls_ca
         self.username, self.password = username, password
+        # With a data directory, every write goes to an append-only file there, so a
+        # restart on the same directory keeps the state.
+        self.data_dir = data_dir
 
     @property
     def url(self) -> str:
@@ -321,13 +344,15 @@ class EmbeddedRedis(_EmbeddedProcess):
             self.host,
             "--save",
             "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
             "--daemonize",
             "no",
         ]
+        if self.data_dir is not None:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            command += ["--appendonly", "yes", "--appendfsync", "always"]
+            command += ["--dir", str(self.data_dir)]
+        else:
+            command += ["--appendonly", "no", "--dir", str(workdir)]
         if self.tls_cert and self.tls_key:
             command += ["--port", "0", "--tls-port", str(self.port)]
             command += ["--tls-cert-file", str(self.tls_cert), "--tls-key-file", str(self.tls_key)]

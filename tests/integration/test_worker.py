@@ -521,6 +521,32 @@ def test_bad_input_goes_to_the_dead_letter_topic_and_the_worker_carries_on(
     assert reasons == bad
 
 
+def test_sensors_beyond_the_per_worker_limit_go_to_the_dead_letter_topic(
+    kafka_bootstrap: str,
+    topics: Topics,
+    model_store: Path,
+    settings_for: Callable[..., Settings],
+    reader: OutputReader,
+) -> None:
+    plan = make_plan(5, 40)
+    produce(kafka_bootstrap, topics.readings, plan)
+    settings = settings_for(model_store, limits=Limits(max_sensors_per_worker=3))
+    with running(settings) as handle:
+        per_sensor = len(expected_windows(make_plan(1, 40)))
+        outputs = reader.read_until(
+            lambda o: len(o.scored()) == 3 * per_sensor and len(o.dead_letters) == 2 * 40
+        )
+        assert handle.metric("detector_sensors") == 3
+        assert handle.metric("detector_invalid_readings_total", 'reason="too_many_sensors"') == 80
+    admitted = {sensor_id for sensor_id, _ in outputs.scored()}
+    refused = {message.key.decode() for message in outputs.dead_letters}
+    assert admitted | refused == {plan.sensor_id(i) for i in range(5)}
+    assert not admitted & refused
+    assert outputs.scored() == {key for key in expected_windows(plan) if key[0] in admitted}
+    for message in outputs.dead_letters:
+        assert dict(message.headers)["reason"].startswith(b"too_many_sensors:")
+
+
 def test_hot_swap_serves_a_promoted_version_and_refuses_a_tampered_one(
     kafka_bootstrap: str,
     topics: Topics,

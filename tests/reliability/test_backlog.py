@@ -1,0 +1,161 @@
+"""A backlog of a million readings: worked off in bounded memory, lag rises then falls to 0.
+
+The worker runs as a subprocess so that its resident memory can be sampled from
+``/proc``; the readings arrive faster than it scores them, so the lag builds up while the
+producer runs and drains afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from stream_detector import loadgen, store
+from stream_detector.config import Settings
+from tests.conftest import Topics
+from tests.integration.test_worker import (
+    MODEL,
+    STEP_MS,
+    T0_MS,
+    WINDOW,
+    OutputReader,
+    TrainedModel,
+    make_plan,
+    produce,
+)
+from tests.reliability.harness import (
+    PROJECT_ROOT,
+    final_windows,
+    ready,
+    reference,
+    start_worker,
+    stop_worker,
+    verify,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+SENSORS = 1000
+READINGS = 1000  # per sensor: 1M in all
+STRIDE = WINDOW  # one window per 32 readings keeps the scoring share small
+# Long enough to span several windows, so that k-of-n confirmation opens an alert.
+ANOMALIES = (
+    loadgen.InjectedAnomaly("s-00001", T0_MS + 400 * STEP_MS, T0_MS + 520 * STEP_MS, 1.5),
+    loadgen.InjectedAnomaly("s-00500", T0_MS + 700 * STEP_MS, T0_MS + 800 * STEP_MS, 1.5),
+)
+# Resident memory may grow this much above the idle worker's while it works off the backlog:
+# librdkafka's pre-fetch queue (queued.max.messages.kbytes, 64 MiB by default) plus one poll
+# batch of decoded readings and windows.
+RSS_GROWTH_BOUND_MB = 256
+SAMPLES = PROJECT_ROOT / "benchmarks" / "results" / "backlog_1m_samples.json"
+
+
+def resident_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+def total_lag(port: int) -> float | None:
+    """Sum of the worker's per-partition lag gauges; None when it reports none yet."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        lines = response.read().decode().splitlines()
+    values = [
+        float(line.rsplit(" ", 1)[1])
+        for line in lines
+        if line.startswith("detector_consumer_lag_messages{")
+    ]
+    return sum(values) if values else None
+
+
+class Sampler:
+    """Samples a worker's memory and lag every ``interval_s`` in a thread."""
+
+    def __init__(self, pid: int, port: int, interval_s: float = 0.5) -> None:
+        self.samples: list[dict[str, float | None]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(pid, port, interval_s))
+        self._started = time.monotonic()
+
+    def _run(self, pid: int, port: int, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            self.samples.append(
+                {
+                    "t_s": round(time.monotonic() - self._started, 2),
+                    "rss_mb": round(resident_mb(pid), 1),
+                    "lag": total_lag(port),
+                }
+            )
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def test_a_backlog_of_a_million_readings_is_worked_off_in_bounded_memory(
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    redis_url: str,
+    key_prefix: str,
+    topics: Topics,
+    model_store: Path,
+    trained: TrainedModel,
+    settings_for: Callable[..., Settings],
+    reader: OutputReader,
+) -> None:
+    plan = make_plan(SENSORS, READINGS, ANOMALIES)
+    version = store.current_version(model_store, MODEL)
+    assert version is not None
+    ref = reference(plan, trained, version, STRIDE)
+    settings = settings_for(model_store, kafka={"lag_interval_s": 1.0})
+    settings = settings.model_copy(update={"stride": STRIDE})
+    log = tmp_path / "worker.log"
+    process = start_worker(settings, log)
+    port = settings.metrics_port
+    try:
+        wait_for(lambda: ready(port), 90, "the worker to join the group")
+        idle_mb = resident_mb(process.pid)
+        with Sampler(process.pid, port) as sampler:
+            started = time.monotonic()
+            produce(kafka_bootstrap, topics.readings, plan)
+            produced_s = time.monotonic() - started
+            reader.read_until(lambda o: set(ref.scores) <= o.scored(), timeout_s=900)
+            worked_off_s = time.monotonic() - started
+            wait_for(lambda: total_lag(port) == 0, 30, "the lag to fall back to 0")
+        assert process.poll() is None, log.read_text()[-3000:]
+    finally:
+        stop_worker(process, log)
+    outputs = reader.read_quietly()
+
+    peak_mb = max(sample["rss_mb"] or 0.0 for sample in sampler.samples)
+    peak_lag = max(sample["lag"] or 0.0 for sample in sampler.samples)
+    SAMPLES.write_text(json.dumps({"idle_rss_mb": idle_mb, "samples": sampler.samples}) + "\n")
+    record = verify(
+        "backlog_1m_readings",
+        ref,
+        outputs,
+        final_windows(redis_url, key_prefix, plan),
+        recovery_s=None,
+        extra={
+            "produce_s": round(produced_s, 1),
+            "worked_off_s": round(worked_off_s, 1),
+            "readings_per_s": round(ref.readings / worked_off_s),
+            "idle_rss_mb": round(idle_mb, 1),
+            "peak_rss_mb": round(peak_mb, 1),
+            "peak_lag": peak_lag,
+        },
+    )
+    assert peak_mb - idle_mb < RSS_GROWTH_BOUND_MB, record
+    assert peak_lag > 0.1 * ref.readings, f"the lag never showed the backlog: {record}"

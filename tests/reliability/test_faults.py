@@ -1,0 +1,427 @@
+"""Fault injection against a real broker and Redis: nothing read is lost, nothing is doubled.
+
+Each scenario streams known readings with injected anomalies through a worker while a
+fault strikes, then checks the outputs against an uninterrupted run (``harness.verify``)
+and records the result in ``benchmarks/results/reliability.json``. Every scenario is
+bounded in traffic and time, and talks to loopback only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from stream_detector import loadgen, store
+from stream_detector.chaos import TcpProxy
+from stream_detector.config import KafkaTopics, RedisSettings, Settings
+from stream_detector.services import EmbeddedKafka, EmbeddedRedis, create_topics, free_port
+from tests.conftest import Topics
+from tests.integration.test_worker import (
+    MODEL,
+    STEP_MS,
+    STRIDE,
+    T0_MS,
+    OutputReader,
+    TrainedModel,
+    WorkerThread,
+    make_plan,
+    produce,
+    running,
+)
+from tests.reliability.harness import (
+    Reference,
+    final_windows,
+    ready,
+    reference,
+    start_worker,
+    stop_worker,
+    verify,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+SENSORS = 4
+READINGS = 300
+ANOMALIES = (
+    loadgen.InjectedAnomaly("s-00001", T0_MS + 230 * STEP_MS, T0_MS + 250 * STEP_MS, 1.5),
+    loadgen.InjectedAnomaly("s-00002", T0_MS + 100 * STEP_MS, T0_MS + 120 * STEP_MS, 1.5),
+)
+
+
+def the_plan(readings: int = READINGS) -> loadgen.LoadPlan:
+    return make_plan(SENSORS, readings, ANOMALIES)
+
+
+def reference_for(plan: loadgen.LoadPlan, trained: TrainedModel, model_store: Path) -> Reference:
+    version = store.current_version(model_store, MODEL)
+    assert version is not None
+    return reference(plan, trained, version, STRIDE)
+
+
+# -- worker killed with SIGKILL at failpoints ------------------------------------------------
+
+FAILPOINT_HITS = {"before_score": (2, 12), "after_produce": (2, 12), "before_commit": (1, 2)}
+KILLS = 3
+
+
+@pytest.mark.parametrize("failpoint", list(FAILPOINT_HITS))
+def test_a_worker_killed_repeatedly_at_a_failpoint_loses_nothing(
+    failpoint: str,
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    redis_url: str,
+    key_prefix: str,
+    topics: Topics,
+    model_store: Path,
+    trained: TrainedModel,
+    settings_for: Callable[..., Settings],
+    reader: OutputReader,
+) -> None:
+    plan = the_plan(600)
+    ref = reference_for(plan, trained, model_store)
+    produce(kafka_bootstrap, topics.readings, plan)
+    # Polls of 64 readings hold several windows of a sensor: all of them are in flight
+    # together when the worker dies.
+    settings = settings_for(model_store, kafka={"poll_batch_size": 64})
+    log = tmp_path / "worker.log"
+    rng = random.Random(failpoint)
+    kills = 0
+    for _ in range(KILLS):
+        hit = rng.randint(*FAILPOINT_HITS[failpoint])
+        process = start_worker(settings.model_copy(update={"failpoints": {failpoint: hit}}), log)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:  # the input ran out before the chosen hit
+            stop_worker(process, log)
+            break
+        assert process.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+        kills += 1
+    assert kills, f"the worker never reached {failpoint}"
+
+    restarted = time.monotonic()
+    process = start_worker(settings, log)
+    try:
+        reader.read_until(lambda o: set(ref.scores) <= o.scored(), timeout_s=120)
+        wait_for(lambda: ready(settings.metrics_port), 60, "the restarted worker to be ready")
+        recovery_s = time.monotonic() - restarted
+    finally:
+        stop_worker(process, log)
+    outputs = reader.read_quietly()
+    record = verify(
+        f"sigkill_{failpoint}_x{kills}",
+        ref,
+        outputs,
+        final_windows(redis_url, key_prefix, plan),
+        recovery_s,
+    )
+    assert record["duplicates_before_dedup"] >= 0
+
+
+# -- Redis restarts --------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def worker_on_own_redis(
+    settings: Settings, own_redis: EmbeddedRedis, key_prefix: str
+) -> Iterator[WorkerThread]:
+    redis = RedisSettings(url=own_redis.url, key_prefix=key_prefix, rebuild_lookback_s=3600)
+    with running(settings.model_copy(update={"redis": redis})) as handle:
+        yield handle
+
+
+@pytest.mark.parametrize("state", ["lost", "kept"])
+def test_a_redis_restart_loses_nothing(
+    state: str,
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    key_prefix: str,
+    topics: Topics,
+    model_store: Path,
+    trained: TrainedModel,
+    settings_for: Callable[..., Settings],
+    reader: OutputReader,
+) -> None:
+    plan = the_plan()
+    ref = reference_for(plan, trained, model_store)
+    persistence = tmp_path / "redis-data" if state == "kept" else None
+    own_redis = EmbeddedRedis(port=free_port(), data_dir=persistence)
+    with own_redis, worker_on_own_redis(settings_for(model_store), own_redis, key_prefix) as handle:
+        produce(kafka_bootstrap, topics.readings, plan, range(0, 120))
+        early = {key for key in ref.scores if key[1] <= plan.ts_ms(119)}
+        reader.read_until(lambda o: early <= o.scored())
+
+        own_redis.stop()
+        produce(kafka_bootstrap, topics.readings, plan, range(120, 200))
+        wait_for(
+            lambda: handle.metric("detector_retries_total", 'system="WindowStoreError"') >= 2,
+            30,
+            "the worker to retry without Redis",
+        )
+        status, body = handle.http("/readyz")
+        assert status == 503 and json.loads(body)["checks"]["redis"] is False
+        assert handle.http("/healthz")[0] == 200 and handle.thread.is_alive()
+
+        own_redis.start()  # same port; empty unless the state was persisted
+        cleared = time.monotonic()
+        produce(kafka_bootstrap, topics.readings, plan, range(200, READINGS))
+        reader.read_until(lambda o: set(ref.scores) <= o.scored(), timeout_s=90)
+        wait_for(lambda: ready(handle.settings.metrics_port), 30, "the worker to be ready")
+        recovery_s = time.monotonic() - cleared
+        losses = handle.metric("detector_redis_state_losses_total")
+        _, body = handle.http("/readyz")
+        windows = final_windows(own_redis.url, key_prefix, plan)
+    outputs = reader.read_quietly()
+    verify(f"redis_restart_state_{state}", ref, outputs, windows, recovery_s)
+    if state == "lost":
+        assert losses == 1
+        assert json.loads(body)["last_state_rebuild"]["replay_from"]
+    else:
+        assert losses == 0
+
+
+# -- broker restart and broker unreachable ---------------------------------------------------
+
+OUTAGE_S = 30.0
+
+
+class OutageRig:
+    """A worker whose broker traffic goes through a proxy, and the phases of an outage."""
+
+    def __init__(
+        self, handle: WorkerThread, reader: OutputReader, proxy: TcpProxy, ref: Reference
+    ) -> None:
+        self.handle, self.reader, self.proxy, self.ref = handle, reader, proxy, ref
+        self.topic = handle.settings.kafka.topics.readings
+
+    def before_fault(self) -> None:
+        """Stream the first readings and wait for their scores; queue more for the fault."""
+        plan = self.ref.plan
+        produce(self.proxy.address, self.topic, plan, range(0, 120))
+        early = {key for key in self.ref.scores if key[1] <= plan.ts_ms(119)}
+        self.reader.read_until(lambda o: early <= o.scored())
+        produce(self.proxy.address, self.topic, plan, range(120, 200))
+
+    def expect_unready(self, outage_s: float = 0.0) -> None:
+        """Wait for not-ready (broker check failing); stay alive for ``outage_s`` in all."""
+        outage_end = time.monotonic() + outage_s
+        wait_for(lambda: self.handle.http("/readyz")[0] == 503, 30, "the worker to turn unready")
+        assert json.loads(self.handle.http("/readyz")[1])["checks"]["broker"] is False
+        while True:
+            assert self.handle.thread.is_alive() and self.handle.http("/healthz")[0] == 200
+            if time.monotonic() >= outage_end:
+                return
+            time.sleep(1.0)
+
+    def after_fault(self) -> float:
+        """Stream the rest and wait for every output; return the recovery time."""
+        cleared = time.monotonic()
+        produce(self.proxy.address, self.topic, self.ref.plan, range(200, READINGS))
+        self.reader.read_until(lambda o: set(self.ref.scores) <= o.scored(), timeout_s=90)
+        port = self.handle.settings.metrics_port
+        wait_for(lambda: ready(port), 30, "the worker to be ready")
+        return time.monotonic() - cleared
+
+
+@contextlib.contextmanager
+def outage_rig(
+    proxy: TcpProxy,
+    consumer_config: dict[str, object],
+    model_store: Path,
+    trained: TrainedModel,
+    settings_for: Callable[..., Settings],
+) -> Iterator[OutageRig]:
+    """A worker on a broker of its own, reached through ``proxy``."""
+    names = Topics("readings", "scores", "alerts", "dead-letter")
+    create_topics(proxy.address, [names.readings], 3)
+    create_topics(proxy.address, [names.scores, names.alerts, names.dead_letter], 1)
+    kafka = {
+        "bootstrap_servers": proxy.address,
+        "topics": KafkaTopics(
+            readings=names.readings,
+            scores=names.scores,
+            alerts=names.alerts,
+            dead_letters=names.dead_letter,
+        ),
+        "lag_interval_s": 1.0,
+    }
+    reader = OutputReader(proxy.address, names, dict(consumer_config))
+    try:
+        with running(settings_for(model_store, kafka=kafka)) as handle:
+            yield OutageRig(handle, reader, proxy, reference_for(the_plan(), trained, model_store))
+    finally:
+        reader.close()
+
+
+@pytest.fixture
+def broker_behind_proxy() -> Iterator[tuple[EmbeddedKafka, TcpProxy]]:
+    """A broker of its own whose clients all go through a proxy the test can cut."""
+    broker_port = free_port()
+    with (
+        TcpProxy("127.0.0.1", broker_port) as proxy,
+        EmbeddedKafka(port=broker_port, advertised_port=proxy.port) as broker,
+    ):
+        yield broker, proxy
+
+
+@pytest.fixture
+def durable_broker_behind_proxy(tmp_path: Path) -> Iterator[tuple[EmbeddedKafka, TcpProxy]]:
+    """A broker on S3 storage (moto's S3 server) that keeps its data across restarts."""
+    pytest.importorskip(
+        "moto", reason="the broker restart needs an S3 server: pip install moto[server]"
+    )
+    s3_port = free_port()
+    with (tmp_path / "moto.log").open("wb") as log:
+        s3 = subprocess.Popen(
+            [Path(sys.executable).parent / "moto_server", "-H", "127.0.0.1", "-p", str(s3_port)],
+            stdout=log,
+            stderr=log,
+        )
+    try:
+        endpoint = f"http://127.0.0.1:{s3_port}"
+        wait_for(lambda: _answers(endpoint), 60, "the S3 server to start")
+        request = urllib.request.Request(f"{endpoint}/tansu", method="PUT")
+        urllib.request.urlopen(request, timeout=10).close()  # create the bucket
+        environment = {
+            "AWS_ENDPOINT": endpoint,
+            "AWS_ALLOW_HTTP": "true",
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        broker_port = free_port()
+        with (
+            TcpProxy("127.0.0.1", broker_port) as proxy,
+            EmbeddedKafka(
+                port=broker_port,
+                advertised_port=proxy.port,
+                storage_engine="s3://tansu/",
+                environment=environment,
+            ) as broker,
+        ):
+            yield broker, proxy
+    finally:
+        s3.terminate()
+        s3.wait(10)
+
+
+def _answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_a_broker_restart_loses_nothing(
+    durable_broker_behind_proxy: tuple[EmbeddedKafka, TcpProxy],
+    redis_url: str,
+    key_prefix: str,
+    kafka_consumer_config: dict[str, object],
+    model_store: Path,
+    trained: TrainedModel,
+    settings_for: Callable[..., Settings],
+) -> None:
+    broker, proxy = durable_broker_behind_proxy
+    with outage_rig(proxy, kafka_consumer_config, model_store, trained, settings_for) as rig:
+        rig.before_fault()
+        broker.stop()
+        rig.expect_unready()
+        broker.start()  # same port, same S3 bucket
+        recovery_s = rig.after_fault()
+        outputs = rig.reader.read_quietly()
+    windows = final_windows(redis_url, key_prefix, rig.ref.plan)
+    verify("broker_restart", rig.ref, outputs, windows, recovery_s)
+
+
+def test_a_broker_unreachable_for_30_s_loses_nothing(
+    broker_behind_proxy: tuple[EmbeddedKafka, TcpProxy],
+    redis_url: str,
+    key_prefix: str,
+    kafka_consumer_config: dict[str, object],
+    model_store: Path,
+    trained: TrainedModel,
+    settings_for: Callable[..., Settings],
+) -> None:
+    _, proxy = broker_behind_proxy
+    with outage_rig(proxy, kafka_consumer_config, model_store, trained, settings_for) as rig:
+        rig.before_fault()
+        proxy.cut()
+        rig.expect_unready(OUTAGE_S)
+        proxy.restore()
+        recovery_s = rig.after_fault()
+        outputs = rig.reader.read_quietly()
+    plan = rig.ref.plan
+    windows = final_windows(redis_url, key_prefix, plan)
+    verify("broker_unreachable_30s", rig.ref, outputs, windows, recovery_s)
+
+
+# -- model store -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["unavailable", "corrupt_version"])
+def test_a_model_store_fault_keeps_the_current_version_scoring(
+    fault: str,
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    redis_url: str,
+    key_prefix: str,
+    topics: Topics,
+    model_store: Path,
+    trained: TrainedModel,
+    settings_for: Callable[..., Settings],
+    reader: OutputReader,
+) -> None:
+    plan = the_plan()
+    ref = reference_for(plan, trained, model_store)
+    served = store.current_version(model_store, MODEL)
+    current = model_store / MODEL / "CURRENT"
+    with running(settings_for(model_store)) as handle:
+        produce(kafka_bootstrap, topics.readings, plan, range(0, 120))
+        early = {key for key in ref.scores if key[1] <= plan.ts_ms(119)}
+        reader.read_until(lambda o: early <= o.scored())
+
+        if fault == "unavailable":
+            # The volume goes away, then comes back broken: CURRENT cannot be read.
+            moved = model_store.rename(tmp_path / "unmounted")
+            produce(kafka_bootstrap, topics.readings, plan, range(120, 160))
+            time.sleep(1.0)  # the worker looks at CURRENT every 0.2 s
+            moved.rename(model_store)
+            current.rename(tmp_path / "CURRENT")
+            current.mkdir()
+            produce(kafka_bootstrap, topics.readings, plan, range(160, 200))
+            time.sleep(1.0)
+            current.rmdir()
+            (tmp_path / "CURRENT").rename(current)
+        else:
+            version = store.publish_version(model_store, MODEL, trained.model, promote=False)
+            weights = store.version_dir(model_store, MODEL, version) / "model.safetensors"
+            weights.write_bytes(weights.read_bytes()[:-8] + b"tampered")
+            store.promote(model_store, MODEL, version)
+            produce(kafka_bootstrap, topics.readings, plan, range(120, 200))
+            time.sleep(1.0)
+            assert handle.metric("detector_model_load_failures_total", f'model="{MODEL}"') == 1
+
+        cleared = time.monotonic()
+        produce(kafka_bootstrap, topics.readings, plan, range(200, READINGS))
+        outputs = reader.read_until(lambda o: set(ref.scores) <= o.scored(), timeout_s=90)
+        assert ready(handle.settings.metrics_port)
+        recovery_s = time.monotonic() - cleared
+        assert {record["model_version"] for record in outputs.scores} == {served}
+    verify(
+        f"model_store_{fault}",
+        ref,
+        reader.read_quietly(),
+        final_windows(redis_url, key_prefix, plan),
+        recovery_s,
+    )
