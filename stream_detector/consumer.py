@@ -250,6 +250,27 @@ class ReadingConsumer:
             raise ConsumerError(f"could not rewind {list(partitions)}: {exception}") from exception
         return moved
 
+    def seek(self, offsets: Mapping[tuple[str, int], int]) -> None:
+        """Move owned partitions to these offsets (the next records to read)."""
+        try:
+            for (topic, partition), offset in offsets.items():
+                self._consumer.seek(TopicPartition(topic, partition, offset))
+        except KafkaException as exception:
+            raise ConsumerError(f"could not seek to {dict(offsets)}: {exception}") from exception
+
+    def committed_offsets(
+        self, partitions: Sequence[tuple[str, int]], timeout_s: float = 10.0
+    ) -> dict[tuple[str, int], int]:
+        """The group's committed offset per partition (negative when it has none)."""
+        if not partitions:
+            return {}
+        wanted = [TopicPartition(topic, partition) for topic, partition in partitions]
+        try:
+            found = self._consumer.committed(wanted, timeout=timeout_s)
+        except KafkaException as exception:
+            raise ConsumerError(f"could not read committed offsets: {exception}") from exception
+        return {(tp.topic, tp.partition): tp.offset for tp in found}
+
     def group_metadata(self) -> object:
         """The consumer group metadata that Publisher.commit sends with a transaction."""
         return self._consumer.consumer_group_metadata()

@@ -132,6 +132,7 @@ class Pipeline:
         # first, bounded by limits.max_sensors_per_worker.
         self._sensors: OrderedDict[str, tuple[tuple[str, int], float]] = OrderedDict()
         self._replay_since_ms: dict[tuple[str, int], int] = {}  # rewound, not yet caught up
+        self._unchecked: set[tuple[str, int]] = set()  # assigned; Redis not yet checked
         self.last_rebuild: dict[str, Any] | None = None
         self._reset()
 
@@ -158,6 +159,11 @@ class Pipeline:
         self._new += messages
         self._uncommitted += messages
         self.metrics.readings.inc(len(messages))
+        if self._unchecked and self._new:
+            lost = self._partitions_without_windows()
+            if lost:
+                self._rebuild(lost)
+                return
         now_ms = time.time_ns() // 1_000_000
         for message in self._new:
             if self._before_lookback(message):
@@ -494,23 +500,32 @@ class Pipeline:
             )
             stop.wait(self.registry.poll_interval_s)
 
-    def _rebuild(self) -> None:
-        """Redis lost its state: rewind this worker's partitions and rebuild from Kafka.
+    def _rebuild(self, lost: set[tuple[str, int]] | None = None) -> None:
+        """Rewind the partitions whose windows Redis lost (all owned ones by default).
 
         Unfinished work is dropped (the replay redoes it) before the stores accept the new
-        state, so no reading is applied out of order. A failure part-way raises, and the
-        next attempt meets ``RedisStateLost`` again and rewinds again.
+        state, so no reading is applied out of order; the other owned partitions go back
+        to their first uncommitted record. A failure part-way raises, and the next attempt
+        meets the loss again and rewinds again.
         """
+        lost = set(self.partitions) if lost is None else lost
         self.metrics.state_losses.inc()
         lookback_s = self.settings.redis.rebuild_lookback_s
         since_ms = time.time_ns() // 1_000_000 - int(lookback_s * 1000)
-        moved = self.consumer.rewind(sorted(self.partitions), since_ms)
+        moved = self.consumer.rewind(sorted(lost), since_ms)
+        first_uncommitted: dict[tuple[str, int], int] = {}
+        for message in self._uncommitted:
+            partition = (message.topic, message.partition)
+            if partition not in lost and partition in self.partitions:
+                offset = first_uncommitted.get(partition, message.offset)
+                first_uncommitted[partition] = min(offset, message.offset)
+        self.consumer.seek(first_uncommitted)
         if self.publisher.transactional:
             self._abort_quietly()
         self._reset()
         for store in self._stores.values():
             store.detect_state_loss()
-        self._replay_since_ms = dict.fromkeys(moved, since_ms)
+        self._replay_since_ms.update(dict.fromkeys(moved, since_ms))
         replayed = sum(position - start for start, position in moved.values() if position >= 0)
         self.metrics.rebuild_messages.inc(max(replayed, 0))
         self.last_rebuild = {
@@ -519,14 +534,32 @@ class Pipeline:
             "replay_from": {f"{t}:{p}": start for (t, p), (start, _) in moved.items()},
         }
         logger.error(
-            "Redis lost the window and alert state: rebuilding from Kafka, replaying %s "
-            "(records since %d ms, %d consumed before). Readings older than %.0f s are not "
-            "recovered: sensors whose windows need them score again once refilled.",
+            "Redis lost the window and alert state of %s: rebuilding from Kafka, replaying "
+            "%s (records since %d ms, %d consumed before). Readings older than %.0f s are "
+            "not recovered: sensors whose windows need them score again once refilled.",
+            sorted(f"{t}:{p}" for t, p in lost),
             {f"{t}:{p}": f"{start}..{position}" for (t, p), (start, position) in moved.items()},
             since_ms,
             replayed,
             lookback_s,
         )
+
+    def _partitions_without_windows(self) -> set[tuple[str, int]]:
+        """Newly assigned partitions the group has read from but Redis holds nothing for.
+
+        Redis lost them while no worker was looking (it restarted together with the
+        workers, or between their runs): the epoch marker cannot tell, because the first
+        worker to arrive creates a fresh one.
+        """
+        partitions = sorted(self._unchecked)
+        committed = self.consumer.committed_offsets(partitions)
+        channel_counts = {shape[0] for shape in map(self.registry.shape_of, self.registry.loaded)}
+        applied: set[tuple[str, int]] = set()
+        for channels in channel_counts | set(self._stores):
+            offsets = self._store(channels).applied_offsets(partitions)
+            applied |= {partition for partition, offset in offsets.items() if offset is not None}
+        self._unchecked -= set(partitions)
+        return {p for p in partitions if committed.get(p, -1) > 0 and p not in applied}
 
     def start_lag_reports(self, interval_s: float) -> None:
         """Measure the consumer lag every ``interval_s`` in a daemon thread.
@@ -589,8 +622,9 @@ class Pipeline:
             self.publisher.close(timeout_s)
 
     def on_assign(self, partitions: list[tuple[str, int]]) -> None:
-        """Track the partitions this worker owns."""
+        """Track the partitions this worker owns; check Redis still has their windows."""
         self.partitions |= set(partitions)
+        self._unchecked |= set(partitions)
         self.metrics.assigned_partitions.set(len(self.partitions))
 
     def on_revoke(self, partitions: list[tuple[str, int]]) -> None:
@@ -603,6 +637,7 @@ class Pipeline:
         self.metrics.sensors.set(len(self._sensors))
         for partition in gone:
             self._replay_since_ms.pop(partition, None)
+        self._unchecked -= gone
         try:
             self.finish()
         except Exception as error:  # the next owner replays whatever we could not commit

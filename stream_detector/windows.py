@@ -583,6 +583,20 @@ class WindowStore:
         if not written:
             raise self._state_lost()
 
+    def applied_offsets(
+        self, partitions: Iterable[tuple[str, int]]
+    ) -> dict[tuple[str, int], int | None]:
+        """The newest applied Kafka offset per partition; None where nothing was applied."""
+        wanted = list(dict.fromkeys(partitions))
+        if not wanted:
+            return {}
+        with self._redis_errors("read applied offsets"):
+            found = self._redis.hmget(self._offsets_key, [f"{t}:{p}" for t, p in wanted])
+        return {
+            partition: None if offset is None else int(offset)
+            for partition, offset in zip(wanted, found, strict=True)
+        }
+
     def mark_emitted(self, end_ts_by_sensor: Mapping[str, int]) -> None:
         """Acknowledge that the windows ending at these timestamps were published."""
         self.acknowledge({}, end_ts_by_sensor)

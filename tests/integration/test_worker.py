@@ -1,7 +1,8 @@
 """The streaming worker end to end, against a real broker and Redis, with a tiny trained model.
 
-Workers run in a thread of the test process (fast), or as ``python -m stream_detector run``
-subprocesses configured by DETECTOR_* variables where a test kills one.
+Workers run in a thread of the test process. ``settings_env`` turns settings into the
+DETECTOR_* variables of a ``python -m stream_detector run`` subprocess, for the tests that
+kill one (tests/reliability).
 """
 
 from __future__ import annotations
@@ -9,9 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -27,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from stream_detector import alerts, loadgen, store, worker
+from stream_detector import loadgen, store, worker
 from stream_detector.config import (
     AlertPolicy,
     KafkaSettings,
@@ -41,14 +39,12 @@ from stream_detector.consumer import ConsumedMessage, ReadingConsumer
 from stream_detector.model import AnomalyLLM
 from stream_detector.publisher import ReadingProducer
 from stream_detector.services import EmbeddedRedis, free_port
-from stream_detector.windows import WindowStore
 from tests.conftest import Topics
 from tests.tiny import tiny_config, tiny_model
 from trainer.train import fit, profile, sliding_windows
 
 pytestmark = pytest.mark.integration
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 T0_MS = 1_700_000_000_000
 STEP_MS = 1000
 WINDOW = 32  # the tiny model's window_length
@@ -308,29 +304,6 @@ def reader(
     reader.close()
 
 
-def replay_alerts(outputs: Outputs, trained: TrainedModel) -> set[str]:
-    """Event ids that the first score of each window leads to, decided from scratch."""
-    first: dict[tuple[str, int], dict[str, Any]] = {}
-    for record in outputs.scores:
-        first.setdefault((record["sensor_id"], record["ts_ms"]), record)
-    states: dict[str, alerts.SensorAlertState] = {}
-    event_ids = set()
-    for (sensor_id, ts_ms), record in sorted(first.items()):
-        state = states.get(sensor_id) or alerts.SensorAlertState(sensor_id)
-        states[sensor_id], events = alerts.update(
-            state,
-            score=record["score"],
-            ts_ms=ts_ms,
-            threshold=trained.threshold,
-            policy=POLICY,
-            model_version=record["model_version"],
-            nearest_prototype=record["nearest_prototype"],
-            attribution=record["channel_attribution"],
-        )
-        event_ids |= {event.event_id for event in events}
-    return event_ids
-
-
 def test_an_injected_anomaly_raises_one_alert_on_its_sensor_and_time(
     kafka_bootstrap: str,
     topics: Topics,
@@ -358,74 +331,6 @@ def test_an_injected_anomaly_raises_one_alert_on_its_sensor_and_time(
     assert anomaly.start_ts_ms <= resolved["start_ts_ms"] <= anomaly.end_ts_ms
     assert anomaly.start_ts_ms < resolved["end_ts_ms"] <= last_affected_ms
     assert outputs.dead_letters == []
-
-
-def test_a_killed_worker_is_replaced_without_losing_or_doubling_anything(
-    tmp_path: Path,
-    kafka_bootstrap: str,
-    redis_url: str,
-    key_prefix: str,
-    topics: Topics,
-    model_store: Path,
-    trained: TrainedModel,
-    settings_for: Callable[..., Settings],
-    reader: OutputReader,
-) -> None:
-    anomaly = loadgen.InjectedAnomaly("s-00001", T0_MS + 150 * STEP_MS, T0_MS + 170 * STEP_MS, 1.5)
-    plan = make_plan(4, 300, (anomaly,))
-    produce(kafka_bootstrap, topics.readings, plan)
-    expected = expected_windows(plan)
-    # One poll holds at most `stride` readings of a sensor, so at most one of its windows is
-    # in flight when the worker dies: WindowStore re-reports exactly that one on replay.
-    settings = settings_for(model_store, kafka={"poll_batch_size": STRIDE})
-    env = settings_env(settings)
-
-    logs = tmp_path / "worker.log"
-
-    def start() -> subprocess.Popen[bytes]:
-        with logs.open("ab") as log:
-            return subprocess.Popen(
-                [sys.executable, "-m", "stream_detector", "run"],
-                cwd=PROJECT_ROOT,
-                env=env,
-                stdout=log,
-                stderr=log,
-            )
-
-    first = start()
-    try:
-        reader.read_until(lambda o: len(o.scored()) >= len(expected) // 3, timeout_s=90)
-    finally:
-        first.send_signal(signal.SIGKILL)
-        first.wait(10)
-    assert len(reader.outputs.scored()) < len(expected), "the worker finished before the kill"
-
-    second = start()
-    try:
-        outputs = reader.read_until(lambda o: expected <= o.scored(), timeout_s=120)
-        # It re-read what the first one had not committed, and skipped it in the windows.
-        assert scrape(settings.metrics_port, "detector_replayed_readings_total") > 0
-    finally:
-        second.send_signal(signal.SIGTERM)
-        second.wait(60)
-    assert second.returncode == 0, logs.read_text()[-3000:]
-    outputs = reader.read_quietly()
-
-    assert outputs.scored() == expected
-    # Every reading is in its sensor's window exactly once, in order.
-    windows = WindowStore(redis_url, window_length=WINDOW, key_prefix=key_prefix).fetch_windows(
-        plan.sensor_id(i) for i in range(plan.sensors)
-    )
-    for index in range(plan.sensors):
-        window = windows[plan.sensor_id(index)]
-        assert window.start_ts_ms == plan.ts_ms(plan.readings_per_sensor - WINDOW)
-        np.testing.assert_allclose(
-            window.values[0], loadgen.series(plan, index)[-WINDOW:].astype(np.float32)
-        )
-    # After de-duplication by event id, the alerts are those of an uninterrupted run.
-    reference = replay_alerts(outputs, trained)
-    assert reference, "the anomaly raised no alert"
-    assert set(outputs.unique_alerts()) == reference
 
 
 def test_two_workers_split_partitions_and_one_takes_over_without_replay(

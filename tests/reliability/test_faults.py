@@ -37,6 +37,7 @@ from tests.integration.test_worker import (
     make_plan,
     produce,
     running,
+    scrape,
 )
 from tests.reliability.harness import (
     Reference,
@@ -96,7 +97,7 @@ def test_a_worker_killed_repeatedly_at_a_failpoint_loses_nothing(
     settings = settings_for(model_store, kafka={"poll_batch_size": 64})
     log = tmp_path / "worker.log"
     rng = random.Random(failpoint)
-    kills = 0
+    kills, killed_last = 0, False
     for _ in range(KILLS):
         hit = rng.randint(*FAILPOINT_HITS[failpoint])
         process = start_worker(settings.model_copy(update={"failpoints": {failpoint: hit}}), log)
@@ -104,9 +105,10 @@ def test_a_worker_killed_repeatedly_at_a_failpoint_loses_nothing(
             process.wait(60)
         except subprocess.TimeoutExpired:  # the input ran out before the chosen hit
             stop_worker(process, log)
+            killed_last = False
             break
         assert process.returncode == -signal.SIGKILL, log.read_text()[-3000:]
-        kills += 1
+        kills, killed_last = kills + 1, True
     assert kills, f"the worker never reached {failpoint}"
 
     restarted = time.monotonic()
@@ -115,6 +117,8 @@ def test_a_worker_killed_repeatedly_at_a_failpoint_loses_nothing(
         reader.read_until(lambda o: set(ref.scores) <= o.scored(), timeout_s=120)
         wait_for(lambda: ready(settings.metrics_port), 60, "the restarted worker to be ready")
         recovery_s = time.monotonic() - restarted
+        if killed_last:  # it re-read what the killed one had applied but not committed
+            assert scrape(settings.metrics_port, "detector_replayed_readings_total") > 0
     finally:
         stop_worker(process, log)
     outputs = reader.read_quietly()
@@ -188,6 +192,38 @@ def test_a_redis_restart_loses_nothing(
         assert json.loads(body)["last_state_rebuild"]["replay_from"]
     else:
         assert losses == 0
+
+
+def test_redis_state_lost_while_no_worker_ran_is_rebuilt_when_one_starts(
+    kafka_bootstrap: str,
+    key_prefix: str,
+    topics: Topics,
+    model_store: Path,
+    trained: TrainedModel,
+    settings_for: Callable[..., Settings],
+    reader: OutputReader,
+) -> None:
+    plan = the_plan()
+    ref = reference_for(plan, trained, model_store)
+    settings = settings_for(model_store)
+    with EmbeddedRedis(port=free_port()) as own_redis:
+        with worker_on_own_redis(settings, own_redis, key_prefix):
+            produce(kafka_bootstrap, topics.readings, plan, range(0, 120))
+            early = {key for key in ref.scores if key[1] <= plan.ts_ms(119)}
+            reader.read_until(lambda o: early <= o.scored())
+        own_redis.stop()
+        own_redis.start()  # empty, and no worker saw it go
+        produce(kafka_bootstrap, topics.readings, plan, range(120, 200))
+
+        cleared = time.monotonic()
+        with worker_on_own_redis(settings, own_redis, key_prefix) as handle:
+            produce(kafka_bootstrap, topics.readings, plan, range(200, READINGS))
+            reader.read_until(lambda o: set(ref.scores) <= o.scored(), timeout_s=90)
+            wait_for(lambda: ready(handle.settings.metrics_port), 30, "the worker to be ready")
+            recovery_s = time.monotonic() - cleared
+            assert handle.metric("detector_redis_state_losses_total") == 1
+            windows = final_windows(own_redis.url, key_prefix, plan)
+    verify("redis_state_lost_while_workers_down", ref, reader.read_quietly(), windows, recovery_s)
 
 
 # -- broker restart and broker unreachable ---------------------------------------------------
