@@ -223,32 +223,42 @@ class ReadingConsumer:
             lags[name] = max(high - position, 0)
         return lags
 
-    def rewind(
+    def offsets_for_time(
         self, partitions: Sequence[tuple[str, int]], since_ms: int, timeout_s: float = 10.0
-    ) -> dict[tuple[str, int], tuple[int, int]]:
-        """Seek owned partitions back to their first record stamped at or after ``since_ms``.
+    ) -> dict[tuple[str, int], int]:
+        """Per partition, the first record stamped at or after ``since_ms`` (-1: none).
 
-        Returns (from offset, position before the seek) per partition that moved; a
-        partition with no record that recent stays where it is. Raises ConsumerError when
-        the broker cannot answer or the seek fails.
+        Some Kafka-compatible brokers (tansu) ignore the time and answer with the earliest
+        offset: callers skip the older records themselves.
         """
         wanted = [TopicPartition(topic, partition, since_ms) for topic, partition in partitions]
         if not wanted:
             return {}
         try:
+            found = self._consumer.offsets_for_times(wanted, timeout=timeout_s)
+        except KafkaException as exception:
+            raise ConsumerError(f"could not look up offsets by time: {exception}") from exception
+        return {(tp.topic, tp.partition): max(tp.offset, -1) for tp in found}
+
+    def resume_offsets(
+        self, partitions: Sequence[tuple[str, int]], timeout_s: float = 10.0
+    ) -> dict[tuple[str, int], int]:
+        """Per owned partition, the next record to fetch (position, else committed offset).
+
+        Partitions with neither are absent.
+        """
+        if not partitions:
+            return {}
+        wanted = [TopicPartition(topic, partition) for topic, partition in partitions]
+        try:
             positions = {
                 (tp.topic, tp.partition): tp.offset for tp in self._consumer.position(wanted)
             }
-            moved = {}
-            for tp in self._consumer.offsets_for_times(wanted, timeout=timeout_s):
-                name = (tp.topic, tp.partition)
-                if tp.offset < 0 or (0 <= positions[name] <= tp.offset):
-                    continue
-                self._consumer.seek(tp)
-                moved[name] = (tp.offset, positions[name])
         except KafkaException as exception:
-            raise ConsumerError(f"could not rewind {list(partitions)}: {exception}") from exception
-        return moved
+            raise ConsumerError(f"could not read positions: {exception}") from exception
+        unknown = [name for name, offset in positions.items() if offset < 0]
+        positions.update(self.committed_offsets(unknown, timeout_s))
+        return {name: offset for name, offset in positions.items() if offset >= 0}
 
     def seek(self, offsets: Mapping[tuple[str, int], int]) -> None:
         """Move owned partitions to these offsets (the next records to read)."""

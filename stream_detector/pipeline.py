@@ -13,7 +13,7 @@ Every step keeps its unfinished work when Redis or the broker fails, so the loop
 by calling it again without new messages. Outputs since the last commit are kept too and
 produced again if the broker lost any: outputs are at-least-once, de-duplicated by their
 ids downstream. A crash between steps replays the uncommitted input; ``WindowStore``
-skips readings already applied and re-reports each sensor's newest unacknowledged window.
+skips readings already applied and re-reports every window not yet acknowledged.
 
 When Redis loses its state (``RedisStateLost``), the pipeline drops its unfinished work
 and rewinds its partitions ``redis.rebuild_lookback_s`` back, so the windows (and alert
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -131,7 +132,8 @@ class Pipeline:
         # sensor -> (its partition, when last seen): the sensors this worker holds, oldest
         # first, bounded by limits.max_sensors_per_worker.
         self._sensors: OrderedDict[str, tuple[tuple[str, int], float]] = OrderedDict()
-        self._replay_since_ms: dict[tuple[str, int], int] = {}  # rewound, not yet caught up
+        # Partitions a rebuild rewound -> (lookback start ms, first unprocessed offset).
+        self._replay: dict[tuple[str, int], tuple[int, float]] = {}
         self._unchecked: set[tuple[str, int]] = set()  # assigned; Redis not yet checked
         self.last_rebuild: dict[str, Any] | None = None
         self._reset()
@@ -205,15 +207,20 @@ class Pipeline:
         self._ingest_ts = {}
 
     def _before_lookback(self, message: ConsumedMessage) -> bool:
-        """True for a record a rebuild rewound past: older than the lookback, skip it."""
+        """True for an already processed record older than a rebuild's lookback: skip it.
+
+        Only brokers that ignore the time in an offsets-for-times lookup send these.
+        """
         partition = (message.topic, message.partition)
-        since_ms = self._replay_since_ms.get(partition)
-        if since_ms is None:
+        if partition not in self._replay:
             return False
-        if message.timestamp_ms is not None and message.timestamp_ms < since_ms:
-            return True
-        del self._replay_since_ms[partition]
-        return False
+        since_ms, until = self._replay[partition]
+        if message.offset >= until or (
+            message.timestamp_ms is not None and message.timestamp_ms >= since_ms
+        ):
+            del self._replay[partition]
+            return False
+        return message.timestamp_ms is not None
 
     def _admit(self, sensor_id: str, partition: tuple[str, int]) -> None:
         """Track the sensor, or raise ``InvalidReading`` when the worker holds too many.
@@ -503,44 +510,54 @@ class Pipeline:
     def _rebuild(self, lost: set[tuple[str, int]] | None = None) -> None:
         """Rewind the partitions whose windows Redis lost (all owned ones by default).
 
-        Unfinished work is dropped (the replay redoes it) before the stores accept the new
-        state, so no reading is applied out of order; the other owned partitions go back
-        to their first uncommitted record. A failure part-way raises, and the next attempt
-        meets the loss again and rewinds again.
+        A lost partition goes back to its first record of the lookback, or to its first
+        unprocessed one if that is older; the others go back to their first uncommitted
+        record. Unfinished work is dropped (the replay redoes it) before the stores accept
+        the new state, so no reading is applied out of order. A failure part-way raises,
+        and the next attempt meets the loss again and rewinds again.
         """
-        lost = set(self.partitions) if lost is None else lost
+        lost = self.partitions & (self.partitions if lost is None else lost)
         self.metrics.state_losses.inc()
         lookback_s = self.settings.redis.rebuild_lookback_s
         since_ms = time.time_ns() // 1_000_000 - int(lookback_s * 1000)
-        moved = self.consumer.rewind(sorted(lost), since_ms)
-        first_uncommitted: dict[tuple[str, int], int] = {}
+        oldest = self.consumer.offsets_for_time(sorted(lost), since_ms)
+        resume = self.consumer.resume_offsets(sorted(lost))
+        seeks: dict[tuple[str, int], int] = {}  # back to the first uncommitted record held
         for message in self._uncommitted:
             partition = (message.topic, message.partition)
-            if partition not in lost and partition in self.partitions:
-                offset = first_uncommitted.get(partition, message.offset)
-                first_uncommitted[partition] = min(offset, message.offset)
-        self.consumer.seek(first_uncommitted)
+            if partition in self.partitions:
+                seeks[partition] = min(seeks.get(partition, message.offset), message.offset)
+                resume[partition] = min(resume.get(partition, message.offset), message.offset)
+        replay: dict[tuple[str, int], tuple[int, float]] = {}
+        for partition in lost:
+            first = oldest.get(partition, -1)
+            until = resume.get(partition, math.inf)
+            if 0 <= first < until:
+                seeks[partition] = first
+                replay[partition] = (since_ms, until)
+        self.consumer.seek(seeks)
         if self.publisher.transactional:
             self._abort_quietly()
         self._reset()
         for store in self._stores.values():
             store.detect_state_loss()
-        self._replay_since_ms.update(dict.fromkeys(moved, since_ms))
-        replayed = sum(position - start for start, position in moved.values() if position >= 0)
-        self.metrics.rebuild_messages.inc(max(replayed, 0))
+        self._replay.update(replay)
+        replayed = {f"{t}:{p}": (seeks[(t, p)], until) for (t, p), (_, until) in replay.items()}
+        self.metrics.rebuild_messages.inc(
+            sum(until - start for start, until in replayed.values() if until != math.inf)
+        )
         self.last_rebuild = {
             "at_ms": time.time_ns() // 1_000_000,
             "lookback_s": lookback_s,
-            "replay_from": {f"{t}:{p}": start for (t, p), (start, _) in moved.items()},
+            "replay_from": {name: start for name, (start, _) in replayed.items()},
         }
         logger.error(
             "Redis lost the window and alert state of %s: rebuilding from Kafka, replaying "
-            "%s (records since %d ms, %d consumed before). Readings older than %.0f s are "
-            "not recovered: sensors whose windows need them score again once refilled.",
+            "%s (records since %d ms). Readings older than %.0f s are not recovered: sensors "
+            "whose windows need them score again once refilled.",
             sorted(f"{t}:{p}" for t, p in lost),
-            {f"{t}:{p}": f"{start}..{position}" for (t, p), (start, position) in moved.items()},
-            since_ms,
             replayed,
+            since_ms,
             lookback_s,
         )
 
@@ -576,6 +593,7 @@ class Pipeline:
                     self.broker_reachable = True
                 except (KafkaException, ConsumerError, RuntimeError) as error:
                     self.broker_reachable = False
+                    self.metrics.set_lag({})  # unknown: no gauge rather than a stale one
                     logger.warning("could not measure consumer lag: %s", error)
 
         self._lag_thread = threading.Thread(target=report, name="consumer-lag", daemon=True)
@@ -636,7 +654,7 @@ class Pipeline:
             del self._sensors[sensor_id]
         self.metrics.sensors.set(len(self._sensors))
         for partition in gone:
-            self._replay_since_ms.pop(partition, None)
+            self._replay.pop(partition, None)
         self._unchecked -= gone
         try:
             self.finish()

@@ -7,7 +7,6 @@ disabled. The CA reaches redis-py as the URL's ``ssl_ca_certs`` query parameter,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from urllib.parse import quote
 
 import pytest
@@ -15,21 +14,12 @@ import pytest
 from stream_detector.config import Settings
 from stream_detector.services import EmbeddedRedis
 from stream_detector.windows import WindowStore, WindowStoreError
+from tests.integration.test_window_store import Reading
 from tests.security.conftest import REDIS_PASSWORD, REDIS_USER, TlsFiles
 
 pytestmark = pytest.mark.integration
 
 WINDOW = 4
-
-
-@dataclass(frozen=True)
-class Reading:
-    sensor_id: str
-    ts_ms: int
-    values: tuple[float, ...]
-    topic: str = "readings"
-    partition: int = 0
-    offset: int = 0
 
 
 def url_with(
