@@ -39,7 +39,6 @@ from tests.integration.test_worker import (  # noqa: F401 (fixtures)
 pytestmark = pytest.mark.integration
 
 HOSTILE_MESSAGES = 1500
-# A dead letter's code: the decoder's, or the pipeline's and batcher's own.
 
 
 def hostile_batch(count: int) -> list[Message]:
