@@ -37,10 +37,10 @@ Policies:
   batch with its values (intermediate ones too, so a burst loses no scores), and
   resets the stride counter inside the same offset-guarded script, so a replay does
   not make a window due twice.
-- At-least-once scoring: every due window stays *pending* until ``mark_emitted``
-  (call it after its outputs are published): its timestamps and values wait in
-  ``{prefix}:p:{sensor_id}``, a list that ``mark_emitted`` empties, so it exists only
-  between a poll and its commit. If a replay after a crash skips a sensor's readings
+- At-least-once scoring: every due window stays *pending* until ``acknowledge`` (or
+  ``mark_emitted``; call it after its outputs are published): its timestamps and values
+  wait in ``{prefix}:p:{sensor_id}``, a list that the acknowledgement empties, so it
+  exists only between a poll and its commit. If a replay after a crash skips a sensor's readings
   while windows are pending, ``append_batch`` returns all of them again, oldest first
   and with ``recovered=True``, before any window the replay makes due.
 
