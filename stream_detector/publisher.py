@@ -222,12 +222,19 @@ class ReadingProducer:
         self._producer = Producer(
             {"bootstrap.servers": bootstrap_servers, "linger.ms": 5, **(config or {})}
         )
+        self._failures: list[str] = []
+
+    def _on_delivery(self, error: KafkaError | None, message: Message) -> None:
+        if error is not None:
+            self._failures.append(error.str())
 
     def send(self, key: bytes | None, value: bytes | None) -> None:
         """Queue one message (blocks while the local queue is full)."""
         while True:
             try:
-                self._producer.produce(self.topic, value=value, key=key)
+                self._producer.produce(
+                    self.topic, value=value, key=key, on_delivery=self._on_delivery
+                )
                 break
             except BufferError:
                 self._producer.poll(0.1)
@@ -236,5 +243,8 @@ class ReadingProducer:
     def flush(self, timeout_s: float = 30.0) -> None:
         """Wait until every queued message is delivered; raise PublishError if some are not."""
         remaining = self._producer.flush(timeout_s)
+        failures, self._failures = self._failures, []
         if remaining:
             raise PublishError(f"{remaining} readings still undelivered after {timeout_s:.0f}s")
+        if failures:
+            raise PublishError(f"{len(failures)} readings were not delivered, e.g. {failures[0]}")

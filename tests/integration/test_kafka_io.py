@@ -17,7 +17,7 @@ from confluent_kafka import Producer
 from pydantic import BaseModel
 
 from stream_detector.consumer import ConsumedMessage, ReadingConsumer, next_offsets
-from stream_detector.publisher import Publisher, PublishError
+from stream_detector.publisher import Publisher, PublishError, ReadingProducer
 from stream_detector.services import free_port
 from tests.conftest import KafkaService, Topics
 
@@ -160,6 +160,18 @@ def test_unacknowledged_outputs_raise_publish_error() -> None:
         publisher.flush_and_check(10)
     publisher.flush_and_check(1)  # the failure was reported once; nothing is pending
     publisher.close(timeout_s=1)
+
+
+def test_undelivered_readings_raise_publish_error() -> None:
+    producer = ReadingProducer(
+        f"127.0.0.1:{free_port()}",  # nothing listens here
+        "readings",
+        config={"message.timeout.ms": 500, "log_level": 0},
+    )
+    producer.send(b"s1", b'{"sensor_id": "s1", "ts": 1700000000000, "value": 1.0}')
+    with pytest.raises(PublishError, match="1 readings were not delivered"):
+        producer.flush(10)
+    producer.flush(1)  # the failure was reported once; nothing is pending
 
 
 def test_close_commits_stored_offsets_and_unstored_messages_come_back(
