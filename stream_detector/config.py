@@ -115,7 +115,8 @@ class KafkaSettings(_Group):
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     poll_batch_size: int = Field(500, ge=1, le=100_000)
     poll_timeout_ms: int = Field(100, ge=0)
-    # How often the consumer lag is measured for the lag metric (and autoscaling).
+    # How often the consumer lag gauge is measured; a query that gets no answer turns
+    # the broker readiness check off.
     lag_interval_s: float = Field(10.0, gt=0)
     # True: consume-transform-produce in Kafka transactions (needs broker support).
     exactly_once: bool = False
