@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import (
-    OFFSET_INVALID,
     TIMESTAMP_NOT_AVAILABLE,
     Consumer,
     KafkaError,
@@ -199,16 +198,9 @@ class ReadingConsumer:
         assigned = self._consumer.assignment()
         if not assigned:
             return {}
-        positions = self._consumer.position(assigned)
-        missing = [tp for tp in positions if tp.offset == OFFSET_INVALID]
-        committed = {}
-        if missing:
-            committed = {
-                (tp.topic, tp.partition): tp.offset
-                for tp in self._consumer.committed(missing, timeout=timeout_s)
-            }
+        resume = self.resume_offsets(self._names(assigned), timeout_s)
         lags = {}
-        for tp in positions:
+        for tp in assigned:
             name = (tp.topic, tp.partition)
             watermarks = self._consumer.get_watermark_offsets(tp, timeout=timeout_s)
             if watermarks is None:
@@ -217,10 +209,8 @@ class ReadingConsumer:
             fetched = self._consumer.get_watermark_offsets(tp, cached=True)
             if fetched is not None:
                 high = max(high, fetched[1])
-            position = tp.offset if tp.offset != OFFSET_INVALID else committed.get(name, low)
-            if position < 0:  # no committed offset: auto.offset.reset decides
-                position = low
-            lags[name] = max(high - position, 0)
+            # No position and no committed offset: auto.offset.reset decides (earliest).
+            lags[name] = max(high - resume.get(name, low), 0)
         return lags
 
     def offsets_for_time(

@@ -129,8 +129,8 @@ class _LocalBackend:
         except (FileNotFoundError, NotADirectoryError):
             return None
 
-    def write_atomic(self, rel: str, data: bytes) -> None:
-        target = self.path(rel)
+    def _synced_temp_beside(self, target: Path, data: bytes) -> Path:
+        """``data`` in a new, fsync'ed hidden file in ``target``'s directory."""
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(
             "wb", dir=target.parent, prefix=f".{target.name}-", delete=False
@@ -138,24 +138,22 @@ class _LocalBackend:
             tmp.write(data)
             tmp.flush()
             os.fsync(tmp.fileno())
-        Path(tmp.name).replace(target)
+        return Path(tmp.name)
+
+    def write_atomic(self, rel: str, data: bytes) -> None:
+        target = self.path(rel)
+        self._synced_temp_beside(target, data).replace(target)
 
     def create_exclusive(self, rel: str, data: bytes) -> bool:
         target = self.path(rel)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            "wb", dir=target.parent, prefix=f".{target.name}-", delete=False
-        ) as tmp:
-            tmp.write(data)
-            tmp.flush()
-            os.fsync(tmp.fileno())
+        temp = self._synced_temp_beside(target, data)
         try:
             # link() fails if the target exists: an exclusive create of a complete file.
-            os.link(tmp.name, target)
+            os.link(temp, target)
         except FileExistsError:
             return False
         finally:
-            Path(tmp.name).unlink()
+            temp.unlink()
         return True
 
     def delete(self, rel: str) -> None:

@@ -60,6 +60,9 @@ ANOMALIES = (
 )
 
 
+FAULT_STEP = 120  # scenarios stream steps 0..119 before the fault strikes
+
+
 def the_plan(readings: int = READINGS) -> loadgen.LoadPlan:
     return make_plan(SENSORS, readings, ANOMALIES)
 
@@ -68,6 +71,14 @@ def reference_for(plan: loadgen.LoadPlan, trained: TrainedModel, model_store: Pa
     version = store.current_version(model_store, MODEL)
     assert version is not None
     return reference(plan, trained, version, STRIDE)
+
+
+def stream_first_stretch(bootstrap: str, topic: str, ref: Reference, reader: OutputReader) -> None:
+    """Produce the readings before any fault (steps 0..119) and wait for all their scores."""
+    plan = ref.plan
+    produce(bootstrap, topic, plan, range(0, FAULT_STEP))
+    early = {key for key in ref.scores if key[1] <= plan.ts_ms(FAULT_STEP - 1)}
+    reader.read_until(lambda o: early <= o.scored())
 
 
 # -- worker killed with SIGKILL at failpoints ------------------------------------------------
@@ -155,12 +166,10 @@ def test_a_redis_restart_loses_nothing(
     persistence = tmp_path / "redis-data" if state == "kept" else None
     own_redis = EmbeddedRedis(port=free_port(), data_dir=persistence)
     with own_redis, worker_on_own_redis(settings_for(model_store), own_redis, key_prefix) as handle:
-        produce(kafka_bootstrap, topics.readings, plan, range(0, 120))
-        early = {key for key in ref.scores if key[1] <= plan.ts_ms(119)}
-        reader.read_until(lambda o: early <= o.scored())
+        stream_first_stretch(kafka_bootstrap, topics.readings, ref, reader)
 
         own_redis.stop()
-        produce(kafka_bootstrap, topics.readings, plan, range(120, 200))
+        produce(kafka_bootstrap, topics.readings, plan, range(FAULT_STEP, 200))
         wait_for(
             lambda: handle.metric("detector_retries_total", 'system="WindowStoreError"') >= 2,
             30,
@@ -202,12 +211,10 @@ def test_redis_state_lost_while_no_worker_ran_is_rebuilt_when_one_starts(
     settings = settings_for(model_store)
     with EmbeddedRedis(port=free_port()) as own_redis:
         with worker_on_own_redis(settings, own_redis, key_prefix):
-            produce(kafka_bootstrap, topics.readings, plan, range(0, 120))
-            early = {key for key in ref.scores if key[1] <= plan.ts_ms(119)}
-            reader.read_until(lambda o: early <= o.scored())
+            stream_first_stretch(kafka_bootstrap, topics.readings, ref, reader)
         own_redis.stop()
         own_redis.start()  # empty, and no worker saw it go
-        produce(kafka_bootstrap, topics.readings, plan, range(120, 200))
+        produce(kafka_bootstrap, topics.readings, plan, range(FAULT_STEP, 200))
 
         cleared = time.monotonic()
         with worker_on_own_redis(settings, own_redis, key_prefix) as handle:
@@ -237,10 +244,8 @@ class OutageRig:
     def before_fault(self) -> None:
         """Stream the first readings and wait for their scores; queue more for the fault."""
         plan = self.ref.plan
-        produce(self.proxy.address, self.topic, plan, range(0, 120))
-        early = {key for key in self.ref.scores if key[1] <= plan.ts_ms(119)}
-        self.reader.read_until(lambda o: early <= o.scored())
-        produce(self.proxy.address, self.topic, plan, range(120, 200))
+        stream_first_stretch(self.proxy.address, self.topic, self.ref, self.reader)
+        produce(self.proxy.address, self.topic, plan, range(FAULT_STEP, 200))
 
     def expect_unready(self, outage_s: float = 0.0) -> None:
         """Wait for not-ready (broker check failing); stay alive for ``outage_s`` in all."""
@@ -405,9 +410,7 @@ def test_a_model_store_fault_keeps_the_current_version_scoring(
     served = store.current_version(model_store, MODEL)
     current = model_store / MODEL / "CURRENT"
     with running(settings_for(model_store)) as handle:
-        produce(kafka_bootstrap, topics.readings, plan, range(0, 120))
-        early = {key for key in ref.scores if key[1] <= plan.ts_ms(119)}
-        reader.read_until(lambda o: early <= o.scored())
+        stream_first_stretch(kafka_bootstrap, topics.readings, ref, reader)
 
         if fault == "unavailable":
             # The volume goes away, then comes back broken: CURRENT cannot be read.
@@ -426,7 +429,7 @@ def test_a_model_store_fault_keeps_the_current_version_scoring(
             weights = store.version_dir(model_store, MODEL, version) / "model.safetensors"
             weights.write_bytes(weights.read_bytes()[:-8] + b"tampered")
             store.promote(model_store, MODEL, version)
-            produce(kafka_bootstrap, topics.readings, plan, range(120, 200))
+            produce(kafka_bootstrap, topics.readings, plan, range(FAULT_STEP, 200))
             time.sleep(1.0)
             assert handle.metric("detector_model_load_failures_total", f'model="{MODEL}"') == 1
 
