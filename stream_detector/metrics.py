@@ -110,6 +110,32 @@ class Metrics:
             "Records rewound to rebuild windows after Redis lost its state",
             registry=r,
         )
+        self.cut_outputs = Counter(
+            "detector_cut_outputs",
+            "Outputs cut to fit their topic (a dead letter keeps its head, a score record or "
+            "alert event loses its channel attribution), by topic",
+            ["topic"],
+            registry=r,
+        )
+        self.undeliverable_outputs = Counter(
+            "detector_undeliverable_outputs",
+            "Records their topic refused for good (too large, invalid), sent to the "
+            "dead-letter topic or cut further instead, by the refusing topic",
+            ["topic"],
+            registry=r,
+        )
+        self.dropped_outputs = Counter(
+            "detector_dropped_outputs",
+            "Dead letters refused even when cut to their headers, and so dropped, by topic",
+            ["topic"],
+            registry=r,
+        )
+        self.unavailable_topics = Gauge(
+            "detector_output_topic_unavailable",
+            "1 while an output topic refuses every record (authorization, unknown topic)",
+            ["topic"],
+            registry=r,
+        )
         self.sensors = Gauge(
             "detector_sensors",
             "Sensors this worker holds (bounded by limits.max_sensors_per_worker)",

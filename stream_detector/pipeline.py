@@ -10,10 +10,12 @@
    acknowledge the windows in one atomic Redis call, and commit the input offsets.
 
 Every step keeps its unfinished work when Redis or the broker fails, so the loop retries
-by calling it again without new messages. Outputs since the last commit are kept too and
-produced again if the broker lost any: outputs are at-least-once, de-duplicated by their
-ids downstream. A crash between steps replays the uncommitted input; ``WindowStore``
-skips readings already applied and re-reports every window not yet acknowledged.
+by calling it again without new messages. Outputs since the last commit are kept in the
+``Outbox``, which produces again only those the broker did not acknowledge: outputs are
+at-least-once, de-duplicated by their ids downstream. A record the broker can never take
+goes to the dead-letter topic, cut, so it never blocks its partition. A crash between
+steps replays the uncommitted input; ``WindowStore`` skips readings already applied and
+re-reports every window not yet acknowledged.
 
 When Redis loses its state (``RedisStateLost``), the pipeline drops its unfinished work
 and rewinds its partitions ``redis.rebuild_lookback_s`` back, so the windows (and alert
@@ -47,6 +49,7 @@ from stream_detector.config import (
 )
 from stream_detector.consumer import ConsumedMessage, ConsumerError, ReadingConsumer, next_offsets
 from stream_detector.metrics import Metrics
+from stream_detector.outbox import DeadLetter, Outbox
 from stream_detector.publisher import Publisher, PublishError
 from stream_detector.schemas import (
     REASON_CODES,
@@ -63,8 +66,14 @@ logger = logging.getLogger(__name__)
 
 COMMIT_INTERVAL_S = 1.0
 # Every reason code a dead letter can carry: the decoder's, and the worker's own (no model
-# for the sensor, too many sensors held, a window the model cannot take).
-DEAD_LETTER_CODES = REASON_CODES | {"no_model", "too_many_sensors", "wrong_length"}
+# for the sensor, too many sensors held, a window the model cannot take, an output that
+# its topic refused).
+DEAD_LETTER_CODES = REASON_CODES | {
+    "no_model",
+    "too_many_sensors",
+    "wrong_length",
+    "undeliverable",
+}
 # Failures of Redis or the broker: the pipeline keeps its work, and calling again retries it.
 RETRYABLE = (WindowStoreError, PublishError, ConsumerError, KafkaException)
 
@@ -79,19 +88,6 @@ class PositionedReading:
     topic: str
     partition: int
     offset: int
-
-
-@dataclass(frozen=True, slots=True)
-class _DeadLetter:
-    key: bytes | None
-    value: bytes | None
-    reason: str
-    topic: str
-    partition: int
-    offset: int
-
-
-_Output = ScoreRecord | AlertEvent | _DeadLetter
 
 
 class Pipeline:
@@ -115,6 +111,7 @@ class Pipeline:
         self.registry = registry
         self.scorer = scorer
         self.metrics = metrics
+        self._outbox = Outbox(publisher, metrics, settings.kafka.topics.readings)
         self.batcher = Batcher(
             settings.batch_size, settings.batch_deadline_ms, settings.model.model_for
         )
@@ -146,13 +143,11 @@ class Pipeline:
         self._ingest_ts: dict[tuple[str, int], int] = {}  # (sensor, ts) -> Kafka timestamp
         self._in_flight: list[Batch] = []  # batches taken from the batcher, not yet published
         self._uncommitted: list[ConsumedMessage] = []
-        self._outputs: list[_Output] = []  # produced since the last commit
-        self._republish = False  # the broker lost some outputs: produce them all again
+        self._outbox.clear()
         self._acknowledged = False  # outputs are safe; Redis and offsets still to do
         self._states: dict[str, alerts.SensorAlertState] = {}  # not yet stored in Redis
         self._emitted: dict[str, int] = {}  # sensor -> newest published window end
         self._latencies_ms: list[int] = []  # Kafka timestamps of published windows
-        self._in_transaction = False
 
     # -- 1. ingest -------------------------------------------------------------------------
 
@@ -175,8 +170,8 @@ class Pipeline:
                 self._admit(reading.sensor_id, (message.topic, message.partition))
             except InvalidReading as invalid:
                 self.metrics.invalid_readings.labels(invalid.code).inc()
-                self._send(
-                    _DeadLetter(
+                self._outbox.send(
+                    DeadLetter(
                         message.key,
                         message.value,
                         invalid.reason,
@@ -298,8 +293,8 @@ class Pipeline:
         }
         # A window has no single source offset: -1 says "the sensor's recent readings".
         topic = self.settings.kafka.topics.readings
-        self._send(
-            _DeadLetter(
+        self._outbox.send(
+            DeadLetter(
                 window.sensor_id.encode(),
                 json.dumps(value).encode(),
                 rejected.reason,
@@ -343,7 +338,7 @@ class Pipeline:
                 attribution=result.attribution,
             )
             states[window.sensor_id] = state
-            self._send(
+            self._outbox.send(
                 ScoreRecord(
                     sensor_id=window.sensor_id,
                     ts_ms=window.end_ts_ms,
@@ -357,7 +352,7 @@ class Pipeline:
                 )
             )
             for event in events:
-                self._send(event)
+                self._outbox.send(event)
             self._emitted[window.sensor_id] = max(
                 window.end_ts_ms, self._emitted.get(window.sensor_id, 0)
             )
@@ -383,28 +378,6 @@ class Pipeline:
             shape = self.registry.shape_of(self.settings.model.model_for(sensor_id))
             groups.setdefault(shape[0] if shape else 1, []).append(sensor_id)
         return groups
-
-    def _send(self, output: _Output) -> None:
-        if self.publisher.transactional and not self._in_transaction:
-            self.publisher.begin()
-            self._in_transaction = True
-        self._outputs.append(output)
-        self._produce(output)
-
-    def _produce(self, output: _Output) -> None:
-        if isinstance(output, ScoreRecord):
-            self.publisher.publish_scores([output])
-        elif isinstance(output, AlertEvent):
-            self.publisher.publish_alerts([output])
-        else:
-            self.publisher.publish_dead_letter(
-                output.key,
-                output.value,
-                output.reason,
-                source_topic=output.topic,
-                source_partition=output.partition,
-                source_offset=output.offset,
-            )
 
     # -- 3. commit -------------------------------------------------------------------------
 
@@ -440,7 +413,8 @@ class Pipeline:
             if not self.publisher.transactional:
                 self.consumer.store(self._uncommitted)
                 self._offsets_stored = True
-            self._uncommitted, self._outputs, self._acknowledged = [], [], False
+            self._uncommitted, self._acknowledged = [], False
+            self._outbox.clear()
         if self._offsets_stored and (force or self._clock() >= self._next_commit_s):
             self.failpoints.hit("before_commit")
             self.consumer.commit()
@@ -448,37 +422,27 @@ class Pipeline:
             self._next_commit_s = self._clock() + COMMIT_INTERVAL_S
 
     def _acknowledge_outputs(self) -> None:
+        offsets = None
+        if self.publisher.transactional:
+            offsets = (next_offsets(self._uncommitted), self.consumer.group_metadata())
         try:
-            if self._republish:
-                self._produce_again()
-            if self.publisher.transactional:
-                offsets = next_offsets(self._uncommitted)
-                if not self._in_transaction:  # nothing was produced: commit offsets alone
-                    self.publisher.begin()
-                self._in_transaction = False
-                self.publisher.commit(offsets, self.consumer.group_metadata())
-            else:
-                self.publisher.flush_and_check()
+            self._outbox.acknowledge(offsets)
         except Exception:
-            self._republish, self.broker_ok = True, False
+            self.broker_ok = False
             raise
-        self._republish, self._acknowledged, self.broker_ok = False, True, True
+        self._acknowledged, self.broker_ok = True, True
         now_ms = time.time_ns() // 1_000_000
         for ingest_ts_ms in self._latencies_ms:
             self.metrics.end_to_end_seconds.observe(max(0, now_ms - ingest_ts_ms) / 1000)
         self._latencies_ms = []
-        for output in self._outputs:
+        for output in self._outbox.outputs:
             if isinstance(output, AlertEvent):
                 self.metrics.alerts.labels(output.state).inc()
 
-    def _produce_again(self) -> None:
-        logger.warning("producing %d outputs again after a broker failure", len(self._outputs))
-        if self.publisher.transactional:
-            self._abort_quietly()
-            self.publisher.begin()
-            self._in_transaction = True
-        for output in self._outputs:
-            self._produce(output)
+    @property
+    def unavailable_topics(self) -> dict[str, str]:
+        """Output topics that refuse every record, with the broker's reason."""
+        return self._outbox.unavailable_topics
 
     # -- models and lifecycle --------------------------------------------------------------
 
@@ -537,7 +501,7 @@ class Pipeline:
                 replay[partition] = (since_ms, until)
         self.consumer.seek(seeks)
         if self.publisher.transactional:
-            self._abort_quietly()
+            self._outbox.abort()
         self._reset()
         for store in self._stores.values():
             store.detect_state_loss()
@@ -619,7 +583,8 @@ class Pipeline:
                 self.finish()
                 return
             except RETRYABLE as error:
-                if self._clock() > deadline:
+                # A topic that refuses every record will not take them within the timeout.
+                if self._clock() > deadline or self.unavailable_topics:
                     logger.error("gave up draining (%s); the next owner replays the rest", error)
                     return
                 time.sleep(0.5)
@@ -661,16 +626,8 @@ class Pipeline:
         except Exception as error:  # the next owner replays whatever we could not commit
             logger.warning("could not finish in-flight work on revoke (%s); dropping it", error)
             if self.publisher.transactional:
-                self._abort_quietly()
+                self._outbox.abort()
             self._reset()
-
-    def _abort_quietly(self) -> None:
-        """Abort the open transaction, if there is one."""
-        try:
-            self.publisher.abort()
-        except PublishError as error:
-            logger.debug("no transaction to abort: %s", error)
-        self._in_transaction = False
 
 
 def _state_from(sensor_id: str, stored: dict[str, Any] | None) -> alerts.SensorAlertState:

@@ -6,13 +6,14 @@ a unit test keeps them and ``to_json()`` in step.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from stream_detector.config import Limits
 
@@ -284,6 +285,10 @@ class ScoreRecord:
             }
         )
 
+    def shrunk(self) -> Self:
+        """The same record without its channel attribution, for a topic it would not fit."""
+        return dataclasses.replace(self, channel_attribution=())
+
 
 AlertState = Literal["open", "update", "resolved"]
 
@@ -341,3 +346,7 @@ class AlertEvent:
                 "channel_attribution": [float(a) for a in self.channel_attribution],
             }
         )
+
+    def shrunk(self) -> Self:
+        """The same record without its channel attribution, for a topic it would not fit."""
+        return dataclasses.replace(self, channel_attribution=())

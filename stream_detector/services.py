@@ -434,17 +434,22 @@ def create_topics(
     replication_factor: int = 1,
     timeout_s: float = 15.0,
     config: Mapping[str, Any] | None = None,
+    topic_config: Mapping[str, str] | None = None,
 ) -> None:
     """Create topics and wait until the broker lists them; an existing topic is fine.
 
-    ``config`` adds client properties, such as ``security.protocol`` and ``ssl.*``.
+    ``config`` adds client properties, such as ``security.protocol`` and ``ssl.*``;
+    ``topic_config`` sets topic properties, such as ``max.message.bytes``.
     """
     wanted = list(dict.fromkeys(names))
     if not wanted:
         return
     admin = AdminClient({**(config or {}), "bootstrap.servers": bootstrap_servers})
     futures = admin.create_topics(
-        [NewTopic(name, partitions, replication_factor) for name in wanted],
+        [
+            NewTopic(name, partitions, replication_factor, config=dict(topic_config or {}))
+            for name in wanted
+        ],
         operation_timeout=timeout_s,
         request_timeout=timeout_s,
     )

@@ -30,12 +30,14 @@ def run(settings: Settings, stop: threading.Event) -> int:
     health.add_check("redis", pipeline.redis_ok)
     health.add_check("model", lambda: bool(pipeline.registry.loaded))
     health.add_check("broker", lambda: pipeline.broker_ok and pipeline.broker_reachable)
+    health.add_check("output_topics", lambda: not pipeline.unavailable_topics)
     backoff_s = 0.0  # > 0 while retrying unfinished work: poll nothing new until it is done
     try:
         pipeline.wait_for_a_model(stop)
         pipeline.start_lag_reports(settings.kafka.lag_interval_s)
         while not stop.is_set():
             health.beat()
+            health.set_detail("unavailable_topics", dict(pipeline.unavailable_topics))
             try:
                 pipeline.refresh_models()
                 messages = []

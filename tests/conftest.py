@@ -160,14 +160,15 @@ def key_prefix(unique_name: Callable[[str], str]) -> str:
 def topic_factory(kafka_bootstrap: str) -> Iterator[Callable[..., list[str]]]:
     """Create uniquely named topics: topic_factory("readings", partitions=3) -> [name].
 
-    The topics are deleted after the test (best effort).
+    ``config`` sets topic properties (``{"max.message.bytes": "16384"}``). The topics are
+    deleted after the test (best effort).
     """
     created: list[str] = []
 
-    def make(*hints: str, partitions: int = 1) -> list[str]:
+    def make(*hints: str, partitions: int = 1, config: dict[str, str] | None = None) -> list[str]:
         suffix = uuid.uuid4().hex[:10]
         names = [f"{hint}-{suffix}" for hint in hints]
-        create_topics(kafka_bootstrap, names, partitions)
+        create_topics(kafka_bootstrap, names, partitions, topic_config=config)
         created.extend(names)
         return names
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import random
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,8 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 LIMITS = Limits(max_message_bytes=8192, max_channels=16, max_sensor_id_length=64)
 # Large enough that the parser, not the size limit, meets deep nesting and long numbers.
 BIG_LIMITS = Limits(max_message_bytes=1_000_000, max_channels=4096)
-RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "fuzz.json"
+# Apache Kafka's default message.max.bytes: the largest reading a default topic takes.
+BROKER_MAX_MESSAGE_BYTES = 1_000_000
 
 # Deterministic (derandomize: the examples depend only on the test's code), no example
 # database, no deadline (the machine is shared); huge inputs are the point, not a problem.
@@ -378,8 +381,33 @@ OVERSIZED = st.tuples(
 HOSTILE = st.one_of(RANDOM_BYTES, DEEP, OVERSIZED, mutated(), reading_shaped(), valid_messages())
 
 
+def padded_reading(size: int, sensor_id: str = "s-1") -> bytes:
+    """A reading-shaped JSON document of exactly ``size`` bytes (at least 64)."""
+    head = b'{"sensor_id": "%s", "ts": %d, "value": 1.0, "pad": "' % (sensor_id.encode(), NOW_MS)
+    return head + b"x" * (size - len(head) - 2) + b'"}'
+
+
+def huge_messages(count: int, seed: int) -> list[Message]:
+    """``count`` readings from just over the decoder's limit up to the broker's, log-spaced."""
+    rng = random.Random(seed)
+    low, high = math.log(LIMITS.max_message_bytes + 1), math.log(BROKER_MAX_MESSAGE_BYTES - 1024)
+    sizes = sorted(round(math.exp(rng.uniform(low, high))) for _ in range(count - 1))
+    keyed = [rng.choice([None, b"s-1"]) for _ in sizes]
+    return [(key, padded_reading(size)) for key, size in zip(keyed, sizes, strict=True)] + [
+        (b"s-1", padded_reading(BROKER_MAX_MESSAGE_BYTES - 1024))
+    ]
+
+
 def record(section: str, stats: dict[str, Any]) -> None:
-    """Write one section of benchmarks/results/fuzz.json, keeping the other sections."""
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    """Write one section of ``fuzz.json`` in ``DETECTOR_RESULTS_DIR``, keeping the others.
+
+    Only when that variable is set (``benchmarks/suite_results.py`` sets it), so that a
+    test run leaves the working tree as it was.
+    """
+    folder = os.environ.get("DETECTOR_RESULTS_DIR")
+    if not folder:
+        return
+    results_file = Path(folder) / "fuzz.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
     results[section] = stats
-    RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    results_file.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")

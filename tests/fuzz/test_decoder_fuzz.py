@@ -1,20 +1,22 @@
 """Fuzzing ``decode_reading``: hostile input is rejected with a stable reason, never crashes it.
 
 Every property feeds messages through ``decodes_or_rejects``, which also counts them; the
-counts go to ``benchmarks/results/fuzz.json`` (section ``decoder``) when the module ends.
+counts go to ``fuzz.json`` (section ``decoder``) in ``DETECTOR_RESULTS_DIR`` when the module
+ends. Most inputs come from hypothesis; a seeded mutator adds 100,000 more, cheaply.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hypothesis import example, given, settings
+from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
 
 from stream_detector.config import Limits
@@ -34,6 +36,7 @@ from tests.fuzz.hostile import (
     mutated,
     reading_shaped,
     record,
+    valid_messages,
     valid_reading,
 )
 
@@ -261,3 +264,67 @@ def test_a_field_of_the_wrong_type_is_rejected_with_its_code(
     rejected = decodes_or_rejects(None, json.dumps(document).encode())
     assert isinstance(rejected, InvalidReading)
     assert rejected.code == WRONG_TYPES[field][1], rejected.reason
+
+
+MUTATION_SEEDS = 300
+MUTATIONS = 100_000
+# Bytes that matter to a JSON parser, and values that matter to the decoder's checks.
+SPLICES = [
+    *(bytes([byte]) for byte in b'"{}[],:-+.eE0123456789\\ \x00\xff'),
+    b"NaN",
+    b"-Infinity",
+    b"1e999",
+    b"null",
+    b"true",
+    b'"\\ud800"',
+    b"9" * 5000,
+    b"[" * 3000,
+    b'"value": [1.0, 2.0]',
+    b'"sensor_id": ""',
+    b'"ts": "2023-11-14T22:13:20Z"',
+]
+
+
+def mutate(rng: random.Random, value: bytes, others: list[bytes]) -> bytes:
+    """A few random edits of ``value``: flips, splices, cuts, repeats, crossovers, padding."""
+    for _ in range(rng.randint(1, 4)):
+        position = rng.randint(0, len(value))
+        edit = rng.randrange(7)
+        if edit == 0 and value:
+            index = min(position, len(value) - 1)
+            value = (
+                value[:index] + bytes([value[index] ^ (1 << rng.randrange(8))]) + value[index + 1 :]
+            )
+        elif edit == 1:
+            value = value[:position] + rng.choice(SPLICES) + value[position:]
+        elif edit == 2:
+            value = value[:position] + value[position + rng.randint(1, 16) :]
+        elif edit == 3:
+            value = value[:position]
+        elif edit == 4:
+            end = min(len(value), position + rng.randint(1, 32))
+            value = value[:end] + value[position:end] * rng.randint(1, 64) + value[end:]
+        elif edit == 5:
+            other = rng.choice(others)
+            value = value[:position] + other[rng.randint(0, len(other)) :]
+        else:  # around the size limit, where off-by-one errors live
+            target = LIMITS.max_message_bytes + rng.randint(-2, 2)
+            value = value[:-1] + b" " * max(0, target - len(value)) + value[-1:]
+    return value
+
+
+def test_a_hundred_thousand_seeded_mutations_are_decoded_within_limits_or_rejected() -> None:
+    seeds: list[Message] = []
+
+    @settings(FUZZ, max_examples=MUTATION_SEEDS, phases=[Phase.generate])
+    @given(valid_messages())
+    def collect(message: Message) -> None:
+        seeds.append(message)
+
+    collect()
+    values = [value for _, value in seeds if value is not None]
+    rng = random.Random(20261201)
+    for _ in range(MUTATIONS):
+        key, value = rng.choice(seeds)
+        assert value is not None
+        decodes_or_rejects(key if rng.random() < 0.8 else None, mutate(rng, value, values))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pydantic import BaseModel
 
 from stream_detector.consumer import ConsumedMessage, ReadingConsumer, next_offsets
 from stream_detector.publisher import Publisher, PublishError, ReadingProducer
+from stream_detector.schemas import ScoreRecord
 from stream_detector.services import free_port
 from tests.conftest import KafkaService, Topics
 
@@ -86,13 +88,12 @@ def make_publisher(kafka_bootstrap: str, topics: Topics) -> Iterator[Callable[..
     publishers: list[Publisher] = []
 
     def make(bootstrap: str | None = None, **options: Any) -> Publisher:
-        publisher = Publisher(
-            bootstrap or kafka_bootstrap,
-            scores_topic=topics.scores,
-            alerts_topic=topics.alerts,
-            dead_letter_topic=topics.dead_letter,
-            **options,
-        )
+        topic_names = {
+            "scores_topic": topics.scores,
+            "alerts_topic": topics.alerts,
+            "dead_letter_topic": topics.dead_letter,
+        }
+        publisher = Publisher(bootstrap or kafka_bootstrap, **{**topic_names, **options})
         publishers.append(publisher)
         return publisher
 
@@ -294,3 +295,49 @@ def test_aborted_transaction_outputs_stay_invisible(
     reader = make_consumer([topics.scores])
     received = poll_until(reader, 1) + poll_quietly(reader, 1.0)
     assert [json.loads(m.value)["attempt"] for m in received] == ["committed"]
+
+
+def test_a_dead_letter_too_large_for_its_topic_arrives_cut_with_the_original_named(
+    topics: Topics,
+    topic_factory: Callable[..., list[str]],
+    make_publisher: Callable[..., Publisher],
+    make_consumer: Callable[..., ReadingConsumer],
+) -> None:
+    (small,) = topic_factory("dead-letter-small", config={"max.message.bytes": "16384"})
+    publisher = make_publisher(dead_letter_topic=small)
+    assert publisher.max_bytes(small) == 16_384  # read from the broker's topic config
+    original = bytes(range(256)) * 20_000  # 5.1 MB, over the producer's own limit too
+    delivery = publisher.publish_dead_letter(
+        b"m7", original, "too_large: ...", source_topic="r", source_partition=0, source_offset=9
+    )
+    publisher.flush_and_check(10)
+    assert delivery.acknowledged and delivery.cut_from == len(original)
+
+    (dead,) = poll_until(make_consumer([small]), 1)
+    headers = dict(dead.headers)
+    assert original.startswith(dead.value) and 15_000 < len(dead.value) < 16_384
+    size = len(dead.key) + len(dead.value) + sum(len(k) + len(v) for k, v in dead.headers)
+    assert size <= 16_384
+    assert headers["truncated"] == b"true"
+    assert headers["original_size"] == str(len(original)).encode()
+    assert headers["original_sha256"] == hashlib.sha256(original).hexdigest().encode()
+    assert headers["source_offset"] == b"9"
+
+
+def test_a_score_record_too_large_for_its_topic_loses_only_its_attribution(
+    topic_factory: Callable[..., list[str]],
+    make_publisher: Callable[..., Publisher],
+    make_consumer: Callable[..., ReadingConsumer],
+) -> None:
+    (small,) = topic_factory("scores-small", config={"max.message.bytes": "4096"})
+    publisher = make_publisher(scores_topic=small)
+    record = ScoreRecord("pump-1", 2, 1, 0.5, 1.0, "default", "v1", 3, (0.125,) * 2_000)
+    publisher.publish_score(record)
+    publisher.flush_and_check(10)
+
+    (message,) = poll_until(make_consumer([small]), 1)
+    received = json.loads(message.value)
+    assert received == {**json.loads(record.to_json()), "channel_attribution": []}
+    headers = dict(message.headers)
+    assert headers["truncated"] == b"true"
+    assert headers["original_sha256"] == hashlib.sha256(record.to_json()).hexdigest().encode()

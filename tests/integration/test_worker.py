@@ -417,6 +417,7 @@ def test_bad_input_goes_to_the_dead_letter_topic_and_the_worker_carries_on(
             "redis": True,
             "model": True,
             "broker": True,
+            "output_topics": True,
         }
     reasons = {}
     for message in outputs.dead_letters:

@@ -9,7 +9,8 @@ strikes, then compares what came out with what an uninterrupted run must produce
 - after de-duplication by event id, the alert events are those decided from the reference
   scores, in order, from a fresh state.
 
-The record of each scenario goes to ``benchmarks/results/reliability.json``:
+The record of each scenario goes to ``reliability.json`` in ``DETECTOR_RESULTS_DIR`` when
+that is set (``benchmarks/suite_results.py`` sets it to ``benchmarks/results``):
 ``readings_reflected`` counts readings inside a correctly scored window or the verified
 final window; ``duplicates_before_dedup`` counts score records and alert events received
 more than once; ``recovery_s`` is the time from the fault being cleared (worker restarted,
@@ -20,6 +21,7 @@ arrived, readings sent after the fault included.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -39,7 +41,6 @@ from stream_detector.windows import Window, WindowStore
 from tests.integration.test_worker import POLICY, WINDOW, Outputs, TrainedModel, settings_env
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-RESULTS = PROJECT_ROOT / "benchmarks" / "results" / "reliability.json"
 SCORE_RTOL = 1e-3
 
 
@@ -197,11 +198,20 @@ def stop_worker(process: subprocess.Popen[bytes], log: Path) -> None:
     assert process.wait(60) == 0, log.read_text()[-3000:]
 
 
+def results_file(name: str) -> Path | None:
+    """``name`` in ``DETECTOR_RESULTS_DIR``; None when unset (tests leave the tree alone)."""
+    folder = os.environ.get("DETECTOR_RESULTS_DIR")
+    return None if not folder else Path(folder) / name
+
+
 def save(record: dict[str, Any]) -> None:
     """Replace the scenario's record in the results file (other scenarios are kept)."""
-    records = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+    path = results_file("reliability.json")
+    if path is None:
+        return
+    records = json.loads(path.read_text()) if path.exists() else []
     records = [r for r in records if r["scenario"] != record["scenario"]]
     records.append(record)
     records.sort(key=lambda r: r["scenario"])
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(records, indent=2) + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records, indent=2) + "\n")

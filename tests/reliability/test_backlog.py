@@ -30,10 +30,10 @@ from tests.integration.test_worker import (
     produce,
 )
 from tests.reliability.harness import (
-    PROJECT_ROOT,
     final_windows,
     ready,
     reference,
+    results_file,
     start_worker,
     stop_worker,
     verify,
@@ -54,7 +54,6 @@ ANOMALIES = (
 # librdkafka's pre-fetch queue (queued.max.messages.kbytes, 64 MiB by default) plus one poll
 # batch of decoded readings and windows.
 RSS_GROWTH_BOUND_MB = 256
-SAMPLES = PROJECT_ROOT / "benchmarks" / "results" / "backlog_1m_samples.json"
 
 
 def resident_mb(pid: int) -> float:
@@ -141,7 +140,9 @@ def test_a_backlog_of_a_million_readings_is_worked_off_in_bounded_memory(
 
     peak_mb = max(sample["rss_mb"] or 0.0 for sample in sampler.samples)
     peak_lag = max(sample["lag"] or 0.0 for sample in sampler.samples)
-    SAMPLES.write_text(json.dumps({"idle_rss_mb": idle_mb, "samples": sampler.samples}) + "\n")
+    samples = results_file("backlog_1m_samples.json")
+    if samples is not None:
+        samples.write_text(json.dumps({"idle_rss_mb": idle_mb, "samples": sampler.samples}) + "\n")
     record = verify(
         "backlog_1m_readings",
         ref,

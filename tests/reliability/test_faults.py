@@ -9,7 +9,9 @@ bounded in traffic and time, and talks to loopback only.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import random
 import signal
 import subprocess
@@ -20,10 +22,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from kafka import KafkaProducer
 
 from stream_detector import loadgen, store
 from stream_detector.chaos import TcpProxy
 from stream_detector.config import KafkaTopics, RedisSettings, Settings
+from stream_detector.publisher import ReadingProducer
 from stream_detector.services import EmbeddedKafka, EmbeddedRedis, create_topics, free_port
 from tests.conftest import Topics
 from tests.integration.test_worker import (
@@ -445,4 +449,155 @@ def test_a_model_store_fault_keeps_the_current_version_scoring(
         reader.read_quietly(),
         final_windows(redis_url, key_prefix, plan),
         recovery_s,
+    )
+
+
+# -- poison messages and output topics that refuse records -----------------------------------
+
+OVERSIZED_BYTES = 5_000_000
+BIG_TOPIC = {"max.message.bytes": "8388608"}  # so that a real Kafka accepts the 5 MB reading
+
+
+def worker_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.levelno >= logging.WARNING and record.name.startswith("stream_detector")
+    ]
+
+
+def test_an_oversized_reading_is_dead_lettered_once_cut_and_the_stream_goes_on(
+    kafka_bootstrap: str,
+    redis_url: str,
+    key_prefix: str,
+    topics: Topics,
+    topic_factory: Callable[..., list[str]],
+    model_store: Path,
+    trained: TrainedModel,
+    settings_for: Callable[..., Settings],
+    reader: OutputReader,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    plan = the_plan()
+    ref = reference_for(plan, trained, model_store)
+    (readings,) = topic_factory("readings-big", partitions=3, config=BIG_TOPIC)
+    kafka = {
+        "topics": KafkaTopics(
+            readings=readings,
+            scores=topics.scores,
+            alerts=topics.alerts,
+            dead_letters=topics.dead_letter,
+        )
+    }
+    # A client the project did not write, as a user's producer would be.
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, max_request_size=8_388_608)
+    messages = list(loadgen.messages(plan))
+    middle = len(messages) // 2
+    for _, key, value in messages[:middle]:
+        producer.send(readings, key=key, value=value)
+    poison = b'{"sensor_id": "s-00002", "ts": %d, "value": "' % plan.ts_ms(150)
+    poison += b"a" * (OVERSIZED_BYTES - len(poison) - 2) + b'"}'
+    sent = producer.send(readings, key=b"s-00002", value=poison).get(timeout=30)
+    for _, key, value in messages[middle:]:
+        producer.send(readings, key=key, value=value)
+    producer.flush(30)
+    producer.close()
+
+    caplog.set_level(logging.WARNING)
+    with running(settings_for(model_store, kafka=kafka)) as handle:
+        reader.read_until(
+            lambda o: set(ref.scores) <= o.scored() and len(o.dead_letters) >= 1, timeout_s=120
+        )
+        assert handle.http("/readyz")[0] == 200
+        outputs = reader.read_quietly(2.0)
+        assert handle.metric("detector_cut_outputs_total", f'topic="{topics.dead_letter}"') == 1
+        assert handle.metric("detector_retries_total", 'system="PublishError"') == 0
+
+    (dead,) = outputs.dead_letters
+    headers = dict(dead.headers)
+    assert headers["reason"].startswith(b"too_large: ")
+    assert headers["truncated"] == b"true"
+    assert headers["original_size"] == str(len(poison)).encode()
+    assert headers["original_sha256"] == hashlib.sha256(poison).hexdigest().encode()
+    assert (headers["source_partition"], headers["source_offset"]) == (
+        str(sent.partition).encode(),
+        str(sent.offset).encode(),
+    )
+    assert poison.startswith(dead.value) and len(dead.value) < 1_000_000
+    warnings = worker_warnings(caplog)
+    assert not [w for w in warnings if "retrying" in w or "again" in w], warnings
+    assert len([w for w in warnings if "dead letter" in w]) <= 1, warnings
+    verify(
+        "oversized_reading",
+        ref,
+        outputs,
+        final_windows(redis_url, key_prefix, plan),
+        None,
+        extra={"oversized_bytes": len(poison), "dead_letter_bytes": len(dead.value)},
+    )
+
+
+def test_an_output_topic_refusing_every_record_makes_the_worker_unready_and_loses_nothing(
+    kafka_bootstrap: str,
+    redis_url: str,
+    key_prefix: str,
+    topics: Topics,
+    model_store: Path,
+    trained: TrainedModel,
+    settings_for: Callable[..., Settings],
+    reader: OutputReader,
+) -> None:
+    plan = the_plan()
+    ref = reference_for(plan, trained, model_store)
+    bad_json = [b'{"sensor_id": "s-00000", "ts": %d' % step for step in range(3)]
+    producer = ReadingProducer(kafka_bootstrap, topics.readings)
+    for value in bad_json:
+        producer.send(None, value)
+    producer.flush()
+    produce(kafka_bootstrap, topics.readings, plan, range(0, FAULT_STEP))
+    refused = "bad topic!"  # not a legal topic name: the broker refuses every record
+    kafka = {
+        "topics": KafkaTopics(
+            readings=topics.readings,
+            scores=refused,
+            alerts=topics.alerts,
+            dead_letters=topics.dead_letter,
+        )
+    }
+
+    with running(settings_for(model_store, kafka=kafka)) as handle:
+
+        def retried_thrice() -> bool:
+            try:
+                return handle.metric("detector_retries_total", 'system="PublishError"') >= 3
+            except OSError:  # still starting: no metrics endpoint yet
+                return False
+
+        wait_for(retried_thrice, 60, "the worker to retry the refused scores")
+        status, body = handle.http("/readyz")
+        assert status == 503, body
+        readiness = json.loads(body)
+        assert readiness["checks"]["output_topics"] is False
+        # The broker's "Invalid topic" first, then librdkafka's own "Unknown topic".
+        assert "topic" in readiness["unavailable_topics"][refused].lower()
+        assert handle.metric("detector_output_topic_unavailable", f'topic="{refused}"') == 1
+        assert handle.http("/healthz")[0] == 200
+    # Every retry produced again only the refused scores: each dead letter arrived once.
+    early = reader.read_quietly(2.0)
+    assert sorted(message.value for message in early.dead_letters) == sorted(bad_json)
+
+    # Nothing was committed, so a worker that can publish scores every window.
+    cleared = time.monotonic()
+    with running(settings_for(model_store)):
+        produce(kafka_bootstrap, topics.readings, plan, range(FAULT_STEP, READINGS))
+        reader.read_until(lambda o: set(ref.scores) <= o.scored(), timeout_s=90)
+        recovery_s = time.monotonic() - cleared
+    outputs = reader.read_quietly()
+    verify(
+        "output_topic_refusing_records",
+        ref,
+        outputs,
+        final_windows(redis_url, key_prefix, plan),
+        recovery_s,
+        extra={"dead_letters_received": len(outputs.dead_letters)},
     )
