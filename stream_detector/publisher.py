@@ -153,6 +153,14 @@ def cut_headers(original: bytes) -> list[tuple[str, bytes]]:
     ]
 
 
+# As long as ``cut_headers`` of any original can be, for sizing before anything is hashed.
+_LONGEST_CUT_HEADERS = [
+    ("truncated", b"true"),
+    ("original_size", b"9" * 12),
+    ("original_sha256", b"0" * 64),
+]
+
+
 def payload_budget(limit: int, key: bytes | None, headers: Sequence[tuple[str, bytes]]) -> int:
     """The most value bytes a record with this key and headers may carry under ``limit``."""
     fixed = len(key or b"") + sum(len(name) + len(value) for name, value in headers)
@@ -214,8 +222,7 @@ class Publisher:
         self._producer_max_bytes = int(
             self._settings.get("message.max.bytes", DEFAULT_MAX_MESSAGE_BYTES)
         )
-        self._limits: dict[str, int] = {}
-        self.refresh_limits()
+        self._limits = self._read_limits()
         self._failures: list[str] = []
         self._failure_count = 0
         self._closed = False
@@ -227,7 +234,7 @@ class Publisher:
         # librdkafka never splits a batch the broker refuses as too large, so no batch may
         # be larger than the smallest topic limit.
         smallest = min(self._limits.values(), default=self._producer_max_bytes)
-        batch_size = int(settings.get("batch.size", DEFAULT_MAX_MESSAGE_BYTES))
+        batch_size = int(settings.get("batch.size", 1_000_000))  # librdkafka's default
         settings["batch.size"] = max(1, min(batch_size, smallest - _RECORD_OVERHEAD_BYTES))
         producer = Producer(settings)
         if self.transactional:
@@ -247,11 +254,11 @@ class Publisher:
         self._producer.flush(0)
         self._producer = self._open()
 
-    def refresh_limits(self) -> None:
-        """Ask the broker again for the output topics' ``max.message.bytes``."""
+    def _read_limits(self) -> dict[str, int]:
+        """Each output topic's record limit: its ``max.message.bytes``, at most the producer's."""
         topics = [self.scores_topic, self.alerts_topic, self.dead_letter_topic]
         described = topic_limits(self._settings, topics, self._describe_timeout_s)
-        self._limits = {
+        return {
             topic: min(self._producer_max_bytes, described.get(topic, self._producer_max_bytes))
             for topic in topics
         }
@@ -302,7 +309,7 @@ class Publisher:
     ) -> Delivery:
         key, value = _encode(record)
         shrink = getattr(record, "shrunk", None)
-        limit = payload_budget(self.max_bytes(topic), key, cut_headers(value))
+        limit = payload_budget(self.max_bytes(topic), key, _LONGEST_CUT_HEADERS)
         if len(value) <= limit or not callable(shrink):
             return self._produce(topic, key, value)
         _, shrunk = _encode(shrink())
@@ -352,9 +359,8 @@ class Publisher:
         ]
         if original_value is None:
             return self._produce(self.dead_letter_topic, original_key, None, headers)
-        headers_if_cut = headers + cut_headers(original_value)
         budget = payload_budget(
-            self.max_bytes(self.dead_letter_topic), original_key, headers_if_cut
+            self.max_bytes(self.dead_letter_topic), original_key, headers + _LONGEST_CUT_HEADERS
         )
         if max_value_bytes is not None:
             budget = min(budget, max_value_bytes)
@@ -364,7 +370,7 @@ class Publisher:
             self.dead_letter_topic,
             original_key,
             original_value[:budget] or None,
-            headers_if_cut,
+            headers + cut_headers(original_value),
             cut_from=len(original_value),
         )
 
