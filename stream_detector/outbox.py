@@ -129,6 +129,14 @@ class Outbox:
         # Records that produce() itself refused never joined the transaction, so their
         # replacements can go into it; the broker's refusals abort it.
         self._replace_refused(produce=True)
+        # Refused for another reason (an unknown topic, say): committing would lose them.
+        unqueued = [d for _, d in self._entries if d is not None and d.error is not None]
+        if unqueued:
+            self._mark_unavailable(self._topic_refusals())
+            raise PublishError(
+                f"{len(unqueued)} outputs were refused before they joined the transaction, "
+                f"e.g. {unqueued[0].error.str()}"
+            )
         if not self._in_transaction:  # nothing was produced: commit the offsets alone
             self.publisher.begin()
         self._in_transaction = False
