@@ -37,6 +37,14 @@ _TRAINABLE_BACKBONE_PARTS = ("norm", "ln_", "wpe")
 _MLP_PARTS = ("mlp",)
 
 _EPS = 1e-5
+# What a score can fuse (``ModelConfig.score_terms``): the teacher-student discrepancy (the
+# paper's score), the distance to the nearest normal training window in a memory bank
+# (shape), and how far the window's mean and spread lie from held-back normal windows'.
+SCORE_TERMS = ("discrepancy", "memory", "level", "scale")
+# Terms where both directions are unusual (a drop as much as a rise).
+_TWO_SIDED = ("level", "scale")
+# The most memory-bank values kept, whatever the channels and window length (32 MiB).
+_MAX_MEMORY_VALUES = 8 * 1024 * 1024
 
 
 class BackboneError(RuntimeError):
@@ -65,6 +73,11 @@ class ModelConfig:
     normalisation: str = "instance"
     channel_mean: tuple[float, ...] | None = None
     channel_std: tuple[float, ...] | None = None
+    # The terms `AnomalyLLM.score` fuses. ("discrepancy",) is the paper's raw distance;
+    # with more, each term is a robust z-score against held-back normal windows
+    # (`AnomalyLLM.calibrate`) and the score is the largest, at least 0.
+    score_terms: tuple[str, ...] = ("discrepancy",)
+    memory_size: int = 0  # normal windows in the bank of the "memory" term
     # The truncated backbone's own Hugging Face config; filled in when the backbone
     # is loaded so a checkpoint can rebuild it without the original weights.
     backbone_config: dict[str, Any] = field(default_factory=dict)
@@ -83,7 +96,9 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config keys: {sorted(unknown)}")
         statistics = {
-            key: tuple(data[key]) for key in ("channel_mean", "channel_std") if data.get(key)
+            key: tuple(data[key])
+            for key in ("channel_mean", "channel_std", "score_terms")
+            if data.get(key)
         }
         return cls(**{**data, **statistics})
 
@@ -99,13 +114,33 @@ class ModelConfig:
             raise ValueError(
                 f"normalisation must be 'instance' or 'global', not {self.normalisation!r}"
             )
+        unknown = set(self.score_terms) - set(SCORE_TERMS)
+        if unknown or not self.score_terms:
+            raise ValueError(f"score_terms must be some of {SCORE_TERMS}, not {self.score_terms}")
+        if "memory" in self.score_terms and self.memory_size < 1:
+            raise ValueError("the 'memory' score term needs memory_size >= 1")
+        if self.memory_size * self.channels * self.window_length > _MAX_MEMORY_VALUES:
+            raise ValueError(
+                f"a memory of {self.memory_size} windows of {self.channels} x "
+                f"{self.window_length} values is over {_MAX_MEMORY_VALUES}; use fewer"
+            )
+
+    @property
+    def fused(self) -> bool:
+        """Whether the score fuses calibrated terms (False: the paper's raw distance)."""
+        return self.score_terms != ("discrepancy",)
+
+
+def memory_size_within_budget(wanted: int, channels: int, window_length: int) -> int:
+    """``wanted`` memory windows, or fewer where they would exceed the memory budget."""
+    return max(1, min(wanted, _MAX_MEMORY_VALUES // (channels * window_length)))
 
 
 @dataclass(frozen=True)
 class Scores:
     """What `AnomalyLLM.score` returns for a batch of windows."""
 
-    score: torch.Tensor  # (B,) distance between teacher and student, high = anomalous
+    score: torch.Tensor  # (B,) the (fused) anomaly score, high = anomalous
     nearest_prototype: torch.Tensor  # (B, C) index of the nearest prototype per channel
     attribution: torch.Tensor  # (B, C) share of the score per channel, rows sum to 1
 
@@ -321,6 +356,14 @@ class AnomalyLLM(nn.Module):
         self.normalise = Normaliser(config)
         self.teacher = Teacher(config, backbone)
         self.student = Student(config)
+        if config.fused:
+            # Saved with the weights: instance-normalised normal windows, and each term's
+            # median and robust spread per channel on held-back normal windows.
+            terms, channels = len(config.score_terms), config.channels
+            memory = torch.zeros(channels, config.memory_size, config.window_length)
+            self.register_buffer("memory", memory)  # (C, M, L)
+            self.register_buffer("term_centre", torch.zeros(terms, channels))  # (T, C)
+            self.register_buffer("term_spread", torch.ones(terms, channels))  # (T, C)
 
     @classmethod
     def pretrained(cls, config: ModelConfig, cache_dir: Path = DEFAULT_CACHE_DIR) -> AnomalyLLM:
@@ -364,6 +407,68 @@ class AnomalyLLM(nn.Module):
         c, z, index = self(x)
         return torch.linalg.vector_norm(c.float() - z.float(), dim=-1), index  # (B,), (B, C)
 
+    def raw_terms(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each configured score term per channel (T, B, C), and prototype indices (B, C)."""
+        channels = x.shape[1]
+        terms = []
+        index = None
+        for name in self.config.score_terms:
+            if name == "discrepancy":
+                distance, index = self.distance(x)
+                terms.append(distance.unsqueeze(1).expand(-1, channels))
+            elif name == "memory":
+                terms.append(self._memory_distance(x))
+            elif name == "level":
+                terms.append(x.float().mean(dim=-1))
+            else:  # scale
+                terms.append(torch.log(x.float().std(dim=-1, unbiased=False) + _EPS))
+        if index is None:
+            index = self.student.nearest(self.normalise(x))
+        return torch.stack(terms), index
+
+    def _memory_distance(self, x: torch.Tensor) -> torch.Tensor:
+        """Distance to the nearest memory window, both instance-normalised. (B, C)"""
+        x_norm = instance_norm(x.float())  # (B, C, L): each row has squared norm L
+        nearest_dot = torch.einsum("bcl,cml->bcm", x_norm, self.memory).amax(dim=-1)
+        length = x.shape[-1]
+        return torch.sqrt((2 * (length - nearest_dot)).clamp(min=0) / length)  # (B, C)
+
+    def fused_score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The score of windows (B,) and the nearest prototype per channel (B, C)."""
+        if not self.config.fused:
+            return self.distance(x)
+        raw, index = self.raw_terms(x)  # (T, B, C)
+        z = (raw - self.term_centre.unsqueeze(1)) / self.term_spread.unsqueeze(1)
+        two_sided = torch.tensor(
+            [name in _TWO_SIDED for name in self.config.score_terms], device=x.device
+        ).view(-1, 1, 1)
+        z = torch.where(two_sided, z.abs(), z)
+        return z.amax(dim=(0, 2)).clamp(min=0), index
+
+    @torch.inference_mode()
+    def calibrate(self, memory_windows: torch.Tensor, held_back: torch.Tensor) -> None:
+        """Fill the memory bank and standardise the terms (fused scores only).
+
+        ``memory_windows`` (N, C, L) are normal training windows, thinned evenly to
+        ``memory_size``; ``held_back`` (H, C, L) are normal windows the model and the bank
+        never saw, whose terms give each term's median and spread (1.4826 MAD).
+        """
+        if not self.config.fused:
+            return
+        device = self.memory.device
+        keep = torch.linspace(0, len(memory_windows) - 1, self.config.memory_size)
+        chosen = memory_windows[keep.round().long()].float().to(device)
+        self.memory.copy_(instance_norm(chosen).transpose(0, 1))  # (C, M, L)
+        raw = torch.cat(
+            [self.raw_terms(batch.to(device))[0] for batch in held_back.split(256)], dim=1
+        )  # (T, H, C)
+        centre = raw.median(dim=1).values
+        spread = 1.4826 * (raw - centre.unsqueeze(1)).abs().median(dim=1).values
+        # A term that never varied on normal data (a constant channel) still needs a scale.
+        floor = 1e-3 * centre.abs().clamp(min=1.0)
+        self.term_centre.copy_(centre)
+        self.term_spread.copy_(torch.maximum(spread, floor))
+
     @torch.inference_mode()
     def score(self, x: torch.Tensor, attribution: bool = True) -> Scores:
         """Score windows (B, C, L). Attribution is by channel occlusion.
@@ -372,7 +477,7 @@ class AnomalyLLM(nn.Module):
         replaced by a flat line at its mean, normalised so each row sums to one
         (uniform when no channel changes it); with a single channel it is 1.
         """
-        score, index = self.distance(x)
+        score, index = self.fused_score(x)
         batch, channels, _ = x.shape
         if not attribution or channels == 1:
             return Scores(score, index, torch.ones(batch, channels, device=x.device))
@@ -380,7 +485,7 @@ class AnomalyLLM(nn.Module):
         occluded = x.unsqueeze(0).repeat(channels, 1, 1, 1)
         eye = torch.arange(channels, device=x.device)
         occluded[eye, :, eye] = x.mean(dim=-1).transpose(0, 1).unsqueeze(-1)
-        occluded_score, _ = self.distance(occluded.reshape(channels * batch, channels, -1))
+        occluded_score, _ = self.fused_score(occluded.reshape(channels * batch, channels, -1))
         change = (score.unsqueeze(0) - occluded_score.view(channels, batch)).abs().T  # (B, C)
         total = change.sum(dim=1, keepdim=True)
         share = torch.where(total > 0, change / total.clamp(min=1e-12), 1.0 / channels)

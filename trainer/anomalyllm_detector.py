@@ -9,11 +9,20 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from stream_detector.model import SMOLLM2, AnomalyLLM, ModelConfig
+from stream_detector.model import (
+    SCORE_TERMS,
+    SMOLLM2,
+    AnomalyLLM,
+    ModelConfig,
+    memory_size_within_budget,
+)
 from trainer.train import TrainResult, fit, profile, sliding_windows
 
 PATCHES_PER_WINDOW = 8
 MIN_WINDOW, MAX_WINDOW = 64, 512
+# Training windows offered to a fused model: the memory bank draws on all of them, the
+# networks train on an evenly thinned subset (``TrainConfig.max_train_windows``).
+MEMORY_WINDOWS = 2048
 
 
 def dominant_period(train: np.ndarray, max_lag: int = 2048) -> int | None:
@@ -73,9 +82,15 @@ class AnomalyLLMDetector:
         device: str = "cpu",
         seed: int = 0,
         normalisation: str = "instance",
+        score_terms: tuple[str, ...] = ("discrepancy",),
+        memory_size: int = 0,
+        max_scoring_stride: int | None = None,
     ) -> None:
         self.causal = causal
         self.normalisation = normalisation
+        self.score_terms = tuple(score_terms)
+        self.memory_size = memory_size
+        self.max_scoring_stride = max_scoring_stride
         self.profile_name = profile_name
         self.backbone = backbone
         self.backbone_layers = backbone_layers
@@ -100,7 +115,10 @@ class AnomalyLLMDetector:
             "patches_per_window": PATCHES_PER_WINDOW,
             "causal": self.causal,
             "normalisation": self.normalisation,
+            "score_terms": list(self.score_terms),
+            "memory_size": self.memory_size,
             "max_scored_windows": self.max_scored_windows,
+            "max_scoring_stride": self.max_scoring_stride,
         }
 
     def fit(self, train: np.ndarray) -> None:
@@ -115,9 +133,14 @@ class AnomalyLLMDetector:
             backbone=self.backbone,
             backbone_layers=self.backbone_layers,
             normalisation=self.normalisation,
+            score_terms=self.score_terms,
+            memory_size=memory_size_within_budget(self.memory_size, train.shape[1], length)
+            if self.memory_size
+            else 0,
         )
         train_config = profile(self.profile_name, seed=self.seed)
-        stride = max(1, (len(train) - length) // (train_config.max_train_windows * 2))
+        offered = MEMORY_WINDOWS if self.memory_size else train_config.max_train_windows * 2
+        stride = max(1, (len(train) - length) // offered)
         windows = sliding_windows(train, length, stride)
         self.result = fit(windows, model_config, train_config, device=self.device, progress=False)
         self.model = self.result.model
@@ -141,6 +164,8 @@ class AnomalyLLMDetector:
         if total < 1:
             return np.zeros(len(series), dtype=np.float32)
         stride = max(1, math.ceil(total / self.max_scored_windows))
+        if self.max_scoring_stride is not None:
+            stride = min(stride, self.max_scoring_stride)
         scores = self.window_scores(series, stride)
         starts = np.arange(len(scores)) * stride
         if self.causal:
@@ -155,6 +180,23 @@ class AnomalyLLMGlobalDetector(AnomalyLLMDetector):
 
     def __init__(self, **settings: Any) -> None:
         super().__init__(normalisation="global", **settings)
+
+
+class AnomalyLLMFusedDetector(AnomalyLLMDetector):
+    """AnomalyLLM whose score fuses the discrepancy with memory, level and scale terms.
+
+    Each term is standardised on held-back training windows (``AnomalyLLM.calibrate``);
+    windows are scored at a stride of at most 16 points, well inside the UCR rule's ±100.
+    """
+
+    name = "anomalyllm-fused"
+    profiles: ClassVar[dict[str, dict[str, Any]]] = {
+        "quick": {"profile_name": "quick", "max_scored_windows": 1024, "max_scoring_stride": 16}
+    }
+
+    def __init__(self, **settings: Any) -> None:
+        defaults = {"score_terms": SCORE_TERMS, "memory_size": 1024, "max_scoring_stride": 16}
+        super().__init__(**{**defaults, **settings})
 
 
 def _latest_window_score(scores: np.ndarray, ends: np.ndarray, size: int) -> np.ndarray:

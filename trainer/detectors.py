@@ -191,6 +191,15 @@ class DiscordDetector:
         }
 
 
+class SelfJoinDiscordDetector(DiscordDetector):
+    """The classic discord: the whole series joined with itself (``join="self"``)."""
+
+    name = "discord-self"
+
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(**{"join": "self", **settings})
+
+
 class HalfSpaceTreesDetector:
     """River's Half-Space Trees on the last ``window`` values, streaming and causal.
 
@@ -334,7 +343,9 @@ class WindowedGaussianDetector:
 DETECTORS: dict[str, str] = {
     "anomalyllm": "trainer.anomalyllm_detector:AnomalyLLMDetector",
     "anomalyllm-global": "trainer.anomalyllm_detector:AnomalyLLMGlobalDetector",
+    "anomalyllm-fused": "trainer.anomalyllm_detector:AnomalyLLMFusedDetector",
     "discord": "trainer.detectors:DiscordDetector",
+    "discord-self": "trainer.detectors:SelfJoinDiscordDetector",
     "gaussian": "trainer.detectors:WindowedGaussianDetector",
     "hst": "trainer.detectors:HalfSpaceTreesDetector",
 }

@@ -26,6 +26,9 @@ from trainer.prototypes import init_prototypes
 
 log = logging.getLogger(__name__)
 
+# Held-back windows that standardise a fused score's terms (more add little but time).
+MAX_CALIBRATION_WINDOWS = 2048
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -230,6 +233,13 @@ def fit(
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
+    # The fused score's memory bank comes from every training window before the validation
+    # part, and its terms are standardised on the validation part, which neither saw.
+    held_back = max(1, int(len(windows) * config.validation_fraction))
+    model.calibrate(
+        torch.from_numpy(windows[:-held_back]),
+        torch.from_numpy(_thin(windows[-held_back:], MAX_CALIBRATION_WINDOWS)),
+    )
     result.seconds = time.perf_counter() - started
     log.info("trained: %s", result.summary())
     return result

@@ -78,3 +78,14 @@ def test_weights_that_do_not_fit_the_config_are_refused(
     (directory / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="does not match its config"):
         load_checkpoint(directory)
+
+
+def test_a_fused_model_round_trips_with_its_memory_and_term_statistics(tmp_path: Path) -> None:
+    terms = ("discrepancy", "memory", "level", "scale")
+    model = tiny_model(channels=2, score_terms=terms, memory_size=16).eval()
+    model.calibrate(torch.randn(40, 2, 32), torch.randn(20, 2, 32))
+    x = torch.randn(6, 2, 32)
+    checkpoint = load_checkpoint(save_checkpoint(model, tmp_path / "fused", {"version": "f"}))
+    assert checkpoint.model.config.score_terms == terms
+    assert torch.equal(checkpoint.model.memory, model.memory)
+    assert torch.equal(checkpoint.model.score(x).score, model.score(x).score)

@@ -79,3 +79,70 @@ def test_config_round_trip_refuses_unknown_keys() -> None:
     assert ModelConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="unknown model config keys"):
         ModelConfig.from_dict({**config.to_dict(), "windowlength": 3})
+
+
+FUSED = ("discrepancy", "memory", "level", "scale")
+
+
+def sine_windows(count: int, phase_step: float = 0.37, length: int = 32) -> torch.Tensor:
+    """Noisy sine windows at shifting phases, the normal shape of these tests. (N, 1, L)"""
+    generator = torch.Generator().manual_seed(0)
+    time = torch.arange(length) * 2 * torch.pi / 16
+    phases = torch.arange(count).unsqueeze(1) * phase_step
+    noise = 0.05 * torch.randn(count, length, generator=generator)
+    return (torch.sin(time + phases) + noise).unsqueeze(1)
+
+
+@pytest.fixture
+def fused_model() -> AnomalyLLM:
+    model = tiny_model(score_terms=FUSED, memory_size=64).eval()
+    model.calibrate(sine_windows(200), sine_windows(100, phase_step=0.41))
+    return model
+
+
+def test_the_papers_score_is_the_raw_distance_and_needs_no_calibration() -> None:
+    model = tiny_model().eval()
+    x = torch.randn(6, 1, 32)
+    with torch.no_grad():
+        assert torch.allclose(model.score(x).score, model.distance(x)[0])
+    assert "memory" not in model.state_dict()
+
+
+def test_a_fused_score_is_low_on_normal_windows_and_high_on_each_kind_of_anomaly(
+    fused_model: AnomalyLLM,
+) -> None:
+    normal = sine_windows(50, phase_step=0.53)
+    normal_scores = fused_model.score(normal).score
+    shape = normal.clone()
+    shape[:, :, 10:14] = 0.0  # a dip the sine never makes; level and spread hardly move
+    level = normal + 3.0  # the same shape, shifted: invisible after instance norm
+    scale = normal * 4.0
+    for name, anomalous in [("shape", shape), ("level", level), ("scale", scale)]:
+        scores = fused_model.score(anomalous).score
+        assert scores.min() > normal_scores.quantile(0.95), name
+    assert (normal_scores >= 0).all()
+
+
+def test_the_memory_term_is_the_distance_to_the_nearest_normal_window(
+    fused_model: AnomalyLLM,
+) -> None:
+    bank_window = instance_norm(fused_model.memory[:, 7].unsqueeze(0))  # already normal
+    raw, _ = fused_model.raw_terms(bank_window * 2.0 + 5.0)  # same shape, other level
+    memory = raw[FUSED.index("memory")]
+    assert float(memory.max()) < 0.02  # 0 but for instance_norm's epsilon
+
+
+def test_fused_terms_are_standardised_on_the_held_back_windows(
+    fused_model: AnomalyLLM,
+) -> None:
+    raw, _ = fused_model.raw_terms(sine_windows(100, phase_step=0.41))
+    z = (raw - fused_model.term_centre.unsqueeze(1)) / fused_model.term_spread.unsqueeze(1)
+    medians = z.median(dim=1).values
+    assert torch.allclose(medians, torch.zeros_like(medians), atol=1e-4)
+
+
+def test_the_memory_bank_must_fit_the_budget() -> None:
+    with pytest.raises(ValueError, match="memory"):
+        tiny_config(score_terms=FUSED, memory_size=0).validate()
+    with pytest.raises(ValueError, match="values is over"):
+        tiny_config(score_terms=FUSED, memory_size=10**6).validate()
