@@ -502,6 +502,7 @@ def _run_locked(
                     f"{model_config.prototypes} prototypes; read a longer period"
                 )
             refit_prototypes(candidate, torch.from_numpy(windows))
+            train.calibrate_score(candidate, splits.train, train_config.validation_fraction)
         report["training"] = {"parent_version": current, "kmeans_windows": len(windows)}
     lock.verify()
     with phase("calibrate", "calibrating thresholds"):

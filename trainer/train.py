@@ -233,16 +233,24 @@ def fit(
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
-    # The fused score's memory bank comes from every training window before the validation
-    # part, and its terms are standardised on the validation part, which neither saw.
-    held_back = max(1, int(len(windows) * config.validation_fraction))
+    calibrate_score(model, windows, config.validation_fraction)
+    result.seconds = time.perf_counter() - started
+    log.info("trained: %s", result.summary())
+    return result
+
+
+def calibrate_score(model: AnomalyLLM, windows: np.ndarray, held_back_fraction: float) -> None:
+    """Calibrate a fused score on normal windows [N, C, L] in time order (else nothing).
+
+    The memory bank comes from every window before the last ``held_back_fraction``, and
+    the terms are standardised on that last part, which neither the bank nor (in ``fit``)
+    the networks saw.
+    """
+    held_back = max(1, int(len(windows) * held_back_fraction))
     model.calibrate(
         torch.from_numpy(windows[:-held_back]),
         torch.from_numpy(_thin(windows[-held_back:], MAX_CALIBRATION_WINDOWS)),
     )
-    result.seconds = time.perf_counter() - started
-    log.info("trained: %s", result.summary())
-    return result
 
 
 def _thin(windows: np.ndarray, limit: int) -> np.ndarray:

@@ -18,6 +18,8 @@ from confluent_kafka import Producer
 from pydantic import BaseModel
 
 from stream_detector.consumer import ConsumedMessage, ReadingConsumer, next_offsets
+from stream_detector.metrics import Metrics
+from stream_detector.outbox import DeadLetter, Outbox
 from stream_detector.publisher import Publisher, PublishError, ReadingProducer
 from stream_detector.schemas import ScoreRecord
 from stream_detector.services import free_port
@@ -341,3 +343,47 @@ def test_a_score_record_too_large_for_its_topic_loses_only_its_attribution(
     headers = dict(message.headers)
     assert headers["truncated"] == b"true"
     assert headers["original_sha256"] == hashlib.sha256(record.to_json()).hexdigest().encode()
+
+
+class OverconfidentPublisher(Publisher):
+    """Believes every topic takes 10 MB while its producer sends at most 20,000 bytes."""
+
+    def max_bytes(self, topic: str) -> int:
+        return 10_000_000
+
+
+def test_records_refused_for_good_become_dead_letters_cut_further_and_nothing_blocks(
+    kafka_bootstrap: str,
+    topics: Topics,
+    make_consumer: Callable[..., ReadingConsumer],
+) -> None:
+    publisher = OverconfidentPublisher(
+        kafka_bootstrap,
+        scores_topic=topics.scores,
+        alerts_topic=topics.alerts,
+        dead_letter_topic=topics.dead_letter,
+        config={"message.max.bytes": 20_000},
+    )
+    metrics = Metrics()
+    outbox = Outbox(publisher, metrics, topics.readings)
+    small = ScoreRecord("pump-1", 2, 1, 0.5, 1.0, "default", "v1", 3, (0.25,))
+    huge = ScoreRecord("pump-2", 2, 1, 0.5, 1.0, "default", "v1", 3, (0.125,) * 5_000)
+    outbox.send(small)
+    outbox.send(huge)
+    outbox.send(DeadLetter(b"m7", b"x" * 50_000, "too_large: 50000 bytes", topics.readings, 0, 9))
+    outbox.acknowledge()  # no PublishError: every record went somewhere
+    publisher.close(5)
+
+    received = poll_until(make_consumer([topics.scores, topics.dead_letter]), 3)
+    (score,) = [m for m in received if m.topic == topics.scores]
+    assert json.loads(score.value)["sensor_id"] == "pump-1"
+    dead = {dict(m.headers)["reason"].split(b":")[0]: m for m in received if m not in [score]}
+    assert set(dead) == {b"undeliverable", b"too_large"}
+    for message in dead.values():  # refused whole, then cut to its first KiB
+        headers = dict(message.headers)
+        assert len(message.value) == 1024 and headers["truncated"] == b"true"
+    assert dead[b"undeliverable"].value == huge.to_json()[:1024]
+    assert dict(dead[b"too_large"].headers)["source_offset"] == b"9"
+    refused = "detector_undeliverable_outputs_total"
+    assert metrics.registry.get_sample_value(refused, {"topic": topics.scores}) == 1
+    assert metrics.registry.get_sample_value(refused, {"topic": topics.dead_letter}) == 2
