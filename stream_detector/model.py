@@ -2,7 +2,13 @@
 
 Liu et al., "Large Language Model Guided Knowledge Distillation for Time Series
 Anomaly Detection" (arXiv 2401.15123). Shapes in comments: B batch, C channels,
-L window length, N patches, H hidden size, d embedding size, K prototypes.
+L window length, N patches, H hidden size, d embedding size, K prototypes, M memory
+windows, T score terms.
+
+The paper's score is the teacher-student distance. ``ModelConfig.score_terms`` can fuse
+it with terms the same model computes (the distance to the nearest of M normal training
+windows, and the window's level and spread), each standardised on held-back normal
+windows; the worker and the trainer run whatever the checkpoint's config says.
 
 This is the only module that talks to transformers.
 """
