@@ -104,3 +104,19 @@ def test_spherical_kmeans_finds_separate_clusters() -> None:
     points = torch.cat([base[i] + 0.01 * torch.randn(20, 8) for i in range(3)])
     centers = spherical_kmeans(points, 3)
     assert sorted(centers.argmax(dim=1).tolist()) == [0, 1, 2]
+
+
+def test_a_fused_model_leaves_fit_calibrated_on_windows_it_did_not_train_on() -> None:
+    terms = ("discrepancy", "memory")
+    windows = sliding_windows(sine_series(1200), 32, 4)
+    config = tiny_config(score_terms=terms, memory_size=128)
+    model = tiny_model(seed=1, score_terms=terms, memory_size=128)
+    result = fit(windows, config, SMALL, model=model, progress=False)
+    held_back = windows[-int(len(windows) * SMALL.validation_fraction) :]
+    scores = result.model.score(torch.from_numpy(held_back)).score
+    assert 0.2 < float((scores > 0).float().mean()) < 0.8  # 0 at each term's median
+    test = sliding_windows(sine_series(400, seed=5), 32, 8)
+    broken = test.copy()
+    broken[:, 0, 12:20] = 0.0  # a flat stretch where the sine should swing
+    broken_scores = result.model.score(torch.from_numpy(broken)).score
+    assert broken_scores.min() > scores.max()
