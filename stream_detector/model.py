@@ -370,6 +370,10 @@ class AnomalyLLM(nn.Module):
             self.register_buffer("memory", memory)  # (C, M, L)
             self.register_buffer("term_centre", torch.zeros(terms, channels))  # (T, C)
             self.register_buffer("term_spread", torch.ones(terms, channels))  # (T, C)
+            two_sided = [name in _TWO_SIDED for name in config.score_terms]
+            self.register_buffer(
+                "two_sided", torch.tensor(two_sided).view(-1, 1, 1), persistent=False
+            )  # (T, 1, 1)
 
     @classmethod
     def pretrained(cls, config: ModelConfig, cache_dir: Path = DEFAULT_CACHE_DIR) -> AnomalyLLM:
@@ -445,10 +449,7 @@ class AnomalyLLM(nn.Module):
             return self.distance(x)
         raw, index = self.raw_terms(x)  # (T, B, C)
         z = (raw - self.term_centre.unsqueeze(1)) / self.term_spread.unsqueeze(1)
-        two_sided = torch.tensor(
-            [name in _TWO_SIDED for name in self.config.score_terms], device=x.device
-        ).view(-1, 1, 1)
-        z = torch.where(two_sided, z.abs(), z)
+        z = torch.where(self.two_sided, z.abs(), z)
         return z.amax(dim=(0, 2)).clamp(min=0), index
 
     @torch.inference_mode()

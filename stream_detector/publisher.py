@@ -98,12 +98,6 @@ class JsonRecord(Protocol):
     def to_json(self) -> bytes: ...
 
 
-class ShrinkableRecord(JsonRecord, Protocol):
-    """A ``JsonRecord`` that can drop its unbounded parts to fit a topic."""
-
-    def shrunk(self) -> JsonRecord: ...
-
-
 class PublishError(RuntimeError):
     """Outputs were not acknowledged by the broker; do not store or commit input offsets."""
 
@@ -123,8 +117,8 @@ class Delivery:
         """``None`` while acknowledged or still in flight."""
         return None if self.error is None else classify(self.error)
 
-    def report(self, error: KafkaError | None, _message: Message | None = None) -> None:
-        """The producer's ``on_delivery`` callback."""
+    def report(self, error: KafkaError | None) -> None:
+        """Record the broker's (or ``produce``'s) answer."""
         self.acknowledged, self.error = error is None, error
 
 
@@ -285,7 +279,7 @@ class Publisher:
 
         def on_delivery(error: KafkaError | None, message: Message) -> None:
             self._on_delivery(error, message)
-            delivery.report(error, message)
+            delivery.report(error)
 
         while True:
             try:
