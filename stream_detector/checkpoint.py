@@ -135,7 +135,9 @@ def load_checkpoint(directory: Path, device: str | torch.device = "cpu") -> Chec
             f"{weights} has sha256 {actual}, but {CONFIG_FILE} records "
             f"{config['weights_sha256']}: the file was modified or truncated; refusing it"
         )
-    model = AnomalyLLM.from_config(ModelConfig.from_dict(config["model"]))
+    # Checkpoints written before score terms existed score the paper's way.
+    model_config = {"score_terms": ("discrepancy",), **config["model"]}
+    model = AnomalyLLM.from_config(ModelConfig.from_dict(model_config))
     try:
         model.load_state_dict(load_file(weights))
     except (SafetensorError, RuntimeError) as error:

@@ -138,9 +138,6 @@ def train_model(
         patch_stride=8,
         backbone=SMOLLM2 if backbone == "smollm2" else backbone,
         backbone_layers=6,
-        # Sensor levels matter: a latency spike or a drop is anomalous as such, which a
-        # per-window (instance) normalisation would hide.
-        normalisation="global",
     )
     train_config = profile(profile_name)
     cache = out / "cache" / _cache_key(series, model_config, train_config)

@@ -5,9 +5,10 @@ Anomaly Detection" (arXiv 2401.15123). Shapes in comments: B batch, C channels,
 L window length, N patches, H hidden size, d embedding size, K prototypes, M memory
 windows, T score terms.
 
-The paper's score is the teacher-student distance. ``ModelConfig.score_terms`` can fuse
-it with terms the same model computes (the distance to the nearest of M normal training
-windows, and the window's level and spread), each standardised on held-back normal
+The paper's score is the teacher-student distance. The product's default score
+(``ModelConfig.score_terms``) fuses it with terms the same model computes: the distance to
+the nearest of M normal training windows (shape), and how far the window's level and
+spread lie outside the range seen on normal windows. Each term is standardised on normal
 windows; the worker and the trainer run whatever the checkpoint's config says.
 
 This is the only module that talks to transformers.
@@ -45,12 +46,18 @@ _MLP_PARTS = ("mlp",)
 _EPS = 1e-5
 # What a score can fuse (``ModelConfig.score_terms``): the teacher-student discrepancy (the
 # paper's score), the distance to the nearest normal training window in a memory bank
-# (shape), and how far the window's mean and spread lie from held-back normal windows'.
+# (shape), and how far the window's mean and spread lie outside their normal range.
 SCORE_TERMS = ("discrepancy", "memory", "level", "scale")
-# Terms where both directions are unusual (a drop as much as a rise).
+# The product's default: every term (see the README's UCR ablation for each one's share).
+DEFAULT_SCORE_TERMS = SCORE_TERMS
+# Terms where both directions are unusual (a drop as much as a rise); they count only
+# beyond the range seen on normal windows, so a drift within it costs nothing.
 _TWO_SIDED = ("level", "scale")
 # The most memory-bank values kept, whatever the channels and window length (32 MiB).
 _MAX_MEMORY_VALUES = 8 * 1024 * 1024
+# Normal windows kept in the memory bank by default: the budget above, for one channel
+# of 512 points (``ModelConfig.memory_slots`` takes fewer where the budget demands).
+DEFAULT_MEMORY_SIZE = 16384
 
 
 class BackboneError(RuntimeError):
@@ -80,10 +87,11 @@ class ModelConfig:
     channel_mean: tuple[float, ...] | None = None
     channel_std: tuple[float, ...] | None = None
     # The terms `AnomalyLLM.score` fuses. ("discrepancy",) is the paper's raw distance;
-    # with more, each term is a robust z-score against held-back normal windows
-    # (`AnomalyLLM.calibrate`) and the score is the largest, at least 0.
-    score_terms: tuple[str, ...] = ("discrepancy",)
-    memory_size: int = 0  # normal windows in the bank of the "memory" term
+    # with more, each term is standardised against normal windows (`AnomalyLLM.calibrate`)
+    # and the score is the largest, at least 0.
+    score_terms: tuple[str, ...] = DEFAULT_SCORE_TERMS
+    # Normal windows in the bank of the "memory" term, at most (``memory_slots``).
+    memory_size: int = DEFAULT_MEMORY_SIZE
     # The truncated backbone's own Hugging Face config; filled in when the backbone
     # is loaded so a checkpoint can rebuild it without the original weights.
     backbone_config: dict[str, Any] = field(default_factory=dict)
@@ -125,21 +133,19 @@ class ModelConfig:
             raise ValueError(f"score_terms must be some of {SCORE_TERMS}, not {self.score_terms}")
         if "memory" in self.score_terms and self.memory_size < 1:
             raise ValueError("the 'memory' score term needs memory_size >= 1")
-        if self.memory_size * self.channels * self.window_length > _MAX_MEMORY_VALUES:
-            raise ValueError(
-                f"a memory of {self.memory_size} windows of {self.channels} x "
-                f"{self.window_length} values is over {_MAX_MEMORY_VALUES}; use fewer"
-            )
 
     @property
     def fused(self) -> bool:
         """Whether the score fuses calibrated terms (False: the paper's raw distance)."""
         return self.score_terms != ("discrepancy",)
 
-
-def memory_size_within_budget(wanted: int, channels: int, window_length: int) -> int:
-    """``wanted`` memory windows, or fewer where they would exceed the memory budget."""
-    return max(1, min(wanted, _MAX_MEMORY_VALUES // (channels * window_length)))
+    @property
+    def memory_slots(self) -> int:
+        """Windows in the memory bank: ``memory_size``, or fewer within the memory budget."""
+        if "memory" not in self.score_terms:
+            return 0
+        budget = _MAX_MEMORY_VALUES // (self.channels * self.window_length)
+        return max(1, min(self.memory_size, budget))
 
 
 @dataclass(frozen=True)
@@ -366,7 +372,7 @@ class AnomalyLLM(nn.Module):
             # Saved with the weights: instance-normalised normal windows, and each term's
             # median and robust spread per channel on held-back normal windows.
             terms, channels = len(config.score_terms), config.channels
-            memory = torch.zeros(channels, config.memory_size, config.window_length)
+            memory = torch.zeros(channels, config.memory_slots, config.window_length)
             self.register_buffer("memory", memory)  # (C, M, L)
             self.register_buffer("term_centre", torch.zeros(terms, channels))  # (T, C)
             self.register_buffer("term_spread", torch.ones(terms, channels))  # (T, C)
@@ -417,12 +423,15 @@ class AnomalyLLM(nn.Module):
         c, z, index = self(x)
         return torch.linalg.vector_norm(c.float() - z.float(), dim=-1), index  # (B,), (B, C)
 
-    def raw_terms(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each configured score term per channel (T, B, C), and prototype indices (B, C)."""
+    def raw_terms(
+        self, x: torch.Tensor, names: tuple[str, ...] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score terms per channel (T, B, C), all configured ones unless ``names`` says,
+        and prototype indices (B, C)."""
         channels = x.shape[1]
         terms = []
         index = None
-        for name in self.config.score_terms:
+        for name in names or self.config.score_terms:
             if name == "discrepancy":
                 distance, index = self.distance(x)
                 terms.append(distance.unsqueeze(1).expand(-1, channels))
@@ -454,27 +463,46 @@ class AnomalyLLM(nn.Module):
 
     @torch.inference_mode()
     def calibrate(self, memory_windows: torch.Tensor, held_back: torch.Tensor) -> None:
-        """Fill the memory bank and standardise the terms (fused scores only).
+        """Fill the memory bank and put every term on one scale (fused scores only).
 
         ``memory_windows`` (N, C, L) are normal training windows, thinned evenly to
-        ``memory_size``; ``held_back`` (H, C, L) are normal windows the model and the bank
-        never saw, whose terms give each term's median and spread (1.4826 MAD).
+        ``memory_slots``; ``held_back`` (H, C, L) are normal windows the model and the bank
+        never saw. On the common scale 0 is typical and 1 is the most extreme normal
+        window: a one-sided term (discrepancy, memory) is measured from its median on the
+        held-back windows in units of their largest excess over it; a two-sided term
+        (level, scale) from the middle of its range on all these normal windows, in units
+        of half that range. So a term with heavy tails on normal data counts for less,
+        and the fused score (the largest term) above 1 means beyond anything normal.
         """
         if not self.config.fused:
             return
-        device = self.memory.device
-        keep = torch.linspace(0, len(memory_windows) - 1, self.config.memory_size)
-        chosen = memory_windows[keep.round().long()].float().to(device)
-        self.memory.copy_(instance_norm(chosen).transpose(0, 1))  # (C, M, L)
-        raw = torch.cat(
-            [self.raw_terms(batch.to(device))[0] for batch in held_back.split(256)], dim=1
-        )  # (T, H, C)
-        centre = raw.median(dim=1).values
-        spread = 1.4826 * (raw - centre.unsqueeze(1)).abs().median(dim=1).values
+        device = self.term_centre.device
+        if self.config.memory_slots:
+            slots = min(self.config.memory_slots, len(memory_windows))
+            keep = torch.linspace(0, len(memory_windows) - 1, slots).round().long()
+            chosen = memory_windows[keep].float().to(device)
+            # The bank shrinks to the windows there are; the config records its size.
+            self.memory = instance_norm(chosen).transpose(0, 1).contiguous()  # (C, M, L)
+            self.config = dataclasses.replace(self.config, memory_size=slots)
+        held = self._terms_of(held_back, self.config.score_terms)  # (T, H, C)
+        centre = held.median(dim=1).values
+        spread = held.amax(dim=1) - centre
+        sided = self.two_sided.view(-1)
+        if sided.any():
+            names = tuple(name for name in self.config.score_terms if name in _TWO_SIDED)
+            normal = torch.cat([held[sided], self._terms_of(memory_windows, names)], dim=1)
+            low, high = normal.amin(dim=1), normal.amax(dim=1)
+            centre[sided], spread[sided] = (low + high) / 2, (high - low) / 2
         # A term that never varied on normal data (a constant channel) still needs a scale.
         floor = 1e-3 * centre.abs().clamp(min=1.0)
         self.term_centre.copy_(centre)
         self.term_spread.copy_(torch.maximum(spread, floor))
+
+    def _terms_of(self, windows: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
+        """The named score terms of windows (N, C, L), in batches. (T, N, C)"""
+        device = self.term_centre.device
+        batches = windows.split(256)
+        return torch.cat([self.raw_terms(batch.to(device), names)[0] for batch in batches], dim=1)
 
     @torch.inference_mode()
     def score(self, x: torch.Tensor, attribution: bool = True) -> Scores:

@@ -145,29 +145,17 @@ def score_windows(
     windows: np.ndarray,
     device: torch.device,
     *,
-    shared_teacher: bool = False,
     batch_size: int = 256,
 ) -> list[np.ndarray]:
-    """Each model's scores of windows (N, C, L), as ``AnomalyLLM.score`` gives them.
-
-    ``shared_teacher``: the models have identical normalisation and teachers (a refresh
-    and its parent), so the teacher, by far the costlier half, runs once per batch.
-    """
+    """Each model's scores of windows (N, C, L): ``AnomalyLLM.score``, as the worker runs it."""
     out: list[list[np.ndarray]] = [[] for _ in models]
     for model in models:
         model.to(device).eval()
-    with torch.inference_mode():
-        for start in range(0, len(windows), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(windows[start : start + batch_size]))
-            x = x.to(device)
-            shared = None
-            if shared_teacher:
-                shared = models[0].teacher(models[0].normalise(x)).float()  # (B, d)
-            for scores, model in zip(out, models, strict=True):
-                x_norm = model.normalise(x)
-                c = shared if shared is not None else model.teacher(x_norm).float()
-                z, _ = model.student(x_norm)
-                scores.append(torch.linalg.vector_norm(c - z.float(), dim=-1).cpu().numpy())
+    for start in range(0, len(windows), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(windows[start : start + batch_size]))
+        x = x.to(device)
+        for scores, model in zip(out, models, strict=True):
+            scores.append(model.score(x, attribution=False).score.float().cpu().numpy())
     return [np.concatenate(s) if s else np.zeros(0, np.float32) for s in out]
 
 
@@ -175,11 +163,10 @@ def _scores_of(
     models: Sequence[AnomalyLLM],
     split: dict[str, sources.SensorWindows],
     device: torch.device,
-    shared_teacher: bool,
 ) -> list[dict[str, thresholds.SensorScores]]:
     per_model: list[dict[str, thresholds.SensorScores]] = [{} for _ in models]
     for sensor_id, w in split.items():
-        scored = score_windows(models, w.windows, device, shared_teacher=shared_teacher)
+        scored = score_windows(models, w.windows, device)
         for result, scores in zip(per_model, scored, strict=True):
             result[sensor_id] = thresholds.SensorScores(w.end_ts_ms, scores)
     return per_model
@@ -191,7 +178,6 @@ def _incident_scores(
     stride: int,
     gap_factor: float,
     device: torch.device,
-    shared_teacher: bool,
 ) -> list[list[tuple[sources.Span, thresholds.SensorScores, int]]]:
     length = models[0].config.window_length
     per_model: list[list[tuple[sources.Span, thresholds.SensorScores, int]]] = [[] for _ in models]
@@ -202,7 +188,7 @@ def _incident_scores(
             logger.warning("incident %s has no complete window of data; not judged", span)
             continue
         slack_ms = int(length * series.interval_ms)
-        scored = score_windows(models, windows.windows, device, shared_teacher=shared_teacher)
+        scored = score_windows(models, windows.windows, device)
         for result, scores in zip(per_model, scored, strict=True):
             result.append((span, thresholds.SensorScores(windows.end_ts_ms, scores), slack_ms))
     return per_model
@@ -218,11 +204,8 @@ def _evaluate(
 ) -> list[gate.Evaluation]:
     """Judge (model, its thresholds.json) pairs on the same hold-out data and incidents."""
     networks = [model for model, _ in models]
-    shared = options.mode == "refresh"
-    holdout = _scores_of(networks, splits.holdout, device, shared)
-    incidents = _incident_scores(
-        networks, data, settings.stride, options.gap_factor, device, shared
-    )
+    holdout = _scores_of(networks, splits.holdout, device)
+    incidents = _incident_scores(networks, data, settings.stride, options.gap_factor, device)
     return [
         gate.evaluate(
             holdout[index],
@@ -506,7 +489,7 @@ def _run_locked(
         report["training"] = {"parent_version": current, "kmeans_windows": len(windows)}
     lock.verify()
     with phase("calibrate", "calibrating thresholds"):
-        (calibration,) = _scores_of([candidate], splits.calibration, device, False)
+        (calibration,) = _scores_of([candidate], splits.calibration, device)
         thresholds_json = thresholds.calibrate(
             calibration, options.threshold_config, settings.alerts
         )
@@ -564,7 +547,8 @@ def _run_locked(
             thresholds=thresholds_json,
             metadata_extra={
                 "training": provenance,
-                "normalisation": "per-window, per-channel instance normalisation",
+                "normalisation": _NORMALISATIONS[candidate.config.normalisation],
+                "score_terms": list(candidate.config.score_terms),
                 "data_window": {
                     "start": report["data"]["range"]["start"],
                     "end": report["data"]["range"]["end"],
@@ -589,6 +573,12 @@ def _run_locked(
             )
     _print_outcome(console, version, decision, candidate_eval, current_eval)
     return JobResult(EXIT_OK if decision.promote else EXIT_REFUSED, report)
+
+
+_NORMALISATIONS = {
+    "instance": "per-window, per-channel instance normalisation",
+    "global": "per-channel statistics of the training data",
+}
 
 
 def _report_bytes(report: dict[str, Any]) -> bytes:

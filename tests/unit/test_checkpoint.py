@@ -89,3 +89,18 @@ def test_a_fused_model_round_trips_with_its_memory_and_term_statistics(tmp_path:
     assert checkpoint.model.config.score_terms == terms
     assert torch.equal(checkpoint.model.memory, model.memory)
     assert torch.equal(checkpoint.model.score(x).score, model.score(x).score)
+
+
+def test_a_checkpoint_written_before_score_terms_existed_keeps_the_papers_score(
+    tmp_path: Path,
+) -> None:
+    model = tiny_model(score_terms=("discrepancy",)).eval()
+    directory = save_checkpoint(model, tmp_path / "old", {"version": "old"})
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["model"]["score_terms"], config["model"]["memory_size"]
+    config_path.write_text(json.dumps(config))
+    x = torch.randn(4, 1, 32)
+    checkpoint = load_checkpoint(directory)
+    assert checkpoint.model.config.score_terms == ("discrepancy",)
+    assert torch.equal(checkpoint.model.score(x).score, model.score(x).score)

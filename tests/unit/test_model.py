@@ -10,6 +10,9 @@ from tests.tiny import TINY_LLAMA, tiny_config, tiny_model
 
 pytestmark = pytest.mark.unit
 
+FUSED = ("discrepancy", "memory", "level", "scale")
+PAPER = ("discrepancy",)
+
 
 @pytest.mark.parametrize("backbone_config", [None, TINY_LLAMA], ids=["gpt2", "llama"])
 def test_score_shapes_for_multichannel_windows(backbone_config: dict | None) -> None:
@@ -26,7 +29,7 @@ def test_score_shapes_for_multichannel_windows(backbone_config: dict | None) -> 
 
 def test_a_flat_channel_gets_no_attribution() -> None:
     # Occluding a channel that is already flat changes nothing, so it explains nothing.
-    model = tiny_model(channels=2).eval()
+    model = tiny_model(channels=2, score_terms=PAPER).eval()
     x = torch.randn(8, 2, 32)
     x[:, 1] = 3.0
     scores = model.score(x)
@@ -63,8 +66,8 @@ def test_instance_norm_removes_offset_and_scale() -> None:
     assert torch.allclose(instance_norm(x * 7 + 100), instance_norm(x), atol=1e-4)
 
 
-def test_score_is_invariant_to_offset_and_gain() -> None:
-    model = tiny_model().eval()
+def test_the_papers_score_is_invariant_to_offset_and_gain() -> None:
+    model = tiny_model(score_terms=PAPER).eval()
     x = torch.randn(4, 1, 32)
     assert torch.allclose(model.score(x).score, model.score(3 * x - 50).score, atol=1e-3)
 
@@ -79,9 +82,6 @@ def test_config_round_trip_refuses_unknown_keys() -> None:
     assert ModelConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="unknown model config keys"):
         ModelConfig.from_dict({**config.to_dict(), "windowlength": 3})
-
-
-FUSED = ("discrepancy", "memory", "level", "scale")
 
 
 def sine_windows(count: int, phase_step: float = 0.37, length: int = 32) -> torch.Tensor:
@@ -100,8 +100,13 @@ def fused_model() -> AnomalyLLM:
     return model
 
 
+def test_the_default_score_fuses_every_term() -> None:
+    assert ModelConfig().score_terms == FUSED
+    assert ModelConfig().fused
+
+
 def test_the_papers_score_is_the_raw_distance_and_needs_no_calibration() -> None:
-    model = tiny_model().eval()
+    model = tiny_model(score_terms=PAPER).eval()
     x = torch.randn(6, 1, 32)
     with torch.no_grad():
         assert torch.allclose(model.score(x).score, model.distance(x)[0])
@@ -132,17 +137,26 @@ def test_the_memory_term_is_the_distance_to_the_nearest_normal_window(
     assert float(memory.max()) < 0.02  # 0 but for instance_norm's epsilon
 
 
-def test_fused_terms_are_standardised_on_the_held_back_windows(
+def test_fused_terms_put_the_most_extreme_normal_window_at_one(
     fused_model: AnomalyLLM,
 ) -> None:
-    raw, _ = fused_model.raw_terms(sine_windows(100, phase_step=0.41))
+    held_back = sine_windows(100, phase_step=0.41)  # what the fixture calibrated on
+    raw, _ = fused_model.raw_terms(held_back)
     z = (raw - fused_model.term_centre.unsqueeze(1)) / fused_model.term_spread.unsqueeze(1)
-    medians = z.median(dim=1).values
+    one_sided = [FUSED.index("discrepancy"), FUSED.index("memory")]
+    two_sided = [FUSED.index("level"), FUSED.index("scale")]
+    # One-sided terms: 0 at their held-back median, 1 at the held-back maximum.
+    medians, maxima = z[one_sided].median(dim=1).values, z[one_sided].amax(dim=1)
     assert torch.allclose(medians, torch.zeros_like(medians), atol=1e-4)
+    assert torch.allclose(maxima, torch.ones_like(maxima), atol=1e-4)
+    # Two-sided terms: every normal window lies within the range, [-1, 1].
+    assert float(z[two_sided].abs().max()) <= 1 + 1e-4
+    assert fused_model.score(held_back).score.max() <= 1 + 1e-4
 
 
-def test_the_memory_bank_must_fit_the_budget() -> None:
+def test_the_memory_bank_keeps_within_its_budget() -> None:
     with pytest.raises(ValueError, match="memory"):
         tiny_config(score_terms=FUSED, memory_size=0).validate()
-    with pytest.raises(ValueError, match="values is over"):
-        tiny_config(score_terms=FUSED, memory_size=10**6).validate()
+    large = tiny_config(score_terms=FUSED, memory_size=10**6)
+    assert large.memory_slots == 8 * 1024 * 1024 // 32
+    assert tiny_config(score_terms=PAPER).memory_slots == 0
