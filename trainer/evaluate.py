@@ -22,7 +22,9 @@ Two thresholds are reported:
 
 - label-free (deployable): per channel, a second detector is fit on the first 75% of
   ``train`` and scores the last 25%; the threshold is a quantile (default: the maximum)
-  of those held-out scores, i.e. the highest score seen on normal data;
+  of those held-out scores, i.e. the highest score seen on normal data, or with
+  ``--threshold pot`` the product's own: peaks over threshold on those scores with the
+  settings ``trainer fit`` writes into ``thresholds.json`` (``trainer.thresholds``);
 - oracle best-F1: one threshold for all channels, swept over the pooled test scores and
   chosen on the test labels. An upper bound, not a result a deployment could reach.
 """
@@ -54,8 +56,10 @@ from trainer.data import (
     load_ucr,
 )
 from trainer.detectors import PROFILES, Detector, get_detector
+from trainer.thresholds import ThresholdConfig, pot_threshold
 
 UCR_MARGIN = 100
+THRESHOLD_METHODS = ("quantile", "pot")
 HOLDOUT_FRACTION = 0.25
 THRESHOLD_SWEEP_SIZE = 1000
 
@@ -422,23 +426,32 @@ def holdout_threshold(
     train: np.ndarray,
     quantile: float = 1.0,
     holdout_fraction: float = HOLDOUT_FRACTION,
+    method: str = "quantile",
 ) -> float:
-    """A threshold without test labels: a quantile of held-out training scores.
+    """A threshold without test labels, from held-out training scores.
 
     A fresh detector fits the first ``1 - holdout_fraction`` of ``train`` and scores the
-    rest, data known to be normal; ``quantile=1`` takes the highest such score.
+    rest, data known to be normal. ``method="quantile"``: their ``quantile`` (1 = the
+    highest); ``"pot"``: the product's peaks-over-threshold fit (``trainer.thresholds``).
     """
+    if method not in THRESHOLD_METHODS:
+        raise ValueError(f"threshold method must be one of {THRESHOLD_METHODS}, not {method!r}")
     if not 0.0 < holdout_fraction < 1.0 or not 0.0 <= quantile <= 1.0:
         raise ValueError("holdout_fraction must lie in (0, 1) and quantile in [0, 1]")
     cut = round(train.shape[0] * (1.0 - holdout_fraction))
     detector = make_detector()
     detector.fit(train[:cut])
     held_out = checked_scores(detector.score(train[cut:]), train.shape[0] - cut, detector.name)
+    if method == "pot":
+        return pot_threshold(held_out, ThresholdConfig()).threshold
     return float(np.quantile(held_out, quantile))
 
 
 def evaluate_msl_channel(
-    make_detector: Callable[[], Detector], channel: MslChannel, quantile: float
+    make_detector: Callable[[], Detector],
+    channel: MslChannel,
+    quantile: float,
+    threshold_method: str = "quantile",
 ) -> tuple[dict[str, Any], np.ndarray | None]:
     """Fit on train, score test, count events at the label-free threshold.
 
@@ -467,7 +480,9 @@ def evaluate_msl_channel(
         return record, None
     try:
         started = time.perf_counter()
-        threshold = holdout_threshold(make_detector, channel.train, quantile)
+        threshold = holdout_threshold(
+            make_detector, channel.train, quantile, method=threshold_method
+        )
         record["calibration_s"] = _rounded(time.perf_counter() - started)
     except SERIES_ERRORS as error:
         record |= {"calibration_error": f"{type(error).__name__}: {error}"}
@@ -486,6 +501,7 @@ def run_msl(
     time_budget_s: float | None = None,
     quantile: float = 1.0,
     log: Log | None = None,
+    threshold_method: str = "quantile",
 ) -> dict[str, Any]:
     """Every detector on every channel; the JSON result."""
     started = time.perf_counter()
@@ -504,7 +520,10 @@ def run_msl(
         outcomes = []
         for name in detector_names:
             record, channel_scores = evaluate_msl_channel(
-                lambda name=name: get_detector(name, profile=profile), channel, quantile
+                lambda name=name: get_detector(name, profile=profile),
+                channel,
+                quantile,
+                threshold_method,
             )
             records[name].append(record)
             if channel_scores is not None:
@@ -547,6 +566,10 @@ def run_msl(
         "label_free_threshold": (
             f"per channel: fit on the first {1 - HOLDOUT_FRACTION:.0%} of train, score the "
             f"rest; threshold = quantile {quantile} of those scores"
+            if threshold_method == "quantile"
+            else f"per channel: fit on the first {1 - HOLDOUT_FRACTION:.0%} of train, score the "
+            "rest; threshold = peaks over threshold on those scores (trainer.thresholds, "
+            f"{ThresholdConfig()})"
         ),
         "oracle_best_f1_threshold": (
             "ORACLE: one threshold for all channels chosen on the test labels (best summed F1 "
@@ -653,6 +676,7 @@ def run_msl_command(args: argparse.Namespace) -> int:
             time_budget_s=args.time_budget_s,
             quantile=args.threshold_quantile,
             log=progress.log,
+            threshold_method=args.threshold,
         )
     # As in run_ucr_command.
     except (ValueError, ImportError, OSError) as error:
@@ -708,5 +732,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         type=float,
         default=1.0,
         help="label-free threshold: this quantile of held-out training scores (default: max)",
+    )
+    msl.add_argument(
+        "--threshold",
+        choices=THRESHOLD_METHODS,
+        default="quantile",
+        help="label-free threshold rule: a quantile, or the product's peaks over threshold",
     )
     msl.set_defaults(handler=run_msl_command)

@@ -29,6 +29,7 @@ from trainer.evaluate import (
     ucr_hit,
     ucr_location,
 )
+from trainer.thresholds import ThresholdConfig, pot_threshold
 
 pytestmark = pytest.mark.unit
 
@@ -196,6 +197,17 @@ def test_holdout_threshold_is_the_highest_held_out_score() -> None:
     train = np.arange(100, dtype=np.float64)[:, None]
     assert holdout_threshold(MagnitudeDetector, train) == 99.0
     assert holdout_threshold(MagnitudeDetector, train, quantile=0.0) == 75.0
+
+
+def test_the_pot_threshold_is_the_one_trainer_fit_would_write() -> None:
+    values = np.random.default_rng(0).exponential(size=4000)
+    train = values[:, None]
+    held_out = np.abs(values[3000:])
+    expected = pot_threshold(held_out, ThresholdConfig()).threshold
+    assert holdout_threshold(MagnitudeDetector, train, method="pot") == expected
+    assert expected != holdout_threshold(MagnitudeDetector, train)
+    with pytest.raises(ValueError, match="threshold method"):
+        holdout_threshold(MagnitudeDetector, train, method="best")
 
 
 def _msl_folder(folder: Path) -> Path:
