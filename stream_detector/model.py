@@ -448,7 +448,9 @@ class AnomalyLLM(nn.Module):
     def _memory_distance(self, x: torch.Tensor) -> torch.Tensor:
         """Distance to the nearest memory window, both instance-normalised. (B, C)"""
         x_norm = instance_norm(x.float())  # (B, C, L): each row has squared norm L
-        nearest_dot = torch.einsum("bcl,cml->bcm", x_norm, self.memory).amax(dim=-1)
+        # In float32 even under autocast: L - dot cancels, and bf16 keeps 3 digits of dot.
+        with torch.autocast(x.device.type, enabled=False):
+            nearest_dot = torch.einsum("bcl,cml->bcm", x_norm, self.memory).amax(dim=-1)
         length = x.shape[-1]
         return torch.sqrt((2 * (length - nearest_dot)).clamp(min=0) / length)  # (B, C)
 

@@ -26,8 +26,13 @@ def scores_on(device: torch.device, root: Path, windows: np.ndarray) -> list[flo
 
 
 def test_auto_picks_cuda_and_mixed_precision_scores_match_the_cpu(tmp_path: Path) -> None:
-    store.publish_version(tmp_path, "pumps", tiny_model(channels=2))
-    windows = np.random.default_rng(0).normal(size=(64, 2, 32)).astype(np.float32)
+    rng = np.random.default_rng(0)
+    model = tiny_model(channels=2).eval()
+    # Calibrated, so the memory term compares against a real bank under bf16 autocast.
+    normal = torch.from_numpy(rng.normal(size=(300, 2, 32)).astype(np.float32))
+    model.calibrate(normal[:200], normal[200:])
+    store.publish_version(tmp_path, "pumps", model)
+    windows = np.concatenate([normal[:32].numpy(), rng.normal(size=(32, 2, 32))]).astype(np.float32)
     device = resolve_device("auto")
     assert device.type == "cuda"
     expected = scores_on(torch.device("cpu"), tmp_path, windows)
