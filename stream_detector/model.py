@@ -483,9 +483,9 @@ class AnomalyLLM(nn.Module):
             slots = min(self.config.memory_slots, len(memory_windows))
             keep = torch.linspace(0, len(memory_windows) - 1, slots).round().long()
             chosen = memory_windows[keep].float().to(device)
-            # The bank shrinks to the windows there are; the config records its size.
+            # The bank holds the windows there are, up to memory_slots (a refresh with more
+            # data may grow it); a checkpoint keeps its size (`checkpoint.load_checkpoint`).
             self.memory = instance_norm(chosen).transpose(0, 1).contiguous()  # (C, M, L)
-            self.config = dataclasses.replace(self.config, memory_size=slots)
         held = self._terms_of(held_back, self.config.score_terms)  # (T, H, C)
         centre = held.median(dim=1).values
         spread = held.amax(dim=1) - centre

@@ -104,3 +104,16 @@ def test_a_checkpoint_written_before_score_terms_existed_keeps_the_papers_score(
     checkpoint = load_checkpoint(directory)
     assert checkpoint.model.config.score_terms == ("discrepancy",)
     assert torch.equal(checkpoint.model.score(x).score, model.score(x).score)
+
+
+def test_a_bank_smaller_than_its_cap_round_trips_and_a_recalibration_can_grow_it(
+    tmp_path: Path,
+) -> None:
+    model = tiny_model().eval()  # the default score: a bank of up to 16,384 windows
+    model.calibrate(torch.randn(40, 1, 32), torch.randn(20, 1, 32))
+    assert model.memory.shape == (1, 40, 32)
+    checkpoint = load_checkpoint(save_checkpoint(model, tmp_path / "small", {"version": "s"}))
+    x = torch.randn(6, 1, 32)
+    assert torch.equal(checkpoint.model.score(x).score, model.score(x).score)
+    checkpoint.model.calibrate(torch.randn(90, 1, 32), torch.randn(20, 1, 32))
+    assert checkpoint.model.memory.shape == (1, 90, 32)
