@@ -370,7 +370,7 @@ class AnomalyLLM(nn.Module):
         self.student = Student(config)
         if config.fused:
             # Saved with the weights: instance-normalised normal windows, and each term's
-            # median and robust spread per channel on held-back normal windows.
+            # centre and unit per channel on normal windows (`calibrate`).
             terms, channels = len(config.score_terms), config.channels
             memory = torch.zeros(channels, config.memory_slots, config.window_length)
             self.register_buffer("memory", memory)  # (C, M, L)
@@ -426,8 +426,10 @@ class AnomalyLLM(nn.Module):
     def raw_terms(
         self, x: torch.Tensor, names: tuple[str, ...] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Score terms per channel (T, B, C), all configured ones unless ``names`` says,
-        and prototype indices (B, C)."""
+        """Score terms per channel (T, B, C) and prototype indices (B, C).
+
+        All configured terms, or only ``names`` (in that order) when given.
+        """
         channels = x.shape[1]
         terms = []
         index = None
