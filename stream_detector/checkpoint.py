@@ -138,10 +138,10 @@ def load_checkpoint(directory: Path, device: str | torch.device = "cpu") -> Chec
     # Checkpoints written before score terms existed score the paper's way.
     model_config = {"score_terms": ("discrepancy",), **config["model"]}
     model = AnomalyLLM.from_config(ModelConfig.from_dict(model_config))
-    state = load_file(weights)
-    if "memory" in state and hasattr(model, "memory"):
-        model.memory = torch.empty_like(state["memory"])  # as many windows as calibrated on
     try:
+        state = load_file(weights)
+        if "memory" in state and hasattr(model, "memory"):
+            model.memory = torch.empty_like(state["memory"])  # as many windows as calibrated on
         model.load_state_dict(state)
     except (SafetensorError, RuntimeError) as error:
         raise CheckpointError(f"{weights} does not match its config: {error}") from error
