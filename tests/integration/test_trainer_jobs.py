@@ -184,7 +184,7 @@ def test_rerunning_with_the_same_data_and_settings_is_a_no_op(
     assert store.list_versions(store_copy, MODEL) == [fitted[1]["version"]]
 
 
-def test_refresh_changes_prototypes_and_thresholds_but_no_other_weight(
+def test_refresh_changes_prototypes_score_calibration_and_thresholds_but_no_other_weight(
     store_copy: Path,
     files: dict[str, Path],
     fitted: tuple[Path, dict[str, Any]],
@@ -201,7 +201,8 @@ def test_refresh_changes_prototypes_and_thresholds_but_no_other_weight(
     refreshed = store.load_version(store_copy, MODEL, report["version"])
     before, after = parent.model.state_dict(), refreshed.model.state_dict()
     changed = {name for name in before if not torch.equal(before[name], after[name])}
-    assert changed == {"student.prototypes"}
+    # The memory bank and the terms' scales are recalibrated on the new data.
+    assert changed == {"student.prototypes", "memory", "term_centre", "term_spread"}
     assert refreshed.thresholds != parent.thresholds
     assert refreshed.metadata["training"]["parent_version"] == fitted[1]["version"]
 
