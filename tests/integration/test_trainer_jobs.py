@@ -168,6 +168,24 @@ def test_a_fit_report_accounts_for_data_training_thresholds_and_decision(
     assert json.loads(stored)["fingerprint"] == report["fingerprint"]
 
 
+def test_a_versions_metadata_records_the_normalisation_and_score_it_was_fitted_with(
+    tmp_path: Path, files: dict[str, Path], tiny_json: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = {**json.loads(tiny_json.read_text()), "normalisation": "global"}
+    config["score_terms"] = ["discrepancy", "level"]
+    global_json = tmp_path / "global.json"
+    global_json.write_text(json.dumps(config))
+    root = tmp_path / "models"
+    _set_env(monkeypatch)
+    args = _fit_args(root, files, tiny_json)
+    args[args.index(str(tiny_json))] = str(global_json)
+    assert main(args) == 0
+    version = store.load_version(root, MODEL, store.current_version(root, MODEL))
+    assert version.metadata["normalisation"] == "per-channel statistics of the training data"
+    assert version.metadata["score_terms"] == ["discrepancy", "level"]
+    assert version.model.config.normalisation == "global"
+
+
 def test_rerunning_with_the_same_data_and_settings_is_a_no_op(
     store_copy: Path,
     files: dict[str, Path],
