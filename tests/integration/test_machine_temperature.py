@@ -13,17 +13,14 @@ from __future__ import annotations
 import csv
 import json
 import os
-import threading
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from stream_detector import worker
 from stream_detector.config import (
     KafkaSettings,
     KafkaTopics,
@@ -33,6 +30,7 @@ from stream_detector.config import (
 )
 from stream_detector.consumer import ReadingConsumer
 from stream_detector.services import free_port
+from tests.integration.test_worker import running
 from tests.tiny import tiny_config
 from trainer.__main__ import main
 
@@ -69,13 +67,6 @@ def series() -> tuple[list[tuple[int, float]], list[tuple[int, int]]]:
     return rows, [(_ts_ms(start), _ts_ms(end)) for start, end in labels]
 
 
-@pytest.fixture
-def stop_worker() -> Iterator[threading.Event]:
-    stop = threading.Event()
-    yield stop
-    stop.set()
-
-
 def test_the_february_failure_raises_an_alert_and_most_alerts_lie_in_labelled_windows(
     series: tuple[list[tuple[int, float]], list[tuple[int, int]]],
     kafka_bootstrap: str,
@@ -85,7 +76,6 @@ def test_the_february_failure_raises_an_alert_and_most_alerts_lie_in_labelled_wi
     topic_factory: Any,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-    stop_worker: threading.Event,
 ) -> None:
     from kafka import KafkaProducer
 
@@ -124,48 +114,35 @@ def test_the_february_failure_raises_an_alert_and_most_alerts_lie_in_labelled_wi
         device="cpu",
         metrics_port=free_port(),
     )
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            worker.run(settings, stop_worker)
-        except BaseException as error:  # reported by the assertion below
-            errors.append(error)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-
-    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, linger_ms=5)
     live = rows[TRAIN_ROWS:]
-    for ts_ms, value in live:
-        reading = {"sensor_id": "machine_temperature", "ts": ts_ms, "value": value}
-        producer.send(readings, key=b"machine_temperature", value=json.dumps(reading).encode())
-    producer.flush()
-    producer.close()
-
-    reader = ReadingConsumer(
-        kafka_bootstrap,
-        f"reader-{uuid.uuid4().hex[:8]}",
-        [scores, alerts],
-        config=kafka_consumer_config,
-    )
     last_ts_ms = live[-1][0]
     events: dict[str, dict[str, Any]] = {}
-    try:
-        scored_to, deadline = 0, time.monotonic() + 300
-        # The last full window ends within a stride of the last reading.
-        while scored_to < last_ts_ms - STRIDE * 300_000 and time.monotonic() < deadline:
-            for message in reader.poll_batch(500, 0.5):
-                record = json.loads(message.value)
-                if message.topic == alerts:
-                    events[record["event_id"]] = record
-                else:
-                    scored_to = max(scored_to, record["ts_ms"])
-            assert not errors, errors
-    finally:
-        reader.close()
-        stop_worker.set()
-        thread.join(60)
+    with running(settings) as handle:
+        producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, linger_ms=5)
+        for ts_ms, value in live:
+            reading = {"sensor_id": "machine_temperature", "ts": ts_ms, "value": value}
+            producer.send(readings, key=b"machine_temperature", value=json.dumps(reading).encode())
+        producer.flush()
+        producer.close()
+        reader = ReadingConsumer(
+            kafka_bootstrap,
+            f"reader-{uuid.uuid4().hex[:8]}",
+            [scores, alerts],
+            config=kafka_consumer_config,
+        )
+        try:
+            scored_to, deadline = 0, time.monotonic() + 300
+            # The last full window ends within a stride of the last reading.
+            while scored_to < last_ts_ms - STRIDE * 300_000 and time.monotonic() < deadline:
+                for message in reader.poll_batch(500, 0.5):
+                    record = json.loads(message.value)
+                    if message.topic == alerts:
+                        events[record["event_id"]] = record
+                    else:
+                        scored_to = max(scored_to, record["ts_ms"])
+                assert handle.error is None, handle.error
+        finally:
+            reader.close()
     assert scored_to >= last_ts_ms - STRIDE * 300_000, "the worker did not score the whole file"
 
     opened = {e["alert_id"]: e for e in events.values() if e["state"] == "open"}
