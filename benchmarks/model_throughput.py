@@ -70,7 +70,10 @@ def main() -> None:
     parser.add_argument("--patch-length", type=int, default=16)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64, 256, 1024])
     parser.add_argument(
-        "--train-batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64],
+        "--train-batch-sizes",
+        type=int,
+        nargs="+",
+        default=[1, 4, 16, 64],
         help="training is 3x the windows per step (augmented copies); large sizes are slow on CPU",
     )
     parser.add_argument("--min-seconds", type=float, default=2.0)
@@ -101,12 +104,14 @@ def main() -> None:
 
         seconds = _timed(run, device, args.min_seconds)
         achieved = flops["inference"] * batch / seconds
-        inference.append({
-            "batch_size": batch,
-            "windows_per_s": batch / seconds,
-            "flops_per_s": achieved,
-            "fraction_of_matmul_baseline": achieved / peak,
-        })
+        inference.append(
+            {
+                "batch_size": batch,
+                "windows_per_s": batch / seconds,
+                "flops_per_s": achieved,
+                "fraction_of_matmul_baseline": achieved / peak,
+            }
+        )
         print(f"inference batch {batch:5d}: {batch / seconds:10.1f} windows/s")
 
     training = []
@@ -126,13 +131,15 @@ def main() -> None:
 
         seconds = _timed(step, device, args.min_seconds)
         achieved = flops["train_step_per_window"] * batch / seconds
-        training.append({
-            "batch_size": batch,
-            "steps_per_s": 1 / seconds,
-            "windows_per_s": batch / seconds,
-            "flops_per_s": achieved,
-            "fraction_of_matmul_baseline": achieved / peak,
-        })
+        training.append(
+            {
+                "batch_size": batch,
+                "steps_per_s": 1 / seconds,
+                "windows_per_s": batch / seconds,
+                "flops_per_s": achieved,
+                "fraction_of_matmul_baseline": achieved / peak,
+            }
+        )
         print(f"training  batch {batch:5d}: {1 / seconds:10.3f} steps/s")
 
     result = {

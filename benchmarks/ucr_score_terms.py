@@ -1,20 +1,28 @@
 """Ablation of the default score on UCR series: one fit per series, every choice on and off.
 
-Fits the product's default model (``anomalyllm``: all four score terms) once per series,
-computes each term's raw value for every scored window and for the held-back windows it
-was calibrated on, then re-scores the series under each variant and judges it by the UCR
-rule. The variants share the fitted networks and memory bank, so they differ only in:
+Fits the product's default model (``anomalyllm``) once per series, computes every
+term's raw value (``SCORE_TERMS``, in the default or not) for every scored window and
+for the normal windows it was calibrated on, then re-scores the series under each
+variant and judges it by the UCR rule. The variants share the fitted networks and
+memory bank, so they differ only in:
 
-- which terms are fused (every subset of discrepancy, memory, level, scale);
+- which terms are fused (every subset of discrepancy, memory, level, scale, tail);
 - how a term is put on the common scale: ``extreme`` (the model's: 1 is the most extreme
   normal window) or ``robust-z`` (median and 1.4826 MAD, the previous default);
+- the smallest unit a term may have: ``errors`` (the model's: three sampling errors of a
+  window, `stream_detector.model.spread_floor`) or ``relative`` (1e-3 of the term's
+  centre, the previous floor);
 - how window scores become point scores: ``centre`` (the model's harness rule: the
   window centred nearest) or ``mean`` (the mean over covering windows, the previous rule);
 - the alert path's k-of-n confirmation applied to the score (the k-th largest of the
   last n windows), off (1 of 1) or the worker's default (3 of 5).
 
+The default variant is exactly what ``AnomalyLLM.score`` computes. ``--peer`` runs other
+detectors (``discord``, ``discord-self``) on the same series in the same run.
+
     python benchmarks/ucr_score_terms.py --data ../shared/data/ucr --ids 1 9 14 ... 250 \\
-        --profile quick --out benchmarks/results/ucr_score_terms_dev.json
+        --profile quick --peer discord --peer discord-self \\
+        --out benchmarks/results/ucr_score_terms_dev.json
 """
 
 from __future__ import annotations
@@ -27,53 +35,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stream_detector.model import _TWO_SIDED, SCORE_TERMS
+from benchmarks.score_ablation import FLOORS, SCALINGS, SUBSETS, NormalTerms, fused, raw_terms
+from stream_detector.model import DEFAULT_SCORE_TERMS
 from trainer.anomalyllm_detector import MAX_SCORING_STRIDE
 from trainer.data import load_ucr
 from trainer.detectors import get_detector
-from trainer.evaluate import select_ucr, ucr_hit, ucr_location
-from trainer.train import MAX_CALIBRATION_WINDOWS, _thin, sliding_windows
+from trainer.evaluate import evaluate_ucr_series, select_ucr, ucr_hit, ucr_location
+from trainer.train import sliding_windows
 
-SCALINGS = ("extreme", "robust-z")
 MAPPINGS = ("centre", "mean")
 CONFIRMATIONS = ((1, 1), (3, 5))
-
-
-def raw_terms(model, windows: np.ndarray, names=SCORE_TERMS) -> np.ndarray:
-    """The model's raw terms of windows (N, 1, L), single channel. (T, N)"""
-    with torch.inference_mode():
-        parts = [
-            model.raw_terms(torch.from_numpy(windows[start : start + 256]), names)[0][:, :, 0]
-            for start in range(0, len(windows), 256)
-        ]
-    return torch.cat(parts, dim=1).numpy()
-
-
-def scaled(raw: np.ndarray, held: np.ndarray, normal: np.ndarray, scaling: str) -> np.ndarray:
-    """Each term of ``raw`` (T, N) on a common scale, from normal windows' terms."""
-    out = np.empty_like(raw)
-    for index, name in enumerate(SCORE_TERMS):
-        two_sided = name in _TWO_SIDED
-        reference = normal[index - 2] if two_sided else held[index]
-        if two_sided:
-            reference = np.concatenate([held[index], reference])
-        median = np.median(reference)
-        if scaling == "robust-z":
-            centre, unit = median, 1.4826 * np.median(np.abs(reference - median))
-        elif two_sided:
-            low, high = reference.min(), reference.max()
-            centre, unit = (low + high) / 2, (high - low) / 2
-        else:
-            centre, unit = median, reference.max() - median
-        unit = max(unit, 1e-3 * max(abs(centre), 1.0))
-        out[index] = (raw[index] - centre) / unit
-        if two_sided:
-            out[index] = np.abs(out[index])
-    return out
+DEFAULT_KEY = f"{'+'.join(DEFAULT_SCORE_TERMS)}|extreme|errors|centre|1of1"
 
 
 def confirmed(scores: np.ndarray, k: int, n: int) -> np.ndarray:
@@ -109,13 +84,14 @@ def main() -> None:
     parser.add_argument("--ids", nargs="+", required=True)
     parser.add_argument("--profile", default="quick")
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        help="a detector to run on the same series in the same run, e.g. discord",
+    )
     args = parser.parse_args()
-    subsets = [
-        terms
-        for size in range(1, len(SCORE_TERMS) + 1)
-        for terms in itertools.combinations(SCORE_TERMS, size)
-    ]
-    variants = list(itertools.product(subsets, SCALINGS, MAPPINGS, CONFIRMATIONS))
+    variants = list(itertools.product(SUBSETS, SCALINGS, FLOORS, MAPPINGS, CONFIRMATIONS))
     started = time.perf_counter()
     records = []
     for entry in select_ucr(args.data, args.ids):
@@ -125,37 +101,40 @@ def main() -> None:
         detector.fit(train)
         model = detector.model
         length = model.config.window_length
-        # The windows fit() offered, split as trainer.train.calibrate_score splits them.
-        offered = max(model.config.memory_slots, 256)
-        windows = sliding_windows(train, length, max(1, (len(train) - length) // offered))
-        held_back = max(1, int(len(windows) * 0.2))
-        held = raw_terms(model, _thin(windows[-held_back:], MAX_CALIBRATION_WINDOWS))
-        normal = raw_terms(model, windows[:-held_back], ("level", "scale"))
+        normal = NormalTerms.of(detector, train)
         total = len(series.values) - length + 1
         stride = min(MAX_SCORING_STRIDE, max(1, -(-total // detector.max_scored_windows)))
         raw = raw_terms(model, sliding_windows(series.values, length, stride))
         hits = {}
-        for terms, scaling, mapping, (k, n) in variants:
-            z = scaled(raw, held, normal, scaling)
-            fused = z[[SCORE_TERMS.index(name) for name in terms]].max(axis=0).clip(min=0)
+        scalings = {
+            (scaling, floor): normal.scaled(raw, scaling, floor)
+            for scaling, floor in itertools.product(SCALINGS, FLOORS)
+        }
+        for terms, scaling, floor, mapping, (k, n) in variants:
+            score = fused(scalings[scaling, floor], terms)
             lag = (n - 1) // 2
             points = point_scores(
-                confirmed(fused, k, n), length, stride, len(series.values), mapping, lag
+                confirmed(score, k, n), length, stride, len(series.values), mapping, lag
             )
             location = ucr_location(points, series.train_end)
-            key = f"{'+'.join(terms)}|{scaling}|{mapping}|{k}of{n}"
+            key = f"{'+'.join(terms)}|{scaling}|{floor}|{mapping}|{k}of{n}"
             hits[key] = ucr_hit(location, series.anomaly_begin, series.anomaly_end)
-        records.append({"id": series.id, "window_length": length, "hits": hits})
-        default = f"{'+'.join(SCORE_TERMS)}|extreme|centre|1of1"
+        peers = {
+            name: evaluate_ucr_series(get_detector(name, profile=args.profile), series, {})["hit"]
+            for name in args.peer
+        }
+        records.append({"id": series.id, "window_length": length, "hits": hits, "peers": peers})
+        default = DEFAULT_KEY
         print(series.id, length, "default hit" if hits[default] else "default miss", flush=True)
     totals = {key: sum(r["hits"][key] for r in records) for key in records[0]["hits"]}
     result = {
         "benchmark": "ucr score ablation (one fit per series, variants of the score)",
         "profile": args.profile,
         "series": len(records),
-        "default": f"{'+'.join(SCORE_TERMS)}|extreme|centre|1of1",
-        "key": "terms|scaling|point mapping|k-of-n confirmation",
+        "default": DEFAULT_KEY,
+        "key": "terms|scaling|unit floor|point mapping|k-of-n confirmation",
         "hits": dict(sorted(totals.items(), key=lambda item: -item[1])),
+        "peer_hits": {name: sum(r["peers"][name] for r in records) for name in args.peer},
         "wall_s": round(time.perf_counter() - started, 1),
         "records": records,
     }

@@ -64,11 +64,6 @@ class TcpProxy:
         """``host:port`` clients connect to."""
         return f"{self.host}:{self.port}"
 
-    @property
-    def is_cut(self) -> bool:
-        """Whether the link is down."""
-        return self._listener is None
-
     def start(self) -> Self:
         """Listen (on a free port when none was given) and forward in daemon threads."""
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -183,10 +183,6 @@ class ReadingConsumer:
                 return
             raise ConsumerError(f"offset commit failed: {error.str()}") from exception
 
-    def assignment(self) -> list[tuple[str, int]]:
-        """The partitions this consumer owns now."""
-        return self._names(self._consumer.assignment())
-
     def lag(self, timeout_s: float = 5.0) -> dict[tuple[str, int], int]:
         """Per owned partition: high watermark minus the next offset to consume (never negative).
 

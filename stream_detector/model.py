@@ -20,6 +20,7 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,10 +47,13 @@ _MLP_PARTS = ("mlp",)
 _EPS = 1e-5
 # What a score can fuse (``ModelConfig.score_terms``): the teacher-student discrepancy (the
 # paper's score), the distance to the nearest normal training window in a memory bank
-# (shape), and how far the window's mean and spread lie outside their normal range.
-SCORE_TERMS = ("discrepancy", "memory", "level", "scale")
-# The product's default: every term (see the README's UCR ablation for each one's share).
-DEFAULT_SCORE_TERMS = SCORE_TERMS
+# (shape), how far the window's mean and spread lie outside their normal range, and how
+# far its latest reading lies from the rest of the window (the newest point's surprise).
+SCORE_TERMS = ("discrepancy", "memory", "level", "scale", "tail")
+# The product's default (see the README's ablation for each term's share).
+DEFAULT_SCORE_TERMS = ("discrepancy", "memory", "level", "scale")
+# A term's unit is never below this many sampling errors (`spread_floor`).
+_FLOOR_ERRORS = 3.0
 # Terms where both directions are unusual (a drop as much as a rise); they count only
 # beyond the range seen on normal windows, so a drift within it costs nothing.
 _TWO_SIDED = ("level", "scale")
@@ -358,6 +362,32 @@ class Student(nn.Module):
         return self.head(window_tokens.mean(dim=1)), index  # (B, d), (B, C)
 
 
+def spread_floor(
+    names: tuple[str, ...], normal: torch.Tensor, centre: torch.Tensor
+) -> torch.Tensor:
+    """The smallest unit of each term (T, C): three sampling errors of a window of L points.
+
+    On very regular or flat training data a term hardly varies, and a unit of its tiny
+    range would turn noise into alarms. A window's mean has a sampling error of
+    sigma / sqrt(L) (sigma: the channel's spread over the normal windows ``normal``,
+    (N, C, L)) and its log spread one of 1 / sqrt(2L). The other terms have no such
+    error (a shape distance is near 0 for a clean repeating series and still
+    meaningful) and get 1e-3 of their ``centre`` (T, C). A channel that never varied
+    still has a unit, so a change in it shows as a very large score.
+    """
+    length = normal.shape[-1]
+    sigma = normal.float().std(dim=(0, 2), unbiased=False).to(centre.device)  # (C,)
+    errors = {
+        "level": sigma / math.sqrt(length),
+        "scale": torch.full_like(sigma, 1.0 / math.sqrt(2.0 * length)),
+    }
+    floor = 1e-3 * centre.abs().clamp(min=1.0)
+    for row, name in enumerate(names):
+        if name in errors:
+            floor[row] = torch.maximum(floor[row], _FLOOR_ERRORS * errors[name])
+    return floor
+
+
 class AnomalyLLM(nn.Module):
     """Teacher and student; `score` is the distance between their representations."""
 
@@ -441,8 +471,12 @@ class AnomalyLLM(nn.Module):
                 terms.append(self._memory_distance(x))
             elif name == "level":
                 terms.append(x.float().mean(dim=-1))
-            else:  # scale
+            elif name == "scale":
                 terms.append(torch.log(x.float().std(dim=-1, unbiased=False) + _EPS))
+            else:  # tail
+                head = x[..., :-1].float()
+                deviation = (x[..., -1].float() - head.mean(dim=-1)).abs()
+                terms.append(deviation / (head.std(dim=-1, unbiased=False) + _EPS))
         if index is None:
             index = self.student.nearest(self.normalise(x))
         return torch.stack(terms), index
@@ -497,9 +531,8 @@ class AnomalyLLM(nn.Module):
             normal = torch.cat([held[sided], self._terms_of(memory_windows, names)], dim=1)
             low, high = normal.amin(dim=1), normal.amax(dim=1)
             centre[sided], spread[sided] = (low + high) / 2, (high - low) / 2
-        # A term that never varied on normal data (a constant channel) still needs a scale.
-        floor = 1e-3 * centre.abs().clamp(min=1.0)
         self.term_centre.copy_(centre)
+        floor = spread_floor(self.config.score_terms, memory_windows, centre)
         self.term_spread.copy_(torch.maximum(spread, floor))
 
     def _terms_of(self, windows: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:

@@ -63,6 +63,7 @@ class AnomalyLLMDetector:
         batch_size: int = 256,
         device: str = "cpu",
         seed: int = 0,
+        channel: int | None = None,
         **model_settings: Any,
     ) -> None:
         unknown = set(model_settings) - {"normalisation", "score_terms", "memory_size"}
@@ -78,6 +79,7 @@ class AnomalyLLMDetector:
         self.batch_size = batch_size
         self.device = device
         self.seed = seed
+        self.channel = channel
         self.model: AnomalyLLM | None = None
         self.result: TrainResult | None = None
 
@@ -93,6 +95,7 @@ class AnomalyLLMDetector:
             or "1 x dominant period, 32..512, at most half the training part",
             "patches_per_window": PATCHES_PER_WINDOW,
             "causal": self.causal,
+            "channel": "all" if self.channel is None else self.channel,
             "normalisation": model_config.normalisation,
             "score_terms": list(model_config.score_terms),
             "memory_size": model_config.memory_size if model_config.fused else 0,
@@ -100,7 +103,18 @@ class AnomalyLLMDetector:
             "max_scoring_stride": MAX_SCORING_STRIDE,
         }
 
+    def _columns(self, series: np.ndarray) -> np.ndarray:
+        """The columns the model reads: one (``channel``) or all. (T, C)"""
+        if self.channel is None:
+            return series
+        if not 0 <= self.channel < series.shape[1]:
+            raise ValueError(
+                f"{self.name}: channel {self.channel} not in a series of {series.shape[1]} columns"
+            )
+        return series[:, [self.channel]]
+
     def fit(self, train: np.ndarray) -> None:
+        train = self._columns(train)
         length = self.window_length or choose_window_length(train)
         patch = length // PATCHES_PER_WINDOW
         model_config = ModelConfig(
@@ -126,7 +140,7 @@ class AnomalyLLMDetector:
         """Scores of windows starting at 0, stride, 2*stride, ... (N,)"""
         if self.model is None:
             raise RuntimeError("fit() must run before score()")
-        windows = sliding_windows(series, self.model.config.window_length, stride)
+        windows = sliding_windows(self._columns(series), self.model.config.window_length, stride)
         scores = []
         for start in range(0, len(windows), self.batch_size):
             batch = torch.from_numpy(windows[start : start + self.batch_size]).to(self.device)

@@ -45,6 +45,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from stream_detector import alerts
+from stream_detector.alerts import SensorAlertState
+from stream_detector.config import AlertPolicy
 from trainer.data import (
     DataNotFoundError,
     MslChannel,
@@ -60,6 +63,11 @@ from trainer.thresholds import ThresholdConfig, pot_threshold
 
 UCR_MARGIN = 100
 THRESHOLD_METHODS = ("quantile", "pot")
+MSL_COLUMNS = ("telemetry", "all")
+# How predicted events are formed: runs of scores above the threshold, or the alerts the
+# worker's alert policy raises (`alert_mask`).
+MSL_DECISIONS = ("threshold", "alerts")
+MSL_ROW_MS = 60_000  # MSL telemetry is sampled once a minute
 HOLDOUT_FRACTION = 0.25
 THRESHOLD_SWEEP_SIZE = 1000
 
@@ -210,13 +218,15 @@ def _over_budget(started: float, time_budget_s: float | None, position: int) -> 
     return time.perf_counter() - started > time_budget_s
 
 
-def _detector_settings(names: Sequence[str], profile: str) -> dict[str, dict[str, Any]]:
+def _detector_settings(
+    names: Sequence[str], profile: str, streaming: bool = False, **overrides: Any
+) -> dict[str, dict[str, Any]]:
     """Build each detector once up front, so a bad name fails before any work."""
     if len(set(names)) != len(names):
         raise ValueError(f"a detector is named twice: {list(names)}")
     settings = {}
     for name in names:
-        detector = get_detector(name, profile=profile)
+        detector = get_detector(name, profile, streaming, **overrides)
         settings[name] = {"causal": detector.causal, **detector.settings()}
     return settings
 
@@ -380,14 +390,50 @@ def event_counts(
     scores: np.ndarray, threshold: float, anomalies: Sequence[tuple[int, int]]
 ) -> EventCounts:
     """Event-level counts for ``scores > threshold`` against inclusive labelled ranges."""
-    above = scores > threshold
-    label_mask = np.zeros(scores.size, dtype=bool)
+    return detection_counts(scores > threshold, anomalies)
+
+
+def alert_mask(scores: np.ndarray, threshold: float, policy: AlertPolicy) -> np.ndarray:
+    """The rows inside the alerts the worker's alert policy raises on ``scores``.
+
+    Each row's score is fed to `stream_detector.alerts.update` as the window ending at
+    that row (one row per minute, MSL's sampling), so confirmation, hysteresis, minimum
+    duration and cooldown apply as in the worker. An alert covers the rows from its
+    ``start_ts_ms`` to its last hot window; one still open at the end, up to its last
+    hot window so far.
+    """
+    state = SensorAlertState(sensor_id="channel")
+    mask = np.zeros(scores.size, dtype=bool)
+    for row, score in enumerate(scores.tolist()):
+        state, events = alerts.update(
+            state,
+            score=score,
+            ts_ms=row * MSL_ROW_MS,
+            threshold=threshold,
+            policy=policy,
+            model_version="evaluation",
+            nearest_prototype=0,
+            attribution=(1.0,),
+        )
+        for event in events:
+            if event.state == "resolved":
+                mask[event.start_ts_ms // MSL_ROW_MS : event.end_ts_ms // MSL_ROW_MS + 1] = True
+    if state.open_alert is not None:
+        start, end = state.open_alert.start_ts_ms, state.open_alert.last_hot_ts_ms
+        mask[start // MSL_ROW_MS : end // MSL_ROW_MS + 1] = True
+    return mask
+
+
+def detection_counts(detected: np.ndarray, anomalies: Sequence[tuple[int, int]]) -> EventCounts:
+    """Event-level counts for detected rows (a boolean mask) against labelled ranges."""
+    detected = np.asarray(detected, dtype=bool)
+    label_mask = np.zeros(detected.size, dtype=bool)
     for start, end in anomalies:
         label_mask[start : end + 1] = True
     labelled_before = np.concatenate([[0], np.cumsum(label_mask)])  # labelled points in [0, i)
-    events = find_events(above)
+    events = find_events(detected)
     inside = [labelled_before[end + 1] - labelled_before[start] for start, end in events]
-    found = sum(bool(above[start : end + 1].any()) for start, end in anomalies)
+    found = sum(bool(detected[start : end + 1].any()) for start, end in anomalies)
     return EventCounts(
         tp=found,
         fn=len(anomalies) - found,
@@ -452,11 +498,14 @@ def evaluate_msl_channel(
     channel: MslChannel,
     quantile: float,
     threshold_method: str = "quantile",
+    decisions: str = "threshold",
 ) -> tuple[dict[str, Any], np.ndarray | None]:
     """Fit on train, score test, count events at the label-free threshold.
 
-    Returns the channel's record and its test scores (None when scoring failed). When
-    no label-free threshold can be set, the channel counts as reporting nothing.
+    Events are the runs of scores above it (``decisions="threshold"``) or the alerts the
+    worker's default alert policy raises with it (``"alerts"``). Returns the channel's
+    record and its test scores (None when scoring failed). When no label-free threshold
+    can be set, the channel counts as reporting nothing.
     """
     record: dict[str, Any] = {
         "channel": channel.channel,
@@ -488,7 +537,10 @@ def evaluate_msl_channel(
         record |= {"calibration_error": f"{type(error).__name__}: {error}"}
         record |= nothing_reported.as_dict()
         return record, scores
-    counts = event_counts(scores, threshold, channel.anomalies)
+    if decisions == "alerts":
+        counts = detection_counts(alert_mask(scores, threshold, AlertPolicy()), channel.anomalies)
+    else:
+        counts = event_counts(scores, threshold, channel.anomalies)
     record |= {"threshold": threshold, **counts.as_dict()}
     return record, scores
 
@@ -502,28 +554,43 @@ def run_msl(
     quantile: float = 1.0,
     log: Log | None = None,
     threshold_method: str = "quantile",
+    columns: str = "telemetry",
+    decisions: str = "threshold",
 ) -> dict[str, Any]:
-    """Every detector on every channel; the JSON result."""
+    """Every detector on every channel; the JSON result.
+
+    ``columns="telemetry"`` gives every detector column 0 only, the value the labels are
+    about; ``"all"`` gives a multichannel detector the command flags too.
+    ``decisions="alerts"`` runs every detector causally, as the worker scores, and counts
+    the alerts the worker's alert policy raises (`alert_mask`).
+    """
+    if columns not in MSL_COLUMNS:
+        raise ValueError(f"columns must be one of {MSL_COLUMNS}, not {columns!r}")
+    if decisions not in MSL_DECISIONS:
+        raise ValueError(f"decisions must be one of {MSL_DECISIONS}, not {decisions!r}")
+    overrides = {"channel": 0} if columns == "telemetry" else {}
+    streaming = decisions == "alerts"
     started = time.perf_counter()
-    settings = _detector_settings(detector_names, profile)
+    settings = _detector_settings(detector_names, profile, streaming, **overrides)
     records: dict[str, list[dict[str, Any]]] = {name: [] for name in detector_names}
     scores: dict[str, list[np.ndarray]] = {name: [] for name in detector_names}
     labels: dict[str, list[tuple[tuple[int, int], ...]]] = {name: [] for name in detector_names}
     skipped: list[str] = []
-    columns = None
+    width = None
     for position, channel_name in enumerate(channels, start=1):
         if _over_budget(started, time_budget_s, position):
             skipped.append(channel_name)
             continue
         channel = load_msl(data_dir, channel_name)
-        columns = channel.test.shape[1]
+        width = channel.test.shape[1]
         outcomes = []
         for name in detector_names:
             record, channel_scores = evaluate_msl_channel(
-                lambda name=name: get_detector(name, profile=profile),
+                lambda name=name: get_detector(name, profile, streaming, **overrides),
                 channel,
                 quantile,
                 threshold_method,
+                decisions,
             )
             records[name].append(record)
             if channel_scores is not None:
@@ -557,8 +624,14 @@ def run_msl(
     return {
         "benchmark": "msl",
         "metric": (
-            "event-level, no point adjustment; predicted events = maximal runs of score > "
-            "threshold; recall = labelled ranges overlapping a predicted event (tp) / all "
+            "event-level, no point adjustment; predicted events = "
+            + (
+                "maximal runs of score > threshold"
+                if decisions == "threshold"
+                else "the alerts the worker's default AlertPolicy raises on causal scores at "
+                "the threshold (one row a minute; open to last hot window)"
+            )
+            + "; recall = labelled ranges overlapping a predicted event (tp) / all "
             "ranges; precision = mean over predicted events of the share of their points "
             "inside labelled ranges (range-based, Tatbul et al. 2018); fp = predicted events "
             "overlapping no range; counts summed over channels"
@@ -576,9 +649,16 @@ def run_msl(
             f"over {THRESHOLD_SWEEP_SIZE + 1} quantiles of the pooled test scores)"
         ),
         "input": (
-            f"[T, {columns}] per channel: column 0 is the telemetry value, the rest command "
-            "flags; detectors with a 'channel' setting read that one column only"
+            f"[T, {width}] per channel: column 0 is the telemetry value, the rest command "
+            "flags; "
+            + (
+                "every detector reads column 0 only"
+                if columns == "telemetry"
+                else "multichannel detectors read all columns, the others column 0"
+            )
         ),
+        "columns": columns,
+        "decisions": decisions,
         "detector": first,
         "settings": settings[first],
         "f1_label_free": detectors[first]["label_free"]["f1"],
@@ -677,6 +757,8 @@ def run_msl_command(args: argparse.Namespace) -> int:
             quantile=args.threshold_quantile,
             log=progress.log,
             threshold_method=args.threshold,
+            columns=args.columns,
+            decisions=args.decisions,
         )
     # As in run_ucr_command.
     except (ValueError, ImportError, OSError) as error:
@@ -738,5 +820,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         choices=THRESHOLD_METHODS,
         default="quantile",
         help="label-free threshold rule: a quantile, or the product's peaks over threshold",
+    )
+    msl.add_argument(
+        "--columns",
+        choices=MSL_COLUMNS,
+        default="telemetry",
+        help="what every detector reads: the telemetry value (column 0, what the labels are "
+        "about) or all 55 columns, command flags included (default: telemetry)",
+    )
+    msl.add_argument(
+        "--decisions",
+        choices=MSL_DECISIONS,
+        default="threshold",
+        help="predicted events: runs of scores above the threshold, or the alerts of the "
+        "worker's alert policy on causal scores (default: threshold)",
     )
     msl.set_defaults(handler=run_msl_command)

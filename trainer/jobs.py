@@ -296,7 +296,7 @@ def _repeat(
     options: JobOptions, version: str, current: str | None, lock: store.StoreLock
 ) -> JobResult:
     """A rerun with the same fingerprint: publish nothing, repeat the earlier outcome."""
-    earlier = store.read_version_file(options.store, options.model_name, version, "report.json")
+    earlier = store.read_version_file(options.store, options.model_name, version, store.REPORT_FILE)
     earlier_report = json.loads(earlier) if earlier else {}
     promoted_before = earlier_report.get("decision", {}).get("promote", False)
     report: dict[str, Any] = {
@@ -560,7 +560,7 @@ def _run_locked(
             },
             version=version,
             promote=False,
-            extra_files={"report.json": _report_bytes(report)},
+            extra_files={store.REPORT_FILE: _report_bytes(report)},
             lock=lock,
         )
         if decision.promote:
@@ -713,7 +713,7 @@ def _version_row(root: str, model_name: str, version: str, current: str | None) 
     except store.ModelStoreError as error:
         return {**row, "complete": False, "error": str(error)}
     training = config.get("training", {})
-    report_bytes = store.read_version_file(root, model_name, version, "report.json")
+    report_bytes = store.read_version_file(root, model_name, version, store.REPORT_FILE)
     report = json.loads(report_bytes) if report_bytes else {}
     holdout = config.get("metrics", {}).get("holdout", {})
     return {
@@ -799,7 +799,7 @@ def _show(root: str, model_name: str, version: str) -> dict[str, Any]:
     config = store.version_metadata(root, model_name, version)
     config.get("model", {}).pop("backbone_config", None)  # long, and not for people
     thresholds_bytes = store.read_version_file(root, model_name, version, "thresholds.json")
-    report_bytes = store.read_version_file(root, model_name, version, "report.json")
+    report_bytes = store.read_version_file(root, model_name, version, store.REPORT_FILE)
     return {
         "model": model_name,
         "version": version,

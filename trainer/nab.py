@@ -122,7 +122,7 @@ class ProfileResult:
 
 def probation_length(num_rows: int) -> int:
     """NAB's probationary period: 15% of the rows, capped at 750."""
-    return int(min(math.floor(PROBATION_FRACTION * num_rows), PROBATION_FRACTION * 5000))
+    return int(min(math.floor(PROBATION_FRACTION * num_rows), PROBATION_MAX_ROWS))
 
 
 def scaled_sigmoid(relative_position: np.ndarray | float) -> np.ndarray:

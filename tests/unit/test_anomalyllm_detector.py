@@ -1,11 +1,18 @@
-"""The harness's AnomalyLLM detector: window length and where a window's score lands."""
+"""The harness's AnomalyLLM detector: window length, columns, where a window's score lands."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from trainer.anomalyllm_detector import _nearest_centre_score, choose_window_length
+from tests.tiny import tiny_model
+from trainer.anomalyllm_detector import (
+    AnomalyLLMDetector,
+    _nearest_centre_score,
+    choose_window_length,
+)
+from trainer.train import sliding_windows
 
 pytestmark = pytest.mark.unit
 
@@ -30,3 +37,20 @@ def test_each_point_takes_the_score_of_the_window_centred_nearest() -> None:
     assert int(np.argmax(points)) == 36  # the first point nearer 40 than 30
     assert points[36:46].tolist() == [5.0] * 10  # a tie (45) goes to the earlier window
     assert points[46] == 0.0 and points[0] == 0.0 and points[69] == 0.0
+
+
+def test_a_detector_told_a_channel_reads_that_column_and_nothing_else() -> None:
+    wide = np.column_stack([np.sin(np.arange(400) / 5), np.zeros((400, 2))])
+    wide[300:320, 2] = 1.0  # a command flag that switches on only in the scored part
+    model = tiny_model(channels=1, memory_size=64).eval()
+    windows = torch.from_numpy(sliding_windows(wide[:200, :1], 32, 1))
+    model.calibrate(windows[:140], windows[140:])
+
+    def scores(channel: int | None, series: np.ndarray) -> np.ndarray:
+        detector = AnomalyLLMDetector(channel=channel)
+        detector.model = model
+        return detector.score(series)
+
+    assert np.array_equal(scores(0, wide), scores(None, wide[:, :1]))
+    with pytest.raises(ValueError, match="channel 3"):
+        scores(3, wide)

@@ -17,6 +17,7 @@ from trainer.data import DataNotFoundError, list_ucr
 from trainer.evaluate import (
     DetectorOutputError,
     EventCounts,
+    alert_mask,
     checked_scores,
     event_counts,
     find_events,
@@ -29,6 +30,7 @@ from trainer.evaluate import (
     ucr_hit,
     ucr_location,
 )
+from stream_detector.config import AlertPolicy
 from trainer.thresholds import ThresholdConfig, pot_threshold
 
 pytestmark = pytest.mark.unit
@@ -59,7 +61,9 @@ class BrokenDetector(MagnitudeDetector):
         raise ValueError("cannot score this")
 
 
-def _fake_registry(name: str, profile: str = "default", **settings: Any) -> Any:
+def _fake_registry(
+    name: str, profile: str = "default", streaming: bool = False, **settings: Any
+) -> Any:
     return {"magnitude": MagnitudeDetector, "broken": BrokenDetector}[name]()
 
 
@@ -262,3 +266,37 @@ def test_ucr_command_writes_json_and_fails_cleanly(
     )
     assert args.handler(args) == 0
     assert json.loads(out.read_text())["accuracy"] == 1.0
+
+
+def test_the_alert_policy_turns_blips_into_nothing_and_a_run_into_one_alert() -> None:
+    scores = np.zeros(100)
+    scores[10] = 5.0  # one window above: never confirmed (3 of 5)
+    scores[40:43] = 5.0  # confirmed; open 5 windows at least, then 3 calm ones resolve it
+    scores[45] = 5.0  # within the open alert: extends it
+    mask = alert_mask(scores, 1.0, AlertPolicy())
+    assert evaluate.find_events(mask) == [(40, 45)]
+    assert not alert_mask(scores, 10.0, AlertPolicy()).any()
+
+
+def test_an_alert_still_open_at_the_end_counts_up_to_its_last_hot_window() -> None:
+    scores = np.zeros(50)
+    scores[45:] = 5.0
+    assert evaluate.find_events(alert_mask(scores, 1.0, AlertPolicy())) == [(45, 49)]
+
+
+def test_run_msl_with_alert_decisions_counts_alerts_not_threshold_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(evaluate, "get_detector", _fake_registry)
+    folder = _msl_folder(tmp_path)
+
+    result = run_msl(folder, ["A-1"], ["magnitude"], decisions="alerts")
+
+    # The lone spikes at rows 10 and 42 are single windows: the policy confirms neither.
+    assert result["detectors"]["magnitude"]["label_free"]["events"] == 0
+    assert result["decisions"] == "alerts"
+    assert "AlertPolicy" in result["metric"]
+    with pytest.raises(ValueError, match="decisions"):
+        run_msl(folder, ["A-1"], ["magnitude"], decisions="votes")
+    with pytest.raises(ValueError, match="columns"):
+        run_msl(folder, ["A-1"], ["magnitude"], columns="flags")

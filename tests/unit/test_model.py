@@ -160,3 +160,52 @@ def test_the_memory_bank_keeps_within_its_budget() -> None:
     large = tiny_config(score_terms=FUSED, memory_size=10**6)
     assert large.memory_slots == 8 * 1024 * 1024 // 32
     assert tiny_config(score_terms=PAPER).memory_slots == 0
+
+
+def test_the_tail_term_is_how_far_the_latest_reading_lies_from_the_rest_of_its_window() -> None:
+    model = tiny_model(score_terms=("tail",)).eval()
+    head = torch.tensor([0.0, 1.0] * 15 + [0.0])  # 31 points: mean 15/31
+    window = torch.cat([head, torch.tensor([4.0])]).view(1, 1, 32)
+    raw, _ = model.raw_terms(window)
+    expected = (4.0 - head.mean()) / head.std(unbiased=False)
+    assert float(raw[0, 0, 0]) == pytest.approx(float(expected), rel=1e-4)
+    steady = torch.cat([head, torch.tensor([0.0])]).view(1, 1, 32)
+    assert float(model.raw_terms(steady)[0][0, 0, 0]) < float(raw[0, 0, 0]) / 5
+
+
+def test_a_newest_spike_raises_the_score_of_a_model_with_the_tail_term() -> None:
+    model = tiny_model(score_terms=("discrepancy", "tail"), memory_size=64).eval()
+    model.calibrate(sine_windows(200), sine_windows(100, phase_step=0.41))
+    normal = sine_windows(50, phase_step=0.53)
+    spiked = normal.clone()
+    spiked[:, :, -1] += 2.0  # the newest reading jumps; the rest of the window is normal
+    assert model.score(spiked).score.min() > model.score(normal).score.max()
+
+
+def test_a_term_that_hardly_varied_in_training_still_has_a_unit_of_its_sampling_error() -> None:
+    # Whole periods of a clean sine: every window has the same mean and spread, so their
+    # normal range is ~0 wide. A unit of that range would make a hair of drift an alarm.
+    length = 32
+    time = torch.arange(length) * 2 * torch.pi / 16
+    phases = torch.arange(300).unsqueeze(1) * 0.37
+    clean = torch.sin(time + phases).unsqueeze(1)  # (300, 1, 32), two full periods each
+    model = tiny_model(score_terms=("level", "scale")).eval()
+    model.calibrate(clean[:200], clean[200:])
+    sigma = float(clean.std(unbiased=False))
+    level, scale = model.term_spread[:, 0].tolist()
+    assert level == pytest.approx(3 * sigma / length**0.5, rel=1e-3)
+    assert scale == pytest.approx(3 / (2 * length) ** 0.5, rel=1e-3)
+    drifted = clean[:10] + 0.01  # far inside one sampling error of a window mean
+    assert float(model.score(drifted).score.max()) < 1.0
+    shifted = clean[:10] + 3 * sigma  # a real level shift: sqrt(L) units
+    assert model.score(shifted).score.tolist() == pytest.approx([length**0.5] * 10, rel=1e-3)
+
+
+def test_a_channel_that_never_varied_still_alarms_when_it_moves() -> None:
+    model = tiny_model(score_terms=("level", "scale")).eval()
+    flat = torch.full((100, 1, 32), 2.0)
+    model.calibrate(flat[:80], flat[80:])
+    moved = flat[:1].clone()
+    moved[..., -4:] = 2.5
+    assert float(model.score(moved).score) > 10.0
+    assert float(model.score(flat[:1]).score) == 0.0

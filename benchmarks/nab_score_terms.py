@@ -1,0 +1,90 @@
+"""Ablation of the default score on NAB: one fit per file, every subset of terms.
+
+Fits the product's default model (``anomalyllm``, causal, as ``python -m trainer nab``
+runs it) once per file on the probationary rows, computes every term's raw value for
+each scored window and for the normal windows it was calibrated on, then re-scores the
+corpus under each variant: which terms are fused (every subset of ``SCORE_TERMS``) and
+the smallest unit a term may have (``errors``, the model's, or ``relative``, the
+previous rule). Each variant goes through the harness's path: the latest window's score
+per row, `trainer.nab.causal_rank`, and NAB's three profiles.
+
+    python benchmarks/nab_score_terms.py --data ../shared/data/nab --profile quick \\
+        --out benchmarks/results/nab_score_terms.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.score_ablation import FLOORS, SUBSETS, NormalTerms, fused, raw_terms
+from stream_detector.model import DEFAULT_SCORE_TERMS
+from trainer.anomalyllm_detector import MAX_SCORING_STRIDE, _latest_window_score
+from trainer.detectors import get_detector
+from trainer.nab import causal_rank, load_corpus, score_corpus
+from trainer.train import sliding_windows
+
+DEFAULT_KEY = f"{'+'.join(DEFAULT_SCORE_TERMS)}|errors"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--files", nargs="+", help="glob patterns (default: every file)")
+    parser.add_argument("--profile", default="quick")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    corpus = load_corpus(args.data, args.files)
+    variants = list(itertools.product(SUBSETS, FLOORS))
+    points: dict[str, list[np.ndarray]] = {f"{'+'.join(t)}|{f}": [] for t, f in variants}
+    for position, series in enumerate(corpus, start=1):
+        values = series.values[:, None]  # [T, 1]
+        detector = get_detector("anomalyllm", args.profile, streaming=True)
+        train = values[: series.probation]
+        detector.fit(train)
+        normal = NormalTerms.of(detector, train)
+        length = detector.model.config.window_length
+        total = len(values) - length + 1
+        stride = min(MAX_SCORING_STRIDE, max(1, math.ceil(total / detector.max_scored_windows)))
+        raw = raw_terms(detector.model, sliding_windows(values, length, stride))
+        ends = np.arange(raw.shape[1]) * stride + length - 1
+        scalings = {floor: normal.scaled(raw, "extreme", floor) for floor in FLOORS}
+        for terms, floor in variants:
+            score = fused(scalings[floor], terms)
+            points[f"{'+'.join(terms)}|{floor}"].append(
+                _latest_window_score(score, ends, len(values))
+            )
+        print(f"[{position}/{len(corpus)}] {series.name} window {length}", flush=True)
+    windows = [series.windows for series in corpus]
+    results = {}
+    for key, scores in points.items():
+        profiles = score_corpus([causal_rank(score) for score in scores], windows)
+        results[key] = {name: round(result.score, 2) for name, result in profiles.items()}
+    ranked = dict(sorted(results.items(), key=lambda item: -item[1]["standard"]))
+    result = {
+        "benchmark": "nab score ablation (one fit per file, variants of the score)",
+        "profile": args.profile,
+        "files": len(corpus),
+        "default": DEFAULT_KEY,
+        "key": "terms|unit floor",
+        "scores": ranked,
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+    print(json.dumps(dict(list(ranked.items())[:15]), indent=1))
+    print("default", DEFAULT_KEY, results[DEFAULT_KEY])
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

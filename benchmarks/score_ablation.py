@@ -1,0 +1,97 @@
+"""What the score-ablation benchmarks share: one fit, every term's raw value, re-scaling.
+
+``ucr_score_terms.py`` and ``nab_score_terms.py`` fit the product's default model once
+per series and then re-score it under variants of the fused score. This module computes
+the raw terms of a fitted model (every term in ``SCORE_TERMS``, used by the default or
+not) on the normal windows it was calibrated on, and puts raw terms on the common scale
+as ``AnomalyLLM.calibrate`` does, or as the alternatives being ablated do.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from stream_detector.model import _TWO_SIDED, SCORE_TERMS, spread_floor
+from trainer.anomalyllm_detector import AnomalyLLMDetector
+from trainer.train import MAX_CALIBRATION_WINDOWS, _thin, sliding_windows
+
+SCALINGS = ("extreme", "robust-z")
+FLOORS = ("errors", "relative")
+SUBSETS = [
+    terms
+    for size in range(1, len(SCORE_TERMS) + 1)
+    for terms in itertools.combinations(SCORE_TERMS, size)
+]
+
+
+def raw_terms(model, windows: np.ndarray, names=SCORE_TERMS) -> np.ndarray:
+    """The model's raw terms of windows (N, 1, L), single channel. (T, N)"""
+    with torch.inference_mode():
+        parts = [
+            model.raw_terms(torch.from_numpy(windows[start : start + 256]), names)[0][:, :, 0]
+            for start in range(0, len(windows), 256)
+        ]
+    return torch.cat(parts, dim=1).numpy()
+
+
+@dataclass(frozen=True)
+class NormalTerms:
+    """A fitted model's terms on the normal windows its score was calibrated on."""
+
+    held: np.ndarray  # (T, H) every term on the held-back windows
+    normal: np.ndarray  # (2, N) level and scale on the memory-bank windows
+    floor: np.ndarray  # (T,) each term's smallest unit (`spread_floor`)
+
+    @classmethod
+    def of(cls, detector: AnomalyLLMDetector, train: np.ndarray) -> NormalTerms:
+        """Split the windows ``detector.fit(train)`` offered as `calibrate_score` does."""
+        model = detector.model
+        length = model.config.window_length
+        offered = max(model.config.memory_slots, 256)
+        windows = sliding_windows(train, length, max(1, (len(train) - length) // offered))
+        held_back = max(1, int(len(windows) * 0.2))
+        held = raw_terms(model, _thin(windows[-held_back:], MAX_CALIBRATION_WINDOWS))
+        normal = raw_terms(model, windows[:-held_back], ("level", "scale"))
+        floor = spread_floor(
+            SCORE_TERMS,
+            torch.from_numpy(windows[:-held_back]),
+            torch.from_numpy(np.median(held, axis=1)[:, None]),
+        )[:, 0].numpy()
+        return cls(held, normal, floor)
+
+    def scaled(self, raw: np.ndarray, scaling: str, floor: str) -> np.ndarray:
+        """Each term of ``raw`` (T, N) on a common scale.
+
+        ``floor="errors"`` keeps each unit at least `spread_floor`'s (the model's rule);
+        ``"relative"`` only at 1e-3 of the term's centre (the previous rule).
+        """
+        out = np.empty_like(raw)
+        for index, name in enumerate(SCORE_TERMS):
+            two_sided = name in _TWO_SIDED
+            reference = self.held[index]
+            if two_sided:
+                reference = np.concatenate([reference, self.normal[_TWO_SIDED.index(name)]])
+            median = np.median(reference)
+            if scaling == "robust-z":
+                centre, unit = median, 1.4826 * np.median(np.abs(reference - median))
+            elif two_sided:
+                low, high = reference.min(), reference.max()
+                centre, unit = (low + high) / 2, (high - low) / 2
+            else:
+                centre, unit = median, reference.max() - median
+            unit = max(unit, 1e-3 * max(abs(centre), 1.0))
+            if floor == "errors":
+                unit = max(unit, self.floor[index])
+            out[index] = (raw[index] - centre) / unit
+            if two_sided:
+                out[index] = np.abs(out[index])
+        return out
+
+
+def fused(z: np.ndarray, terms: tuple[str, ...]) -> np.ndarray:
+    """The fused score of scaled terms ``z`` (T, N): the largest of ``terms``, at least 0."""
+    return z[[SCORE_TERMS.index(name) for name in terms]].max(axis=0).clip(min=0)
