@@ -36,7 +36,7 @@ from tests.fuzz.hostile import (
     huge_messages,
     record,
 )
-from tests.integration.test_worker import (  # noqa: F401 (fixtures)
+from tests.worker_support import (  # noqa: F401 (fixtures)
     SEED,
     OutputReader,
     expected_windows,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import time
 import uuid
 from datetime import UTC, datetime
@@ -30,20 +29,14 @@ from stream_detector.config import (
 )
 from stream_detector.consumer import ReadingConsumer
 from stream_detector.services import free_port
-from tests.integration.test_worker import running
+from tests.shared_data import DATA_DIR
 from tests.tiny import tiny_config
+from tests.worker_support import running
 from trainer.__main__ import main
 
 pytestmark = pytest.mark.integration
 
-NAB_DIR = (
-    Path(
-        os.environ.get(
-            "DETECTOR_DATA_DIR", Path(__file__).resolve().parents[2].parent / "shared" / "data"
-        )
-    )
-    / "nab"
-)
+NAB_DIR = DATA_DIR / "nab"
 SERIES = "realKnownCause/machine_temperature_system_failure.csv"
 TRAIN_ROWS = 2000
 WINDOW = 64

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,15 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.shared_data import DATA_DIR, REPO_ROOT
 from trainer import nab
 
-DATA_DIR = Path(
-    os.environ.get(
-        "DETECTOR_DATA_DIR", Path(__file__).resolve().parents[2].parent / "shared" / "data"
-    )
-)
 NAB_DIR = DATA_DIR / "nab"
-REPO_ROOT = Path(__file__).resolve().parents[2]
 DETECTORS = ["numenta", "randomCutForest", "windowedGaussian"]
 
 pytestmark = pytest.mark.skipif(

@@ -6,6 +6,7 @@ injected anomalies) from a real broker, and checks that a worker serves the resu
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import shutil
@@ -21,7 +22,7 @@ import pytest
 import torch
 from confluent_kafka import Producer
 
-from stream_detector import loadgen, store, worker
+from stream_detector import loadgen, store
 from stream_detector.config import (
     AlertPolicy,
     KafkaSettings,
@@ -35,6 +36,7 @@ from stream_detector.publisher import Publisher, ReadingProducer
 from stream_detector.schemas import AlertEvent
 from stream_detector.services import free_port
 from tests.tiny import tiny_config
+from tests.worker_support import running
 from trainer import jobs, thresholds, train
 from trainer.__main__ import main
 
@@ -361,31 +363,11 @@ def _alert_events(sensor: str, start_ms: int, end_ms: int) -> list[AlertEvent]:
     ]
 
 
-class WorkerThread:
-    """``python -m stream_detector run`` in a thread of the test process."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.stop = threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(settings,), daemon=True)
-
-    def _run(self, settings: Settings) -> None:
-        try:
-            worker.run(settings, self.stop)
-        except BaseException as error:
-            self.error = error
-
-
 @pytest.fixture
-def running_worker() -> Iterator[list[WorkerThread]]:
-    started: list[WorkerThread] = []
-    yield started
-    for handle in started:
-        handle.stop.set()
-        handle.thread.join(60)
-        assert not handle.thread.is_alive(), "worker did not stop"
-        if handle.error is not None:
-            raise handle.error
+def workers() -> Iterator[contextlib.ExitStack]:
+    """Workers entered here (``running``) stop, and re-raise their errors, after the test."""
+    with contextlib.ExitStack() as stack:
+        yield stack
 
 
 def test_fit_from_kafka_skips_alerted_spans_and_a_running_worker_serves_the_result(
@@ -397,7 +379,7 @@ def test_fit_from_kafka_skips_alerted_spans_and_a_running_worker_serves_the_resu
     tiny_json: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-    running_worker: list[WorkerThread],
+    workers: contextlib.ExitStack,
 ) -> None:
     history, live = topic_factory("history", "live", partitions=2)
     alerts, scores, worker_alerts, dead = topic_factory("alerts", "scores", "walerts", "dlq")
@@ -453,9 +435,7 @@ def test_fit_from_kafka_skips_alerted_spans_and_a_running_worker_serves_the_resu
         device="cpu",
         metrics_port=free_port(),
     )
-    handle = WorkerThread(worker_settings)
-    running_worker.append(handle)
-    handle.thread.start()
+    workers.enter_context(running(worker_settings))
 
     _set_env(
         monkeypatch,

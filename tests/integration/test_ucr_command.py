@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-DATA_DIR = Path(os.environ.get("DETECTOR_DATA_DIR", REPO.parent / "shared" / "data"))
+from tests.shared_data import DATA_DIR, REPO_ROOT
 
 pytestmark = [
     pytest.mark.integration,
@@ -29,7 +27,7 @@ def test_ucr_command_locates_two_real_anomalies(tmp_path: Path) -> None:
     command += ["--detector", "discord", "--ids", "26", "118", "--out", str(out)]
 
     completed = subprocess.run(
-        command, cwd=REPO, capture_output=True, text=True, timeout=600, check=False
+        command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False
     )
 
     assert completed.returncode == 0, completed.stderr

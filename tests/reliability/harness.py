@@ -38,7 +38,7 @@ import torch
 from stream_detector import alerts, loadgen
 from stream_detector.config import Settings
 from stream_detector.windows import Window, WindowStore
-from tests.integration.test_worker import POLICY, WINDOW, Outputs, TrainedModel, settings_env
+from tests.worker_support import POLICY, WINDOW, Outputs, TrainedModel, settings_env
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SCORE_RTOL = 1e-3

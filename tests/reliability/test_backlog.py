@@ -19,16 +19,6 @@ import pytest
 from stream_detector import loadgen, store
 from stream_detector.config import Settings
 from tests.conftest import Topics
-from tests.integration.test_worker import (
-    MODEL,
-    STEP_MS,
-    T0_MS,
-    WINDOW,
-    OutputReader,
-    TrainedModel,
-    make_plan,
-    produce,
-)
 from tests.reliability.harness import (
     final_windows,
     ready,
@@ -38,6 +28,16 @@ from tests.reliability.harness import (
     stop_worker,
     verify,
     wait_for,
+)
+from tests.worker_support import (
+    MODEL,
+    STEP_MS,
+    T0_MS,
+    WINDOW,
+    OutputReader,
+    TrainedModel,
+    make_plan,
+    produce,
 )
 
 pytestmark = pytest.mark.integration

@@ -30,7 +30,17 @@ from stream_detector.config import KafkaTopics, RedisSettings, Settings
 from stream_detector.publisher import ReadingProducer
 from stream_detector.services import EmbeddedKafka, EmbeddedRedis, create_topics, free_port
 from tests.conftest import Topics
-from tests.integration.test_worker import (
+from tests.reliability.harness import (
+    Reference,
+    final_windows,
+    ready,
+    reference,
+    start_worker,
+    stop_worker,
+    verify,
+    wait_for,
+)
+from tests.worker_support import (
     MODEL,
     STEP_MS,
     STRIDE,
@@ -42,16 +52,6 @@ from tests.integration.test_worker import (
     produce,
     running,
     scrape,
-)
-from tests.reliability.harness import (
-    Reference,
-    final_windows,
-    ready,
-    reference,
-    start_worker,
-    stop_worker,
-    verify,
-    wait_for,
 )
 
 pytestmark = pytest.mark.integration

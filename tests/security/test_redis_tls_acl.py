@@ -12,9 +12,9 @@ from urllib.parse import quote
 import pytest
 
 from stream_detector.config import Settings
+from stream_detector.pipeline import PositionedReading
 from stream_detector.services import EmbeddedRedis
 from stream_detector.windows import WindowStore, WindowStoreError
-from tests.integration.test_window_store import Reading
 from tests.security.conftest import REDIS_PASSWORD, REDIS_USER, TlsFiles
 
 pytestmark = pytest.mark.integration
@@ -48,7 +48,10 @@ def test_windows_work_over_tls_as_the_acl_user(
     masked = Settings(redis={"url": url}).masked_dump()["redis"]["url"]
     assert masked.startswith(f"rediss://{REDIS_USER}:***@") and "ssl_ca_certs=" in masked
     store = store_at(url, key_prefix)
-    readings = [Reading("pump-1", 1_000 * (n + 1), (float(n),), offset=n) for n in range(6)]
+    readings = [
+        PositionedReading("pump-1", 1_000 * (n + 1), (float(n),), "readings", 0, n)
+        for n in range(6)
+    ]
     result = store.append_batch(readings)
     assert [window.end_ts_ms for window in result.due] == [4_000, 5_000, 6_000]
     assert store.fetch_windows(["pump-1"])["pump-1"].values.tolist() == [[2.0, 3.0, 4.0, 5.0]]

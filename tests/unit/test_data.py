@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import csv
 import gzip
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.shared_data import DATA_DIR
 from trainer.data import (
     DataFormatError,
     DataNotFoundError,
@@ -23,12 +23,6 @@ from trainer.data import (
 )
 
 pytestmark = pytest.mark.unit
-
-DATA_DIR = Path(
-    os.environ.get(
-        "DETECTOR_DATA_DIR", Path(__file__).resolve().parents[2].parent / "shared" / "data"
-    )
-)
 
 
 def _write_gz(path: Path, text: str) -> Path:

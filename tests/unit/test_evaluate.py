@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from stream_detector.config import AlertPolicy
 from trainer import evaluate
 from trainer.data import DataNotFoundError, list_ucr
 from trainer.evaluate import (
@@ -30,7 +31,6 @@ from trainer.evaluate import (
     ucr_hit,
     ucr_location,
 )
-from stream_detector.config import AlertPolicy
 from trainer.thresholds import ThresholdConfig, pot_threshold
 
 pytestmark = pytest.mark.unit
