@@ -22,6 +22,7 @@ from confluent_kafka import (
     Consumer,
     KafkaError,
     KafkaException,
+    Message,
     TopicPartition,
 )
 
@@ -57,6 +58,20 @@ class ConsumedMessage:
     offset: int
     timestamp_ms: int | None
     headers: tuple[tuple[str, bytes | None], ...] = ()
+
+    @classmethod
+    def of(cls, message: Message) -> ConsumedMessage:
+        """Copy a librdkafka message (one without an error) out of the client."""
+        timestamp_type, timestamp_ms = message.timestamp()
+        return cls(
+            key=message.key(),
+            value=message.value(),
+            topic=message.topic(),
+            partition=message.partition(),
+            offset=message.offset(),
+            timestamp_ms=timestamp_ms if timestamp_type != TIMESTAMP_NOT_AVAILABLE else None,
+            headers=tuple(message.headers() or ()),
+        )
 
 
 def next_offsets(messages: Iterable[ConsumedMessage]) -> list[TopicPartition]:
@@ -138,19 +153,7 @@ class ReadingConsumer:
                 if error.code() != KafkaError._PARTITION_EOF:
                     logger.warning("consumer error (continuing): %s", error.str())
                 continue
-            timestamp_type, timestamp_ms = message.timestamp()
-            known = timestamp_type != TIMESTAMP_NOT_AVAILABLE
-            batch.append(
-                ConsumedMessage(
-                    key=message.key(),
-                    value=message.value(),
-                    topic=message.topic(),
-                    partition=message.partition(),
-                    offset=message.offset(),
-                    timestamp_ms=timestamp_ms if known else None,
-                    headers=tuple(message.headers() or ()),
-                )
-            )
+            batch.append(ConsumedMessage.of(message))
         return batch
 
     def store(self, messages: Iterable[ConsumedMessage]) -> None:
@@ -352,21 +355,12 @@ def replay(
                     continue
                 if partition not in pending:
                     continue
-                timestamp_type, timestamp_ms = message.timestamp()
-                known = timestamp_type != TIMESTAMP_NOT_AVAILABLE
-                if known and timestamp_ms > end_ms:
+                consumed = ConsumedMessage.of(message)
+                if consumed.timestamp_ms is not None and consumed.timestamp_ms > end_ms:
                     pending.discard(partition)
                     continue
-                if known and timestamp_ms < since_ms:
+                if consumed.timestamp_ms is not None and consumed.timestamp_ms < since_ms:
                     continue
-                yield ConsumedMessage(
-                    key=message.key(),
-                    value=message.value(),
-                    topic=message.topic(),
-                    partition=partition,
-                    offset=message.offset(),
-                    timestamp_ms=timestamp_ms if known else None,
-                    headers=tuple(message.headers() or ()),
-                )
+                yield consumed
     finally:
         consumer.close()

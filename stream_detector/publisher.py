@@ -68,6 +68,19 @@ _TOPIC_ERRORS = frozenset(
 )
 
 
+def produce_when_room(producer: Producer, topic: str, **message: Any) -> None:
+    """Queue one message; while the local queue is full, serve delivery reports and retry.
+
+    A ``KafkaException`` (refused before it was queued) propagates.
+    """
+    while True:
+        try:
+            producer.produce(topic, **message)
+            return
+        except BufferError:
+            producer.poll(0.1)
+
+
 class Failure(enum.Enum):
     """What a failed delivery means for the output, and so what the worker does next."""
 
@@ -281,20 +294,19 @@ class Publisher:
             self._on_delivery(error, message)
             delivery.report(error)
 
-        while True:
-            try:
-                self._producer.produce(
-                    topic, value=value, key=key, headers=headers, on_delivery=on_delivery
-                )
-                break
-            except BufferError:
-                # Local queue full: serve delivery reports until there is room.
-                self._producer.poll(0.1)
-            except KafkaException as exception:
-                # Refused before it was queued (too large, bad argument, fatal producer).
-                delivery.report(exception.args[0])
-                self._failure_count += 1
-                break
+        try:
+            produce_when_room(
+                self._producer,
+                topic,
+                value=value,
+                key=key,
+                headers=headers,
+                on_delivery=on_delivery,
+            )
+        except KafkaException as exception:
+            # Refused before it was queued (too large, bad argument, fatal producer).
+            delivery.report(exception.args[0])
+            self._failure_count += 1
         self._producer.poll(0)
         return delivery
 
@@ -460,14 +472,9 @@ class ReadingProducer:
 
     def send(self, key: bytes | None, value: bytes | None) -> None:
         """Queue one message (blocks while the local queue is full)."""
-        while True:
-            try:
-                self._producer.produce(
-                    self.topic, value=value, key=key, on_delivery=self._on_delivery
-                )
-                break
-            except BufferError:
-                self._producer.poll(0.1)
+        produce_when_room(
+            self._producer, self.topic, value=value, key=key, on_delivery=self._on_delivery
+        )
         self._producer.poll(0)
 
     def flush(self, timeout_s: float = 30.0) -> None:
