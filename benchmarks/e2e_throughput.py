@@ -154,14 +154,8 @@ def start_worker(settings: Settings, torch_threads: int, log: Path) -> subproces
 
     A process of its own, so that the benchmark's producer and reader do not share its GIL.
     """
-    data = settings.model_dump(mode="json")
-    data["redis"]["url"] = settings.redis.url.get_secret_value()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DETECTOR_")}
-    env["OMP_NUM_THREADS"] = str(torch_threads)
-    for name, value in data.items():
-        env[f"DETECTOR_{name.upper()}"] = (
-            json.dumps(value) if isinstance(value, dict) else str(value)
-        )
+    env |= {"OMP_NUM_THREADS": str(torch_threads), **settings.environment()}
     with log.open("wb") as output:
         return subprocess.Popen(
             [sys.executable, "-m", "stream_detector", "run"],

@@ -8,6 +8,7 @@ broker and a Redis on localhost.
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
@@ -320,6 +321,18 @@ class Settings(BaseSettings):
         data["model"]["store"] = mask_url(self.model.store)
         data["kafka"]["extra"] = mask_kafka_extra(self.kafka.extra)
         return data
+
+    def environment(self) -> dict[str, str]:
+        """DETECTOR_* variables that reproduce these settings in a child process.
+
+        Credentials are included in clear (the child needs them): never log the result.
+        """
+        data = self.model_dump(mode="json")
+        data["redis"]["url"] = self.redis.url.get_secret_value()
+        return {
+            f"DETECTOR_{name.upper()}": json.dumps(value) if isinstance(value, dict) else str(value)
+            for name, value in data.items()
+        }
 
 
 def kafka_consumer_config(settings: Settings) -> KafkaConfig:

@@ -166,15 +166,8 @@ def settings_for(
 
 def settings_env(settings: Settings) -> dict[str, str]:
     """DETECTOR_* variables that reproduce ``settings`` in a subprocess."""
-    data = settings.model_dump(mode="json")
-    data["redis"]["url"] = settings.redis.url.get_secret_value()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DETECTOR_")}
-    env["OMP_NUM_THREADS"] = "1"
-    for name, value in data.items():
-        env[f"DETECTOR_{name.upper()}"] = (
-            json.dumps(value) if isinstance(value, dict) else str(value)
-        )
-    return env
+    return {**env, "OMP_NUM_THREADS": "1", **settings.environment()}
 
 
 def scrape(port: int, name: str, labels: str = "") -> float:

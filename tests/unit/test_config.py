@@ -164,3 +164,19 @@ def test_producer_is_idempotent_and_transactional_only_when_asked() -> None:
     settings = Settings(kafka={"instance_id": "worker-0", "exactly_once": True})
     assert kafka_producer_config(settings)["transactional.id"] == "stream-detector-worker-0"
     assert kafka_consumer_config(settings)["enable.auto.commit"] is False
+
+
+def test_the_environment_of_settings_rebuilds_them_in_a_child_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = Settings(
+        redis={"url": "redis://:hunter2@cache:6379/0"},
+        kafka={"bootstrap_servers": "broker:9092", "extra": {"security.protocol": "SSL"}},
+        stride=4,
+    )
+    for name in [name for name in os.environ if name.startswith("DETECTOR_")]:
+        monkeypatch.delenv(name)
+    for name, value in settings.environment().items():
+        monkeypatch.setenv(name, value)
+    assert Settings() == settings
+    assert settings.environment()["DETECTOR_REDIS"].count("hunter2") == 1
