@@ -88,7 +88,9 @@ def test_scores_match_the_model_and_name_the_most_attributed_channel(tmp_path: P
         Scorer(registry, device=torch.device("cpu"), mixed_precision=False).score("fans", windows)
 
 
-def test_auto_device_is_cuda_only_when_present() -> None:
-    expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert resolve_device("auto").type == expected
-    assert resolve_device("cpu").type == "cpu"
+def test_auto_device_is_cuda_only_when_present(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto").type == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto").type == "cuda"
+    assert resolve_device("cpu").type == "cpu"  # an explicit device is taken as given
