@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from trainer import evaluate, jobs, nab
+from trainer import commands, evaluate, nab
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command", required=True)
     nab.register(subparsers)
     evaluate.register(subparsers)
-    jobs.register(subparsers)
+    commands.register(subparsers)
     args = parser.parse_args(argv)
     return args.handler(args)
 

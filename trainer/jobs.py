@@ -1,10 +1,7 @@
-"""The retraining job (``fit``, ``refresh``) and model-store operations (``models``).
+"""The retraining job (``fit``, ``refresh``): ``run(options, settings)``.
 
-    python -m trainer fit --from-kafka --since 7d --store s3://models --model pumps
-    python -m trainer fit --from-files a.csv b.npz --store ./models --model pumps --profile quick
-    python -m trainer refresh --from-kafka --since 2d --store ./models --model pumps
-    python -m trainer models list --store ./models --model pumps --json
-    python -m trainer models show|promote|rollback --store ./models --model pumps [--version V]
+Its command line (``python -m trainer fit|refresh``) and the model-store operations
+(``python -m trainer models``) are in ``trainer.commands``.
 
 A run, under the model's store lock (so two CronJob runs never overlap):
 
@@ -26,19 +23,18 @@ Exit codes: 0 promoted (or nothing to do), 1 failed, 3 stored but refused by the
 4 another job holds the model's lock.
 
 Tests and experiments can train a randomly initialised backbone of any size with
-``--model-config FILE``: a JSON object of ``ModelConfig`` fields; when it contains a
-non-empty ``backbone_config`` (a Hugging Face config dict), no pretrained weights are read.
+``JobOptions.model_config`` (``--model-config FILE``): a JSON object of ``ModelConfig``
+fields; when it contains a non-empty ``backbone_config`` (a Hugging Face config dict), no
+pretrained weights are read.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import hashlib
 import json
 import logging
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -50,7 +46,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -390,6 +385,7 @@ def _run_locked(
     console: Console,
     now_ms: int | None,
 ) -> JobResult:
+    """The steps of a run, in order; each fills its part of ``report``."""
     phase = _Phases(console)
     device = resolve_device(settings.device)
     now_ms = now_ms if now_ms is not None else time.time_ns() // 1_000_000
@@ -397,22 +393,7 @@ def _run_locked(
     report["current_version"] = current
     with phase("load_current", f"loading CURRENT ({current})"):
         current_checkpoint, incomparable = _load_current(options, current, device)
-    if options.mode == "refresh":
-        if current_checkpoint is None:
-            raise JobError(
-                f"refresh needs a loadable CURRENT version of {options.model_name}: "
-                f"{incomparable or 'there is none'}; run fit first"
-            )
-        window_length = current_checkpoint.model.config.window_length
-    else:
-        window_length = options.window_length or settings.window_length
-        if window_length != settings.window_length:
-            logger.warning(
-                "window length %d differs from the workers' DETECTOR_WINDOW_LENGTH %d: "
-                "workers will refuse this model until the two agree",
-                window_length,
-                settings.window_length,
-            )
+    window_length = _window_length(options, settings, current_checkpoint, incomparable)
     with phase("read", "reading data"):
         data = _read_data(options, settings, window_length, now_ms, console)
         splits = sources.split_windows(
@@ -429,39 +410,15 @@ def _run_locked(
             "no calibration windows: every sensor needs more than "
             f"{window_length} consecutive readings in its recent data; read a longer period"
         )
-    if current_checkpoint is not None and current_checkpoint.model.config.channels != (
-        data.channels
-    ):
-        incomparable = (
-            f"CURRENT takes {current_checkpoint.model.config.channels} channels, "
-            f"the data has {data.channels}"
-        )
-        if options.mode == "refresh":
-            raise JobError(f"refresh impossible: {incomparable}; run fit")
+    incomparable = _channel_mismatch(options, current_checkpoint, data.channels) or incomparable
     model_config = (
         current_checkpoint.model.config
         if options.mode == "refresh" and current_checkpoint is not None
         else _model_config(options, data.channels, window_length)
     )
     train_config = train.profile(options.profile)
-    fingerprint = _fingerprint(
-        {
-            "mode": options.mode,
-            "data": data.digest(),
-            "model": model_config.to_dict() if options.mode == "fit" else None,
-            "train": dataclasses.asdict(train_config) if options.mode == "fit" else None,
-            "parent": (
-                current_checkpoint.metadata.get("weights_sha256")
-                if options.mode == "refresh" and current_checkpoint is not None
-                else None
-            ),
-            "thresholds": options.threshold_config.to_dict(),
-            "splits": [options.calibration_fraction, options.holdout_fraction, options.gap_factor],
-            "stride": settings.stride,
-            "alerts": settings.alerts.model_dump(mode="json"),
-            "margin_windows": options.margin_windows,
-            "package": _package_version(),
-        }
+    fingerprint = _job_fingerprint(
+        options, settings, data, model_config, train_config, current_checkpoint
     )
     report["fingerprint"] = fingerprint
     existing = _published_with(options.store, options.model_name, fingerprint)
@@ -469,24 +426,9 @@ def _run_locked(
         console.log(f"same data and settings as version {existing}: nothing to do")
         return _repeat(options, existing, current, lock)
 
-    if options.mode == "fit":
-        with phase("train", f"training ({options.profile} profile)"):
-            candidate, report["training"] = _fit(
-                options, splits.train, model_config, train_config, device
-            )
-    else:
-        assert current_checkpoint is not None
-        with phase("train", "re-fitting prototypes (k-means)"):
-            candidate = copy.deepcopy(current_checkpoint.model)
-            windows = train._thin(splits.train, REFRESH_MAX_WINDOWS)
-            if len(windows) < model_config.prototypes:
-                raise JobError(
-                    f"{len(windows)} training windows are too few for "
-                    f"{model_config.prototypes} prototypes; read a longer period"
-                )
-            refit_prototypes(candidate, torch.from_numpy(windows))
-            train.calibrate_score(candidate, splits.train, train_config.validation_fraction)
-        report["training"] = {"parent_version": current, "kmeans_windows": len(windows)}
+    candidate, report["training"] = _train_candidate(
+        options, phase, splits, model_config, train_config, current_checkpoint, current, device
+    )
     lock.verify()
     with phase("calibrate", "calibrating thresholds"):
         (calibration,) = _scores_of([candidate], splits.calibration, device)
@@ -509,17 +451,9 @@ def _run_locked(
     with phase("gate", "comparing with CURRENT on held-back data"):
         candidate_eval, *others = _evaluate(judged, splits, data, settings, options, device)
     current_eval = others[0] if others else None
-    if current is not None and incomparable is not None and current_checkpoint is None:
-        # A CURRENT that cannot even be loaded is served by no worker: anything is better.
-        decision = gate.Decision(True, True, [f"{incomparable}; nothing to compare with"])
-    else:
-        decision = gate.decide(
-            candidate_eval,
-            current_eval,
-            options.gate_config,
-            force=options.force,
-            incomparable=incomparable,
-        )
+    decision = _decide(
+        options, current, current_checkpoint, incomparable, candidate_eval, current_eval
+    )
     report["comparison"] = {
         "candidate": candidate_eval.to_dict(),
         "current": current_eval.to_dict() if current_eval else None,
@@ -529,50 +463,185 @@ def _run_locked(
     version = store.new_version(fingerprint)
     report["version"] = version
     report["timings_s"] = phase.seconds
+    lock.verify()
+    with phase("publish", f"storing version {version}"):
+        _publish(options, settings, lock, report, candidate, thresholds_json, data, decision)
+    _print_outcome(console, version, decision, candidate_eval, current_eval)
+    return JobResult(EXIT_OK if decision.promote else EXIT_REFUSED, report)
+
+
+def _window_length(
+    options: JobOptions,
+    settings: Settings,
+    current_checkpoint: Checkpoint | None,
+    incomparable: str | None,
+) -> int:
+    """CURRENT's window length for a refresh; the configured one for a fit."""
+    if options.mode == "refresh":
+        if current_checkpoint is None:
+            raise JobError(
+                f"refresh needs a loadable CURRENT version of {options.model_name}: "
+                f"{incomparable or 'there is none'}; run fit first"
+            )
+        return current_checkpoint.model.config.window_length
+    window_length = options.window_length or settings.window_length
+    if window_length != settings.window_length:
+        logger.warning(
+            "window length %d differs from the workers' DETECTOR_WINDOW_LENGTH %d: "
+            "workers will refuse this model until the two agree",
+            window_length,
+            settings.window_length,
+        )
+    return window_length
+
+
+def _channel_mismatch(
+    options: JobOptions, current_checkpoint: Checkpoint | None, channels: int
+) -> str | None:
+    """Why CURRENT cannot be compared with a model of ``channels`` (refresh: an error)."""
+    if current_checkpoint is None or current_checkpoint.model.config.channels == channels:
+        return None
+    mismatch = (
+        f"CURRENT takes {current_checkpoint.model.config.channels} channels, "
+        f"the data has {channels}"
+    )
+    if options.mode == "refresh":
+        raise JobError(f"refresh impossible: {mismatch}; run fit")
+    return mismatch
+
+
+def _job_fingerprint(
+    options: JobOptions,
+    settings: Settings,
+    data: sources.TrainingData,
+    model_config: ModelConfig,
+    train_config: train.TrainConfig,
+    current_checkpoint: Checkpoint | None,
+) -> str:
+    """What the run's outcome depends on: the data as trained on and every setting."""
+    return _fingerprint(
+        {
+            "mode": options.mode,
+            "data": data.digest(),
+            "model": model_config.to_dict() if options.mode == "fit" else None,
+            "train": dataclasses.asdict(train_config) if options.mode == "fit" else None,
+            "parent": (
+                current_checkpoint.metadata.get("weights_sha256")
+                if options.mode == "refresh" and current_checkpoint is not None
+                else None
+            ),
+            "thresholds": options.threshold_config.to_dict(),
+            "splits": [options.calibration_fraction, options.holdout_fraction, options.gap_factor],
+            "stride": settings.stride,
+            "alerts": settings.alerts.model_dump(mode="json"),
+            "margin_windows": options.margin_windows,
+            "package": _package_version(),
+        }
+    )
+
+
+def _train_candidate(
+    options: JobOptions,
+    phase: _Phases,
+    splits: sources.Splits,
+    model_config: ModelConfig,
+    train_config: train.TrainConfig,
+    current_checkpoint: Checkpoint | None,
+    current: str | None,
+    device: torch.device,
+) -> tuple[AnomalyLLM, dict[str, Any]]:
+    """``fit``: a model trained from scratch; ``refresh``: CURRENT with new prototypes."""
+    if options.mode == "fit":
+        with phase("train", f"training ({options.profile} profile)"):
+            return _fit(options, splits.train, model_config, train_config, device)
+    assert current_checkpoint is not None
+    with phase("train", "re-fitting prototypes (k-means)"):
+        candidate = copy.deepcopy(current_checkpoint.model)
+        windows = train._thin(splits.train, REFRESH_MAX_WINDOWS)
+        if len(windows) < model_config.prototypes:
+            raise JobError(
+                f"{len(windows)} training windows are too few for "
+                f"{model_config.prototypes} prototypes; read a longer period"
+            )
+        refit_prototypes(candidate, torch.from_numpy(windows))
+        train.calibrate_score(candidate, splits.train, train_config.validation_fraction)
+    return candidate, {"parent_version": current, "kmeans_windows": len(windows)}
+
+
+def _decide(
+    options: JobOptions,
+    current: str | None,
+    current_checkpoint: Checkpoint | None,
+    incomparable: str | None,
+    candidate_eval: gate.Evaluation,
+    current_eval: gate.Evaluation | None,
+) -> gate.Decision:
+    """The gate's verdict; a CURRENT no worker can load loses to anything."""
+    if current is not None and incomparable is not None and current_checkpoint is None:
+        return gate.Decision(True, True, [f"{incomparable}; nothing to compare with"])
+    return gate.decide(
+        candidate_eval,
+        current_eval,
+        options.gate_config,
+        force=options.force,
+        incomparable=incomparable,
+    )
+
+
+def _publish(
+    options: JobOptions,
+    settings: Settings,
+    lock: store.StoreLock,
+    report: dict[str, Any],
+    candidate: AnomalyLLM,
+    thresholds_json: dict[str, Any],
+    data: sources.TrainingData,
+    decision: gate.Decision,
+) -> None:
+    """Store the candidate as ``report["version"]`` with its provenance; promote it if passed."""
+    version = report["version"]
     provenance = {
-        "fingerprint": fingerprint,
+        "fingerprint": report["fingerprint"],
         "mode": options.mode,
-        "parent_version": current,
+        "parent_version": report["current_version"],
         "profile": options.profile if options.mode == "fit" else None,
-        "train_config": dataclasses.asdict(train_config) if options.mode == "fit" else None,
+        "train_config": (
+            dataclasses.asdict(train.profile(options.profile)) if options.mode == "fit" else None
+        ),
         "summary": report["training"],
         "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    lock.verify()
-    with phase("publish", f"storing version {version}"):
-        store.publish_version(
+    store.publish_version(
+        options.store,
+        options.model_name,
+        candidate,
+        thresholds=thresholds_json,
+        metadata_extra={
+            "training": provenance,
+            "normalisation": _NORMALISATIONS[candidate.config.normalisation],
+            "score_terms": list(candidate.config.score_terms),
+            "data_window": {
+                "start": report["data"]["range"]["start"],
+                "end": report["data"]["range"]["end"],
+                "sensors": sorted(data.series),
+                "window_length": candidate.config.window_length,
+                "stride": settings.stride,
+            },
+            "metrics": {"holdout": report["comparison"]["candidate"]},
+        },
+        version=version,
+        promote=False,
+        extra_files={store.REPORT_FILE: _report_bytes(report)},
+        lock=lock,
+    )
+    if decision.promote:
+        store.promote(
             options.store,
             options.model_name,
-            candidate,
-            thresholds=thresholds_json,
-            metadata_extra={
-                "training": provenance,
-                "normalisation": _NORMALISATIONS[candidate.config.normalisation],
-                "score_terms": list(candidate.config.score_terms),
-                "data_window": {
-                    "start": report["data"]["range"]["start"],
-                    "end": report["data"]["range"]["end"],
-                    "sensors": sorted(data.series),
-                    "window_length": window_length,
-                    "stride": settings.stride,
-                },
-                "metrics": {"holdout": candidate_eval.to_dict()},
-            },
-            version=version,
-            promote=False,
-            extra_files={store.REPORT_FILE: _report_bytes(report)},
+            version,
+            reason=f"{options.mode}: {'; '.join(decision.reasons)}",
             lock=lock,
         )
-        if decision.promote:
-            store.promote(
-                options.store,
-                options.model_name,
-                version,
-                reason=f"{options.mode}: {'; '.join(decision.reasons)}",
-                lock=lock,
-            )
-    _print_outcome(console, version, decision, candidate_eval, current_eval)
-    return JobResult(EXIT_OK if decision.promote else EXIT_REFUSED, report)
 
 
 _NORMALISATIONS = {
@@ -631,282 +700,3 @@ def _print_outcome(
     console.print(table)
     verdict = "[green]promoted[/green]" if decision.promote else "[red]not promoted[/red]"
     console.print(f"{verdict}: {'; '.join(decision.reasons)}")
-
-
-# ---------------------------------------------------------------------------------------
-# Command line
-
-
-def _settings() -> Settings:
-    try:
-        return Settings()
-    except ValidationError as error:
-        raise JobError(f"DETECTOR_* settings are invalid: {error}") from error
-
-
-def _options(args: argparse.Namespace, settings: Settings) -> JobOptions:
-    try:
-        threshold_config = thresholds.ThresholdConfig(
-            risk_level=args.risk_level,
-            initial_quantile=args.initial_quantile,
-            min_peaks=args.min_peaks,
-            max_alerts_per_day=args.max_alerts_per_day,
-        )
-    except ValueError as error:
-        raise JobError(str(error)) from error
-    return JobOptions(
-        mode=args.command,
-        store=args.store or settings.model.store,
-        model_name=args.model or settings.model.default_model,
-        from_kafka=args.from_kafka,
-        since=args.since,
-        files=tuple(args.from_files or ()),
-        columns=tuple(args.columns) if args.columns else None,
-        file_interval_ms=round(args.file_interval_s * 1000),
-        incidents=args.incidents,
-        profile=getattr(args, "profile", "default"),
-        backbone=getattr(args, "backbone", SMOLLM2),
-        backbone_layers=getattr(args, "backbone_layers", 6),
-        window_length=getattr(args, "window_length", None),
-        model_config=getattr(args, "model_config", None),
-        threshold_config=threshold_config,
-        gate_config=gate.GateConfig(
-            max_false_alarm_increase=args.max_false_alarm_increase,
-            max_alert_rate_increase=args.max_alert_rate_increase,
-            max_missed_increase=args.max_missed_increase,
-            noise_allowance=args.noise_allowance,
-        ),
-        max_readings_per_sensor=args.max_readings_per_sensor,
-        gap_factor=args.gap_factor,
-        margin_windows=args.exclusion_margin_windows,
-        calibration_fraction=args.calibration_fraction,
-        holdout_fraction=args.holdout_fraction,
-        force=args.force,
-        report=args.report,
-        lock_lease_s=args.lock_lease_s,
-        progress=not args.quiet,
-    )
-
-
-def run_job_command(args: argparse.Namespace) -> int:
-    """Handle ``python -m trainer fit`` and ``python -m trainer refresh``."""
-    try:
-        settings = _settings()
-        options = _options(args, settings)
-    except JobError as error:
-        print(f"{args.command}: {error}", file=sys.stderr)
-        return EXIT_FAILED
-    result = run(options, settings)
-    summary = {
-        key: result.report.get(key)
-        for key in ("version", "current_version", "decision", "exit_code", "error", "no_op")
-        if key in result.report
-    }
-    print(json.dumps(summary, indent=2, default=str))
-    return result.exit_code
-
-
-def _version_row(root: str, model_name: str, version: str, current: str | None) -> dict[str, Any]:
-    row: dict[str, Any] = {"version": version, "current": version == current}
-    try:
-        config = store.version_metadata(root, model_name, version)
-    except store.ModelStoreError as error:
-        return {**row, "complete": False, "error": str(error)}
-    training = config.get("training", {})
-    report_bytes = store.read_version_file(root, model_name, version, store.REPORT_FILE)
-    report = json.loads(report_bytes) if report_bytes else {}
-    holdout = config.get("metrics", {}).get("holdout", {})
-    return {
-        **row,
-        "complete": True,
-        "mode": training.get("mode"),
-        "parent_version": training.get("parent_version"),
-        "trained_at": training.get("trained_at"),
-        "gate_passed": report.get("decision", {}).get("passed"),
-        "false_alarm_rate": holdout.get("false_alarm_rate"),
-        "window_length": config.get("model", {}).get("window_length"),
-        "channels": config.get("model", {}).get("channels"),
-    }
-
-
-def run_models_command(args: argparse.Namespace) -> int:
-    """Handle ``python -m trainer models list|show|promote|rollback``."""
-    console = Console()
-    try:
-        settings = _settings()
-        root = args.store or settings.model.store
-        model_name = args.model or settings.model.default_model
-        if args.action == "list":
-            return _list(console, root, model_name, args.json)
-        if args.action == "show":
-            version = args.version or store.current_version(root, model_name)
-            if version is None:
-                raise JobError(f"{model_name} has no CURRENT version; name one with --version")
-            shown = _show(root, model_name, version)
-            print(json.dumps(shown, indent=2, default=str))
-            return EXIT_OK
-        if args.action == "promote":
-            if not args.version:
-                raise JobError("models promote needs --version")
-            store.promote(root, model_name, args.version, reason=args.reason or "operator")
-            console.print(f"{model_name}: CURRENT is now {args.version}")
-            return EXIT_OK
-        target = store.rollback(root, model_name, reason=args.reason or "operator rollback")
-        console.print(f"{model_name}: rolled back; CURRENT is now {target}")
-        return EXIT_OK
-    except store.StoreLockedError as error:
-        print(f"models {args.action}: {error}", file=sys.stderr)
-        return EXIT_LOCKED
-    except (JobError, store.ModelStoreError, OSError) as error:
-        print(f"models {args.action}: {error}", file=sys.stderr)
-        return EXIT_FAILED
-
-
-def _list(console: Console, root: str, model_name: str, as_json: bool) -> int:
-    current = store.current_version(root, model_name)
-    rows = [
-        _version_row(root, model_name, v, current) for v in store.list_versions(root, model_name)
-    ]
-    if as_json:
-        listing = {
-            "model": model_name,
-            "store": mask_url(root),
-            "current": current,
-            "versions": rows,
-        }
-        print(json.dumps(listing, indent=2))
-        return EXIT_OK
-    table = Table(title=f"{model_name} in {mask_url(root)}")
-    table.add_column("")
-    table.add_column("version", no_wrap=True)  # operators copy it into promote --version
-    for column in ("mode", "gate", "false alarms", "L"):
-        table.add_column(column, no_wrap=True)
-    for row in rows:
-        gate_text = {True: "passed", False: "refused", None: "-"}[row.get("gate_passed")]
-        table.add_row(
-            "*" if row["current"] else "",
-            row["version"],
-            str(row.get("mode") or ("incomplete" if not row["complete"] else "-")),
-            gate_text,
-            "-" if row.get("false_alarm_rate") is None else f"{row['false_alarm_rate']:.4f}",
-            str(row.get("window_length") or "-"),
-        )
-    console.print(table)
-    return EXIT_OK
-
-
-def _show(root: str, model_name: str, version: str) -> dict[str, Any]:
-    config = store.version_metadata(root, model_name, version)
-    config.get("model", {}).pop("backbone_config", None)  # long, and not for people
-    thresholds_bytes = store.read_version_file(root, model_name, version, "thresholds.json")
-    report_bytes = store.read_version_file(root, model_name, version, store.REPORT_FILE)
-    return {
-        "model": model_name,
-        "version": version,
-        "current": store.current_version(root, model_name) == version,
-        "config": config,
-        "thresholds": (
-            thresholds.summary(json.loads(thresholds_bytes)) if thresholds_bytes else None
-        ),
-        "report": json.loads(report_bytes) if report_bytes else None,
-        "history": [
-            entry
-            for entry in store.history(root, model_name)
-            if version in (entry.get("from"), entry.get("to"))
-        ],
-    }
-
-
-def _store_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--store", help="model store: a directory or a URL (default: DETECTOR_MODEL__STORE)"
-    )
-    parser.add_argument("--model", help="model name (default: DETECTOR_MODEL__DEFAULT_MODEL)")
-
-
-def _job_arguments(parser: argparse.ArgumentParser) -> None:
-    _store_arguments(parser)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument(
-        "--from-kafka",
-        action="store_true",
-        help="replay the readings topic (DETECTOR_KAFKA__* settings, as the worker)",
-    )
-    source.add_argument(
-        "--from-files", nargs="+", type=Path, metavar="PATH", help=".csv, NAB, UCR or .npz files"
-    )
-    parser.add_argument(
-        "--since", default="7d", help="with --from-kafka: 7d, 12h, 2w or an ISO time (default 7d)"
-    )
-    parser.add_argument("--columns", nargs="+", help="CSV value columns (default: all others)")
-    parser.add_argument(
-        "--file-interval-s",
-        type=float,
-        default=60.0,
-        help="sampling interval assumed for files without timestamps (default 60)",
-    )
-    parser.add_argument(
-        "--incidents", type=Path, help="JSON list of [sensor, start, end] labelled incidents"
-    )
-    parser.add_argument("--force", action="store_true", help="promote even if the gate refuses")
-    parser.add_argument("--report", type=Path, help="also write the run's JSON report here")
-    parser.add_argument("--risk-level", type=float, default=1e-3, help="q per window (1e-3)")
-    parser.add_argument("--initial-quantile", type=float, default=0.98, help="POT u (0.98)")
-    parser.add_argument("--min-peaks", type=int, default=30, help="else quantile (30)")
-    parser.add_argument(
-        "--max-alerts-per-day", type=float, help="alert budget per sensor (default: none)"
-    )
-    parser.add_argument("--max-false-alarm-increase", type=float, default=0.002)
-    parser.add_argument("--max-alert-rate-increase", type=float, default=0.5)
-    parser.add_argument("--max-missed-increase", type=int, default=0)
-    parser.add_argument(
-        "--noise-allowance", type=float, default=2.0, help="gate slack, in standard errors"
-    )
-    parser.add_argument(
-        "--max-readings-per-sensor",
-        type=int,
-        default=sources.DEFAULT_MAX_READINGS_PER_SENSOR,
-        help="memory cap; the oldest readings beyond it are dropped",
-    )
-    parser.add_argument("--gap-factor", type=float, default=sources.DEFAULT_GAP_FACTOR)
-    parser.add_argument("--exclusion-margin-windows", type=float, default=1.0)
-    parser.add_argument("--calibration-fraction", type=float, default=0.25)
-    parser.add_argument("--holdout-fraction", type=float, default=0.15)
-    parser.add_argument("--lock-lease-s", type=float, default=store.DEFAULT_LEASE_S)
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
-    parser.set_defaults(handler=run_job_command)
-
-
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``fit``, ``refresh`` and ``models`` to the trainer's command line."""
-    fit = subparsers.add_parser(
-        "fit",
-        help="train a new model version, calibrate, gate and promote it",
-        description="Full retrain from the stream or files; see trainer/jobs.py.",
-    )
-    _job_arguments(fit)
-    fit.add_argument("--profile", choices=sorted(train.PROFILES), default="default")
-    fit.add_argument("--backbone", default=SMOLLM2, help="Hugging Face name or directory")
-    fit.add_argument("--backbone-layers", type=int, default=6, help="K blocks kept (6)")
-    fit.add_argument(
-        "--window-length", type=int, help="readings per window (default: DETECTOR_WINDOW_LENGTH)"
-    )
-    fit.add_argument(
-        "--model-config",
-        type=Path,
-        help="JSON of ModelConfig fields; a backbone_config in it means a random backbone",
-    )
-    refresh = subparsers.add_parser(
-        "refresh",
-        help="re-fit CURRENT's prototypes and thresholds on recent data",
-        description="Cheap update: k-means prototypes + threshold recalibration.",
-    )
-    _job_arguments(refresh)
-
-    models = subparsers.add_parser("models", help="list, show, promote or roll back versions")
-    models.add_argument("action", choices=["list", "show", "promote", "rollback"])
-    _store_arguments(models)
-    models.add_argument("--version", help="for show (default CURRENT) and promote")
-    models.add_argument("--reason", help="recorded in the promotion history")
-    models.add_argument("--json", action="store_true", help="list: machine-readable output")
-    models.set_defaults(handler=run_models_command)
