@@ -14,6 +14,8 @@ from stream_detector import store
 from stream_detector.checkpoint import CheckpointError, sha256_file
 from stream_detector.model import AnomalyLLM
 from stream_detector.scorer import ModelRegistry
+from stream_detector.store.backends import open_backend
+from stream_detector.store.lock import LockInfo
 from tests.tiny import tiny_model
 
 pytestmark = pytest.mark.unit
@@ -111,8 +113,8 @@ def test_an_expired_lock_is_taken_over_and_its_holder_stops_writing(
     stale = store.StoreLock(root, "pumps", owner="crashed-job", lease_s=3600).acquire()
     # The holder dies without releasing; its lease runs out.
     stale._stop.set()
-    backend = store._backend(root)
-    info = store.LockInfo("crashed-job", stale.token, 0, int(time.time() * 1000) - 1)
+    backend = open_backend(root)
+    info = LockInfo("crashed-job", stale.token, 0, int(time.time() * 1000) - 1)
     backend.write_atomic("pumps/LOCK", info.to_bytes())
 
     with store.StoreLock(root, "pumps", owner="next-job") as taker:
@@ -134,7 +136,7 @@ def test_the_lease_is_renewed_while_the_holder_runs(root: Path | str) -> None:
 def test_an_unfinished_upload_is_never_promoted(model: AnomalyLLM) -> None:
     root = f"memory://stores-{uuid.uuid4().hex}"
     version = store.publish_version(root, "pumps", model, promote=False)
-    backend = store._backend(root)
+    backend = open_backend(root)
     backend.delete(f"pumps/versions/{version}/config.json")  # as if the upload stopped
     with pytest.raises(store.ModelStoreError, match="no published version"):
         store.promote(root, "pumps", version)
