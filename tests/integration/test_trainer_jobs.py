@@ -13,7 +13,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,27 +24,20 @@ from confluent_kafka import Producer
 
 from stream_detector import loadgen, store
 from stream_detector.config import (
-    AlertPolicy,
-    KafkaSettings,
     KafkaTopics,
-    ModelSettings,
-    RedisSettings,
     Settings,
 )
 from stream_detector.consumer import ConsumerError, ReadingConsumer, replay
 from stream_detector.publisher import Publisher, ReadingProducer
 from stream_detector.schemas import AlertEvent
-from stream_detector.services import free_port
 from tests.tiny import tiny_config
-from tests.worker_support import running
+from tests.worker_support import STRIDE, WINDOW, running
 from trainer import jobs, thresholds, train
 from trainer.__main__ import main
 
 pytestmark = pytest.mark.integration
 
 MINUTE_MS = 60_000
-WINDOW = 32
-STRIDE = 4
 MODEL = "default"
 ENV = {
     "DETECTOR_WINDOW_LENGTH": str(WINDOW),
@@ -55,7 +48,6 @@ ENV = {
     "DETECTOR_ALERTS__MIN_DURATION_WINDOWS": "2",
     "DETECTOR_ALERTS__COOLDOWN_MS": "0",
 }
-POLICY = AlertPolicy(confirm_k=2, confirm_n=3, min_duration_windows=2, cooldown_ms=0)
 
 
 def _set_env(patch: pytest.MonkeyPatch, extra: dict[str, str] | None = None) -> None:
@@ -380,6 +372,7 @@ def test_fit_from_kafka_skips_alerted_spans_and_a_running_worker_serves_the_resu
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     workers: contextlib.ExitStack,
+    settings_for: Callable[..., Settings],
 ) -> None:
     history, live = topic_factory("history", "live", partitions=2)
     alerts, scores, worker_alerts, dead = topic_factory("alerts", "scores", "walerts", "dlq")
@@ -409,31 +402,11 @@ def test_fit_from_kafka_skips_alerted_spans_and_a_running_worker_serves_the_resu
     publisher.close()
 
     # A worker is already running, waiting for a model: it must pick the new one up.
-    group_timeouts = {
-        "session_timeout_ms": kafka_consumer_config.get("session.timeout.ms", 6000),
-        "extra": {
-            "heartbeat.interval.ms": str(kafka_consumer_config.get("heartbeat.interval.ms", 1000))
-        },
-    }
-    worker_settings = Settings(
-        kafka=KafkaSettings(
-            bootstrap_servers=kafka_bootstrap,
-            group_id=f"workers-{uuid.uuid4().hex[:8]}",
-            topics=KafkaTopics(
-                readings=live, scores=scores, alerts=worker_alerts, dead_letters=dead
-            ),
-            poll_timeout_ms=50,
-            **group_timeouts,
-        ),
-        redis=RedisSettings(url=redis_url, key_prefix=key_prefix),
-        model=ModelSettings(store=str(root), current_poll_interval_s=1.0),
-        alerts=POLICY,
-        window_length=WINDOW,
-        stride=STRIDE,
-        batch_size=64,
-        batch_deadline_ms=0,
-        device="cpu",
-        metrics_port=free_port(),
+    worker_topics = KafkaTopics(
+        readings=live, scores=scores, alerts=worker_alerts, dead_letters=dead
+    )
+    worker_settings = settings_for(
+        root, kafka={"topics": worker_topics}, model={"current_poll_interval_s": 1.0}
     )
     workers.enter_context(running(worker_settings))
 
