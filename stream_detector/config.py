@@ -169,7 +169,7 @@ class RedisSettings(_Group):
 class ModelSettings(_Group):
     """Which models score which sensors, and where to find them."""
 
-    # A local directory holding <name>/versions/<version>/ and <name>/CURRENT (stream_detector.store).
+    # A local directory holding <name>/versions/<version>/ and <name>/CURRENT (see store).
     store: str = "./models"
     default_model: str = Field("default", min_length=1)
     # Sensor-id glob (fnmatch, case-sensitive) -> model name; the first match in
