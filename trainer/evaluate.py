@@ -67,7 +67,8 @@ MSL_COLUMNS = ("telemetry", "all")
 # How predicted events are formed: runs of scores above the threshold, or the alerts the
 # worker's alert policy raises (`alert_mask`).
 MSL_DECISIONS = ("threshold", "alerts")
-MSL_ROW_MS = 60_000  # MSL telemetry is sampled once a minute
+# MSL's rows carry no timestamps; the alert policy (cooldown in ms) reads one a minute.
+MSL_ROW_MS = 60_000
 HOLDOUT_FRACTION = 0.25
 THRESHOLD_SWEEP_SIZE = 1000
 
@@ -397,7 +398,7 @@ def alert_mask(scores: np.ndarray, threshold: float, policy: AlertPolicy) -> np.
     """The rows inside the alerts the worker's alert policy raises on ``scores``.
 
     Each row's score is fed to `stream_detector.alerts.update` as the window ending at
-    that row (one row per minute, MSL's sampling), so confirmation, hysteresis, minimum
+    that row (``MSL_ROW_MS`` apart), so confirmation, hysteresis, minimum
     duration and cooldown apply as in the worker. An alert covers the rows from its
     ``start_ts_ms`` to its last hot window; one still open at the end, up to its last
     hot window so far.
