@@ -17,7 +17,7 @@ import torch
 
 from stream_detector.model import _TWO_SIDED, SCORE_TERMS, spread_floor
 from trainer.anomalyllm_detector import AnomalyLLMDetector
-from trainer.train import MAX_CALIBRATION_WINDOWS, _thin, profile, sliding_windows
+from trainer.train import MAX_CALIBRATION_WINDOWS, _thin
 
 SCALINGS = ("extreme", "robust-z")
 FLOORS = ("errors", "relative")
@@ -50,14 +50,13 @@ class NormalTerms:
     def of(cls, detector: AnomalyLLMDetector, train: np.ndarray) -> NormalTerms:
         """Split the windows ``detector.fit(train)`` offered as `calibrate_score` does.
 
-        The offer repeats `AnomalyLLMDetector.fit`'s, so the default variant scores what
-        ``AnomalyLLM.score`` does (on UCR series 26 the largest difference was 0.0).
+        So the default variant scores what ``AnomalyLLM.score`` does (on UCR series 26
+        the largest difference was 0.0).
         """
         model = detector.model
-        length = model.config.window_length
-        max_train_windows = profile(detector.profile_name).max_train_windows
-        offered = max(model.config.memory_slots, max_train_windows * 2)
-        windows = sliding_windows(train, length, max(1, (len(train) - length) // offered))
+        windows = detector.training_windows(
+            train, model.config.window_length, model.config.memory_slots
+        )
         held_back = max(1, int(len(windows) * 0.2))
         held = raw_terms(model, _thin(windows[-held_back:], MAX_CALIBRATION_WINDOWS))
         normal = raw_terms(model, windows[:-held_back], ("level", "scale"))

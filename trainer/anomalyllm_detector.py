@@ -127,14 +127,20 @@ class AnomalyLLMDetector:
             **self.model_settings,
         )
         train_config = profile(self.profile_name, seed=self.seed)
-        # A fused model's memory bank draws on every window offered (every shift where the
-        # training part is short); the networks train on an evenly thinned subset of them
-        # (``TrainConfig.max_train_windows``).
-        offered = max(model_config.memory_slots, train_config.max_train_windows * 2)
-        stride = max(1, (len(train) - length) // offered)
-        windows = sliding_windows(train, length, stride)
+        windows = self.training_windows(train, length, model_config.memory_slots)
         self.result = fit(windows, model_config, train_config, device=self.device, progress=False)
         self.model = self.result.model
+
+    def training_windows(self, train: np.ndarray, length: int, memory_slots: int) -> np.ndarray:
+        """The windows ``fit`` offers the model, in time order. (N, C, L)
+
+        A fused model's memory bank draws on every window offered (every shift where the
+        training part is short); the networks train on an evenly thinned subset of them
+        (``TrainConfig.max_train_windows``).
+        """
+        max_train_windows = profile(self.profile_name, seed=self.seed).max_train_windows
+        offered = max(memory_slots, max_train_windows * 2)
+        return sliding_windows(train, length, max(1, (len(train) - length) // offered))
 
     def window_scores(self, series: np.ndarray, stride: int) -> np.ndarray:
         """Scores of windows starting at 0, stride, 2*stride, ... (N,)"""
