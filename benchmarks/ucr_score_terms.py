@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.score_ablation import FLOORS, SCALINGS, SUBSETS, NormalTerms, fused, raw_terms
 from stream_detector.model import DEFAULT_SCORE_TERMS
-from trainer.anomalyllm_detector import MAX_SCORING_STRIDE
+from trainer.anomalyllm_detector import MAX_SCORING_STRIDE, _nearest_centre_score
 from trainer.data import load_ucr
 from trainer.detectors import get_detector
 from trainer.evaluate import evaluate_ucr_series, select_ucr, ucr_hit, ucr_location
@@ -65,9 +65,7 @@ def point_scores(
     """Window scores (window i starts at i * stride) as one score per point."""
     starts = np.arange(len(scores)) * stride - lag * stride
     if mapping == "centre":
-        centres = starts + length // 2
-        midpoints = (centres[:-1] + centres[1:]) / 2
-        return scores[np.searchsorted(midpoints, np.arange(size))]
+        return _nearest_centre_score(scores, starts + length // 2, size)
     total, count = np.zeros(size + 1), np.zeros(size + 1)
     first, last = np.clip(starts, 0, size), np.clip(starts + length, 0, size)
     np.add.at(total, first, scores)
