@@ -25,8 +25,17 @@ if [ ! -f "$stamp" ]; then
     touch "$stamp"
 fi
 
-if ! command -v redis-server >/dev/null; then
-    echo "redis-server missing: installing Debian's redis-server package" >&2
-    if [ "$(id -u)" = 0 ]; then apt-get install -y -q redis-server >/dev/null
-    else sudo apt-get install -y -q redis-server >/dev/null; fi
+# Debian packages the tests run for real: Redis, Prometheus (promtool) and Alertmanager.
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v promtool >/dev/null || missing+=(prometheus)
+command -v prometheus-alertmanager >/dev/null || missing+=(prometheus-alertmanager)
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "installing Debian packages: ${missing[*]}" >&2
+    SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+    export DEBIAN_FRONTEND=noninteractive
+    if ! $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null; then
+        $SUDO apt-get update -q >/dev/null
+        $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+    fi
 fi

@@ -1,4 +1,4 @@
-"""Command line: ``python -m stream_detector run|config|alerts|loadgen|demo`` (wiring only)."""
+"""Command line: ``python -m stream_detector run|config|alerts|alertmanager|loadgen|demo``."""
 
 from __future__ import annotations
 
@@ -67,6 +67,17 @@ def _alerts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _alertmanager(args: argparse.Namespace) -> int:
+    from stream_detector import alertmanager, logs
+
+    settings = _settings()
+    logs.configure(settings)
+    url = args.url or settings.alertmanager.url
+    if not url:
+        sys.exit("no Alertmanager address: pass --url or set DETECTOR_ALERTMANAGER__URL")
+    return alertmanager.run(settings, _stop_on_signals(), url=url)
+
+
 def _loadgen(args: argparse.Namespace) -> int:
     from stream_detector import loadgen
 
@@ -121,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     alerts.add_argument("--timeout", type=float, help="stop after this many seconds")
     alerts.add_argument("--max-events", type=int, help="stop after this many events")
 
+    bridge = commands.add_parser(
+        "alertmanager", help="forward anomaly alerts to Alertmanager (its v2 API)"
+    )
+    bridge.add_argument("--url", help="Alertmanager's address (DETECTOR_ALERTMANAGER__URL)")
+
     load = commands.add_parser("loadgen", help="synthetic readings with injected anomalies")
     load.add_argument("--sensors", type=int, default=100)
     load.add_argument("--rate", type=float, default=1.0, help="readings/s per sensor")
@@ -143,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         "run": _run,
         "config": _config,
         "alerts": _alerts,
+        "alertmanager": _alertmanager,
         "loadgen": _loadgen,
         "demo": _demo,
     }

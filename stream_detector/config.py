@@ -267,6 +267,22 @@ class Limits(_Group):
         return int(datetime(self.min_year, 1, 1, tzinfo=UTC).timestamp()) * 1000
 
 
+class AlertmanagerSettings(_Group):
+    """The bridge that forwards anomaly alerts to Alertmanager (``... alertmanager``)."""
+
+    # Alertmanager's address, e.g. http://alertmanager-operated.monitoring:9093.
+    url: str | None = None
+    # The bridge's own consumer group on the alerts topic: it commits only what
+    # Alertmanager accepted.
+    group_id: str = "stream-detector-alertmanager"
+    # Firing alerts are posted again this often. Each post says the alert ends after four
+    # intervals, so Alertmanager resolves an alert whose bridge stopped for that long.
+    resend_interval_s: float = Field(60.0, gt=0)
+    timeout_s: float = Field(10.0, gt=0)
+    # Added to every alert's labels, for routing (e.g. {"team": "plant-ops"}).
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
 class Settings(BaseSettings):
     """Everything the worker can be told, from ``DETECTOR_*`` environment variables."""
 
@@ -285,6 +301,7 @@ class Settings(BaseSettings):
     model: ModelSettings = Field(default_factory=ModelSettings)
     alerts: AlertPolicy = Field(default_factory=AlertPolicy)
     limits: Limits = Field(default_factory=Limits)
+    alertmanager: AlertmanagerSettings = Field(default_factory=AlertmanagerSettings)
     # Readings per window, and readings between two scorings of the same sensor.
     window_length: int = Field(128, ge=2, le=65_536)
     stride: int = Field(16, ge=1)

@@ -1,7 +1,8 @@
-"""Prometheus metrics and the worker's HTTP endpoints: ``/metrics``, ``/healthz``, ``/readyz``.
+"""Prometheus metrics and the HTTP endpoints: ``/metrics``, ``/healthz``, ``/readyz``.
 
 Each worker owns one ``Metrics`` (its own registry, so several workers can share a process
-in tests and the demo) and one ``Health``; ``serve`` exposes both from a daemon thread.
+in tests and the demo) and one ``Health``; ``MetricsServer`` exposes both from a daemon
+thread. The Alertmanager bridge does the same with ``BridgeMetrics``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import (
@@ -21,6 +22,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 logger = logging.getLogger(__name__)
 
@@ -80,11 +83,20 @@ class Metrics:
             registry=r,
         )
         self.alerts = Counter(
-            "detector_alert_events", "Alert events published, by state", ["state"], registry=r
+            "detector_alert_events",
+            "Alert events published, by state and severity",
+            ["state", "severity"],
+            registry=r,
         )
         self.model_version = Gauge(
             "detector_model_version_info",
             "1 for the model version being served",
+            ["model", "version"],
+            registry=r,
+        )
+        self.model_store_version = Gauge(
+            "detector_model_store_version_info",
+            "1 for the version the store's CURRENT pointer names, as the worker last read it",
             ["model", "version"],
             registry=r,
         )
@@ -141,21 +153,89 @@ class Metrics:
             "Sensors this worker holds (bounded by limits.max_sensors_per_worker)",
             registry=r,
         )
-        self._versions: dict[str, str] = {}
+        self._served: dict[str, str] = {}
+        self._pointed: dict[str, str] = {}
+
+    def start_at_zero(
+        self,
+        *,
+        reasons: Iterable[str],
+        severities: Iterable[str],
+        output_topics: Iterable[str],
+        model_names: Iterable[str],
+        retried_systems: Iterable[str],
+    ) -> None:
+        """Create every labelled series the worker can count, at 0.
+
+        A series that first appears at 1 hides that first event from ``rate`` and
+        ``increase``, and alert rules and dashboards need the series to exist at all.
+        """
+        for reason in reasons:
+            self.invalid_readings.labels(reason)
+        for kind in ("late", "duplicate_ts"):
+            self.late_readings.labels(kind)
+        for state in ("open", "update", "resolved"):
+            for severity in severities:
+                self.alerts.labels(state, severity)
+        for topic in output_topics:
+            self.cut_outputs.labels(topic)
+            self.undeliverable_outputs.labels(topic)
+            self.dropped_outputs.labels(topic)
+            self.unavailable_topics.labels(topic).set(0)
+        for name in model_names:
+            self.windows_scored.labels(name)
+            self.model_load_failures.labels(name)
+        for system in retried_systems:
+            self.retries.labels(system)
 
     def serving(self, model_name: str, version: str) -> None:
         """Record that ``model_name`` is now served at ``version``."""
-        old = self._versions.get(model_name)
-        if old is not None and old != version:
-            self.model_version.remove(model_name, old)
-        self._versions[model_name] = version
-        self.model_version.labels(model_name, version).set(1)
+        _show_version(self.model_version, self._served, model_name, version)
+
+    def store_points(self, model_name: str, version: str) -> None:
+        """Record that the store's CURRENT pointer of ``model_name`` names ``version``."""
+        _show_version(self.model_store_version, self._pointed, model_name, version)
+
+    def watch(self, health: Health) -> None:
+        """Export ``health``'s readiness checks, evaluated at each scrape."""
+        self.registry.register(_Readiness(health))
 
     def set_lag(self, lag: Mapping[tuple[str, int], int]) -> None:
         """Replace the per-partition lag gauges."""
         self.consumer_lag.clear()
         for (topic, partition), value in lag.items():
             self.consumer_lag.labels(topic, str(partition)).set(value)
+
+
+def _show_version(gauge: Gauge, shown: dict[str, str], model_name: str, version: str) -> None:
+    """Make ``version`` the one version that ``gauge`` shows for ``model_name``."""
+    old = shown.get(model_name)
+    if old is not None and old != version:
+        gauge.remove(model_name, old)
+    shown[model_name] = version
+    gauge.labels(model_name, version).set(1)
+
+
+class _Readiness(Collector):
+    """``detector_ready`` and ``detector_readiness_check``: /readyz as metrics."""
+
+    def __init__(self, health: Health) -> None:
+        self.health = health
+
+    def describe(self) -> list[Metric]:
+        return []  # evaluated only at scrape time: the checks may touch Redis
+
+    def collect(self) -> Iterator[Metric]:
+        ready, body = self.health.ready()
+        checks = GaugeMetricFamily(
+            "detector_readiness_check",
+            "1 while a readiness check of /readyz passes, by check",
+            labels=["check"],
+        )
+        for name, passed in body["checks"].items():
+            checks.add_metric([name], float(passed))
+        yield GaugeMetricFamily("detector_ready", "1 while /readyz answers 200", value=ready)
+        yield checks
 
 
 class Health:
@@ -199,14 +279,36 @@ class Health:
         return all(results.values()), {"checks": results, **details}
 
 
+class BridgeMetrics:
+    """What the Alertmanager bridge counts (``python -m stream_detector alertmanager``)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.events = Counter(
+            "detector_alertmanager_events",
+            "Alert events forwarded and accepted by Alertmanager",
+            registry=self.registry,
+        )
+        self.failures = Counter(
+            "detector_alertmanager_failures",
+            "Requests to Alertmanager that failed (unreachable, or an error status)",
+            registry=self.registry,
+        )
+        self.firing = Gauge(
+            "detector_alertmanager_firing_alerts",
+            "Sensor alerts the bridge keeps firing in Alertmanager",
+            registry=self.registry,
+        )
+
+
 class _Handler(BaseHTTPRequestHandler):
-    metrics: Metrics
+    registry: CollectorRegistry
     health: Health
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
-            self._send(200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST)
+            self._send(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
         elif path == "/healthz":
             alive, age = self.health.alive()
             body = {"alive": alive, "heartbeat_age_s": round(age, 3)}
@@ -234,8 +336,10 @@ class _Handler(BaseHTTPRequestHandler):
 class MetricsServer:
     """``/metrics``, ``/healthz`` and ``/readyz`` on a port, served from a daemon thread."""
 
-    def __init__(self, metrics: Metrics, health: Health, port: int, host: str = "0.0.0.0") -> None:
-        handler = type("Handler", (_Handler,), {"metrics": metrics, "health": health})
+    def __init__(
+        self, registry: CollectorRegistry, health: Health, port: int, host: str = "0.0.0.0"
+    ) -> None:
+        handler = type("Handler", (_Handler,), {"registry": registry, "health": health})
         self._server = ThreadingHTTPServer((host, port), handler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]

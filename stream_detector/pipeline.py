@@ -437,7 +437,7 @@ class Pipeline:
         self._latencies_ms = []
         for output in self._outbox.outputs:
             if isinstance(output, AlertEvent):
-                self.metrics.alerts.labels(output.state).inc()
+                self.metrics.alerts.labels(output.state, output.severity).inc()
 
     @property
     def unavailable_topics(self) -> dict[str, str]:
@@ -451,6 +451,8 @@ class Pipeline:
         if not self.idle and not force:
             return []
         events = self.registry.refresh(force=force)
+        for name, version in self.registry.pointed.items():
+            self.metrics.store_points(name, version)
         for event in events:
             if event.error is None:
                 self.metrics.serving(event.model_name, event.version)
@@ -669,6 +671,13 @@ def open_pipeline(settings: Settings, metrics: Metrics) -> Pipeline:
         config=kafka_consumer_config(settings),
         on_assign=lambda partitions: hooks["assign"](partitions),
         on_revoke=lambda partitions: hooks["revoke"](partitions),
+    )
+    metrics.start_at_zero(
+        reasons=DEAD_LETTER_CODES,
+        severities=settings.alerts.severity_bands,
+        output_topics=(topics.scores, topics.alerts, topics.dead_letters),
+        model_names=model_names,
+        retried_systems=[error.__name__ for error in RETRYABLE],
     )
     redis_url = settings.redis.url.get_secret_value()
 

@@ -81,6 +81,7 @@ class ModelRegistry:
         self._next_poll_s = 0.0
         self._models: dict[str, LoadedModel] = {}
         self._refused: dict[str, str] = {}  # model name -> version that failed to load
+        self.pointed: dict[str, str] = {}  # model name -> version CURRENT named at the last poll
 
     def get(self, model_name: str) -> LoadedModel | None:
         """The version being served, or None when the model has none loaded."""
@@ -116,6 +117,8 @@ class ModelRegistry:
                 )
                 events.append(ModelEvent(name, None, f"store unreadable: {error}"))
                 continue
+            if version is not None:
+                self.pointed[name] = version
             if version is None or (loaded and loaded.version == version):
                 continue
             if self._refused.get(name) == version:

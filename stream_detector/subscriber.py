@@ -35,6 +35,9 @@ class Deduplicator:
         self.capacity = capacity
         self._seen: OrderedDict[str, None] = OrderedDict()
 
+    def __contains__(self, event_id: str) -> bool:
+        return event_id in self._seen
+
     def first_time(self, event_id: str) -> bool:
         """True the first time an id is seen (within the remembered window)."""
         if event_id in self._seen:

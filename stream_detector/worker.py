@@ -23,7 +23,8 @@ MAX_BACKOFF_S = 10.0
 def run(settings: Settings, stop: threading.Event) -> int:
     """Run the worker until ``stop`` is set; return the process exit code."""
     metrics, health = Metrics(), Health(heartbeat_timeout_s=60.0)
-    server = MetricsServer(metrics, health, settings.metrics_port).start()
+    metrics.watch(health)
+    server = MetricsServer(metrics.registry, health, settings.metrics_port).start()
     pipeline = open_pipeline(settings, metrics)
     poll_ok = False
     health.add_check("consumer", lambda: poll_ok or bool(pipeline.partitions))

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cloudcoil.models.keda.v1alpha1 import ScaledObject, TriggerAuthentication
-from cloudcoil.models.prometheus_operator.v1 import ServiceMonitor
+from cloudcoil.models.prometheus_operator.v1 import PrometheusRule, ServiceMonitor
 
 _DROPPED_KEYS = {"title", "description", "default"}
 _SOURCES = {
@@ -31,6 +31,10 @@ _SOURCES = {
     ),
     "servicemonitor-monitoring-v1.json": (
         ServiceMonitor,
+        "cloudcoil-models-prometheus-operator==0.80.1.0",
+    ),
+    "prometheusrule-monitoring-v1.json": (
+        PrometheusRule,
         "cloudcoil-models-prometheus-operator==0.80.1.0",
     ),
 }

@@ -39,6 +39,7 @@ CRD_SCHEMAS = {
     ("keda.sh/v1alpha1", "ScaledObject"): "scaledobject-keda-v1alpha1.json",
     ("keda.sh/v1alpha1", "TriggerAuthentication"): "triggerauthentication-keda-v1alpha1.json",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor-monitoring-v1.json",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule-monitoring-v1.json",
 }
 # Keys of the Secret stream-detector-secrets that operators create (docs/deploy.md).
 SECRET_SETTINGS = frozenset({"DETECTOR_REDIS__URL", "DETECTOR_KAFKA__EXTRA"})
@@ -147,6 +148,8 @@ def test_overlay_renders_the_objects_an_operator_expects(overlay: str) -> None:
             ("ScaledObject", "stream-detector-worker"),
             ("TriggerAuthentication", "stream-detector-kafka"),
             ("ServiceMonitor", "stream-detector-worker"),
+            ("PrometheusRule", "stream-detector"),
+            ("ConfigMap", "stream-detector-grafana-dashboard"),
         },
     }[overlay]
     assert kinds == common | only
