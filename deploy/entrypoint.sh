@@ -3,6 +3,7 @@
 #
 #   worker [ARGS...]   the streaming worker: python -m stream_detector run ARGS...
 #   trainer ARGS...    the trainer CLI:      python -m trainer ARGS...
+#   alertmanager       the Alertmanager bridge: python -m stream_detector alertmanager ARGS...
 #   anything else      run as given (a shell, python, a one-off script)
 #
 # Each program is exec'd so that it is PID 1 and receives SIGTERM from the kubelet directly:
@@ -21,6 +22,10 @@ case "$1" in
     trainer)
         shift
         exec python -m trainer "$@"
+        ;;
+    alertmanager)
+        shift
+        exec python -m stream_detector alertmanager "$@"
         ;;
     *)
         exec "$@"

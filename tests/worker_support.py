@@ -1,4 +1,5 @@
-"""What the worker tests share: a tiny trained model, load plans, workers and output readers.
+"""What the worker tests share: a tiny trained model, load plans, workers, output readers,
+and the Alertmanager bridge.
 
 Used by the worker's end-to-end tests (tests/integration/test_worker.py), the fault suite
 (tests/reliability), the worker fuzz test and the machine-temperature test. Workers run in
@@ -26,8 +27,9 @@ import numpy as np
 import pytest
 import torch
 
-from stream_detector import loadgen, store, worker
+from stream_detector import alertmanager, loadgen, store, worker
 from stream_detector.config import (
+    AlertmanagerSettings,
     AlertPolicy,
     KafkaSettings,
     KafkaTopics,
@@ -229,6 +231,39 @@ def running(settings: Settings) -> Iterator[WorkerThread]:
         yield handle
     finally:
         handle.close()
+
+
+@contextmanager
+def bridge(settings: Settings, url: str) -> Iterator[Settings]:
+    """The Alertmanager bridge, forwarding to ``url`` from a thread of the test process."""
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def forward() -> None:
+        try:
+            alertmanager.run(settings, stop, url)
+        except BaseException as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=forward, daemon=True)
+    thread.start()
+    try:
+        yield settings
+    finally:
+        stop.set()
+        thread.join(30)
+        assert not thread.is_alive(), "the bridge did not stop within 30 s"
+        assert errors == []
+
+
+def bridge_settings(settings: Settings, group_id: str) -> Settings:
+    """A bridge's settings: its own consumer group and metrics port, a 2 s resend interval."""
+    return settings.model_copy(
+        update={
+            "alertmanager": AlertmanagerSettings(group_id=group_id, resend_interval_s=2.0),
+            "metrics_port": free_port(),
+        }
+    )
 
 
 @dataclass

@@ -32,6 +32,7 @@ pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[2]
 OVERLAYS = ("dev", "prod")
+COMPONENTS = ("worker", "trainer", "alertmanager")
 NAMESPACES = {"dev": "stream-detector-dev", "prod": "stream-detector"}
 # The oldest Kubernetes the manifests support, and the newest schemas kubernetes-validate has.
 KUBERNETES_VERSIONS = ("1.29.0", "1.37.0")
@@ -107,6 +108,7 @@ def _container(docs: list[dict[str, Any]], component: str) -> dict[str, Any]:
     kind, name = {
         "worker": ("Deployment", "stream-detector-worker"),
         "trainer": ("CronJob", "stream-detector-trainer"),
+        "alertmanager": ("Deployment", "stream-detector-alertmanager"),
     }[component]
     (container,) = _pod_spec(_find(docs, kind, name))["containers"]
     return container
@@ -134,6 +136,9 @@ def test_overlay_renders_the_objects_an_operator_expects(overlay: str) -> None:
         ("Deployment", "stream-detector-worker"),
         ("Service", "stream-detector-metrics"),
         ("CronJob", "stream-detector-trainer"),
+        ("Deployment", "stream-detector-alertmanager"),
+        ("Service", "stream-detector-alertmanager"),
+        ("NetworkPolicy", "stream-detector-alertmanager"),
         ("PodDisruptionBudget", "stream-detector-worker"),
         ("NetworkPolicy", "stream-detector-worker"),
         ("NetworkPolicy", "stream-detector-trainer"),
@@ -432,6 +437,7 @@ def fake_python(tmp_path: Path) -> dict[str, str]:
             ["-m", "trainer", "fit", "--store", "s3://bucket/models", "--since", "7d"],
         ),
         (["trainer", "models", "rollback"], ["-m", "trainer", "models", "rollback"]),
+        (["alertmanager"], ["-m", "stream_detector", "alertmanager"]),
     ],
 )
 def test_entrypoint_dispatches_to_the_programs(
@@ -491,13 +497,13 @@ def _environment(docs: list[dict[str, Any]], component: str) -> dict[str, str | 
     return environment
 
 
-@pytest.mark.parametrize("component", ["worker", "trainer"])
+@pytest.mark.parametrize("component", COMPONENTS)
 def test_every_setting_is_reachable_from_the_manifests(overlay: str, component: str) -> None:
     provided = set(_environment(_render(overlay), component))
     assert _setting_names() - UNSET_SETTINGS - provided == set()
 
 
-@pytest.mark.parametrize("component", ["worker", "trainer"])
+@pytest.mark.parametrize("component", COMPONENTS)
 def test_every_detector_variable_in_the_manifests_is_a_setting(
     overlay: str, component: str
 ) -> None:
@@ -516,7 +522,7 @@ def test_deploy_guide_creates_the_secret_the_manifests_read() -> None:
         assert f"--from-literal={name}=" in guide
 
 
-@pytest.mark.parametrize("component", ["worker", "trainer"])
+@pytest.mark.parametrize("component", COMPONENTS)
 def test_rendered_configuration_is_accepted_by_the_settings_class(
     overlay: str, component: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -576,7 +582,9 @@ def test_only_prod_asks_for_gpus(overlay: str) -> None:
     for workload in (d for d in docs if d["kind"] in ("Deployment", "CronJob")):
         pod = _pod_spec(workload)
         limits = pod["containers"][0]["resources"]["limits"]
-        if overlay == "prod":
+        if workload["metadata"]["name"] == "stream-detector-alertmanager":
+            assert "nvidia.com/gpu" not in limits, "the bridge runs no model"
+        elif overlay == "prod":
             assert limits["nvidia.com/gpu"] == 1
             assert pod["nodeSelector"] and pod["tolerations"]
         else:

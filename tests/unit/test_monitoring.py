@@ -15,7 +15,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from stream_detector.config import AlertPolicy
-from stream_detector.metrics import Health, Metrics
+from stream_detector.metrics import BridgeMetrics, Health, Metrics
 from tests.monitoring_support import (
     RULES,
     RULES_TESTS,
@@ -67,8 +67,8 @@ def test_every_dashboard_query_parses_with_promtool(tmp_path: Path) -> None:
     assert len(queries) >= 20
 
 
-def _worker_metrics() -> dict[str, set[str]]:
-    """Metric -> label names, as a worker that has served a model exports them."""
+def _exported_metrics() -> dict[str, set[str]]:
+    """Metric -> label names, as a worker that served a model and the bridge export them."""
     metrics, health = Metrics(), Health()
     health.add_check("redis", lambda: True)
     metrics.watch(health)
@@ -83,20 +83,20 @@ def _worker_metrics() -> dict[str, set[str]]:
     metrics.store_points("default", "v1")
     metrics.set_lag({("readings", 0): 5})
     exported: dict[str, set[str]] = {}
-    text = generate_latest(metrics.registry).decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            exported.setdefault(sample.name, set()).update(sample.labels)
+    for registry in (metrics.registry, BridgeMetrics().registry):
+        for family in text_string_to_metric_families(generate_latest(registry).decode()):
+            for sample in family.samples:
+                exported.setdefault(sample.name, set()).update(sample.labels)
     return exported
 
 
-def test_the_rules_and_the_dashboard_use_only_metrics_the_worker_exports() -> None:
+def test_the_rules_and_the_dashboard_use_only_metrics_the_programs_export() -> None:
     expressions = {**rule_expressions(), **dashboard_expressions()}
-    assert missing(expressions, _worker_metrics()) == []
+    assert missing(expressions, _exported_metrics()) == []
 
 
 def test_the_check_catches_an_unknown_metric_and_a_missing_label() -> None:
-    exported = _worker_metrics()
+    exported = _exported_metrics()
     expressions = {
         "typo": "rate(detector_reading_total[5m])",
         "label": "sum by (sensor_id) (detector_readings_total)",
