@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from kafka import KafkaConsumer
 
 from stream_detector import loadgen, store
 from stream_detector.config import (
@@ -68,6 +69,36 @@ def test_an_injected_anomaly_raises_one_alert_on_its_sensor_and_time(
     assert anomaly.start_ts_ms <= resolved["start_ts_ms"] <= anomaly.end_ts_ms
     assert anomaly.start_ts_ms < resolved["end_ts_ms"] <= last_affected_ms
     assert outputs.dead_letters == []
+
+
+def test_a_kafka_python_subscriber_reads_the_lz4_compressed_outputs_keyed_by_sensor(
+    kafka_bootstrap: str,
+    topics: Topics,
+    model_store: Path,
+    settings_for: Callable[..., Settings],
+    reader: OutputReader,
+) -> None:
+    plan = make_plan(2, 40)
+    expected = expected_windows(plan)
+    produce(kafka_bootstrap, topics.readings, plan)
+    with running(settings_for(model_store)):
+        reader.read_until(lambda o: expected <= o.scored())
+    # kafka-python decodes lz4 with the lz4 package (a dev dependency for this test).
+    consumer = KafkaConsumer(
+        topics.scores,
+        bootstrap_servers=kafka_bootstrap,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=10_000,
+    )
+    seen = set()
+    for record in consumer:
+        score = json.loads(record.value)
+        assert record.key.decode() == score["sensor_id"]
+        seen.add((score["sensor_id"], score["ts_ms"]))
+        if seen == expected:
+            break
+    consumer.close()
+    assert seen == expected
 
 
 def test_two_workers_split_partitions_and_one_takes_over_without_replay(
