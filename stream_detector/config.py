@@ -355,12 +355,12 @@ class Settings(BaseSettings):
 def kafka_consumer_config(settings: Settings) -> KafkaConfig:
     """librdkafka configuration of the readings consumer.
 
-    Offsets are stored by hand (``enable.auto.offset.store=False``): the worker calls
-    ``store_offsets`` for a message only once its outputs are delivered. Without
-    transactions, ``enable.auto.commit=True`` then commits those stored offsets in the
-    background and on ``close()``, so nothing unprocessed is ever committed (at-least-once)
-    and no batch waits on a synchronous commit. With ``kafka.exactly_once`` auto-commit is
-    off: offsets travel in the producer's transaction (``send_offsets_to_transaction``).
+    Offsets are not managed here: ``consumer.ReadingConsumer`` turns both
+    ``enable.auto.offset.store`` and ``enable.auto.commit`` off, and the worker stores a
+    message's offset only once its outputs are acknowledged, then commits the stored
+    offsets itself (at most every few seconds, and on revoke and close). With
+    ``kafka.exactly_once`` the offsets travel in the producer's transaction instead
+    (``send_offsets_to_transaction``).
     """
     kafka = settings.kafka
     config: KafkaConfig = {
@@ -375,8 +375,6 @@ def kafka_consumer_config(settings: Settings) -> KafkaConfig:
             "bootstrap.servers": kafka.bootstrap_servers,
             "group.id": kafka.group_id,
             "session.timeout.ms": kafka.session_timeout_ms,
-            "enable.auto.offset.store": False,
-            "enable.auto.commit": not kafka.exactly_once,
             # Never read outputs of aborted transactions (the librdkafka default, made explicit).
             "isolation.level": "read_committed",
         }

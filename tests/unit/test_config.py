@@ -139,10 +139,11 @@ def test_mask_url_leaves_urls_without_credentials_alone() -> None:
     )
 
 
-def test_consumer_config_stores_offsets_by_hand_and_passes_extra_through() -> None:
+def test_consumer_config_leaves_offsets_to_the_consumer_and_passes_extra_through() -> None:
     config = kafka_consumer_config(secret_settings())
-    assert config["enable.auto.offset.store"] is False
-    assert config["enable.auto.commit"] is True
+    # ReadingConsumer forces both off: one place decides how offsets are committed.
+    assert "enable.auto.offset.store" not in config
+    assert "enable.auto.commit" not in config
     assert config["bootstrap.servers"] == "localhost:9092"
     assert config["group.id"] == "stream-detector"
     assert config["sasl.password"] == "hunter2"
@@ -163,7 +164,6 @@ def test_producer_is_idempotent_and_transactional_only_when_asked() -> None:
 
     settings = Settings(kafka={"instance_id": "worker-0", "exactly_once": True})
     assert kafka_producer_config(settings)["transactional.id"] == "stream-detector-worker-0"
-    assert kafka_consumer_config(settings)["enable.auto.commit"] is False
 
 
 def test_the_environment_of_settings_rebuilds_them_in_a_child_process(
