@@ -223,6 +223,15 @@ class WorkerThread:
             raise self.error
 
 
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> float:
+    """Poll ``condition`` every 0.1 s; return the seconds it took."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout_s, f"timed out waiting for {what}"
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
 @contextmanager
 def running(settings: Settings) -> Iterator[WorkerThread]:
     handle = WorkerThread(settings)

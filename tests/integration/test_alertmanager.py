@@ -28,6 +28,7 @@ from tests.worker_support import (
     produce,
     running,
     scrape,
+    wait_for,
 )
 
 pytestmark = pytest.mark.integration
@@ -42,13 +43,6 @@ def _firing(url: str) -> dict[str, dict]:
     """Alert id -> the SensorAnomaly alert Alertmanager shows as active."""
     client = alertmanager.AlertmanagerClient(url, timeout_s=5)
     return {a["labels"]["alert_id"]: a for a in client.active(alertmanager.ALERTNAME)}
-
-
-def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.3)
 
 
 def test_an_injected_anomaly_fires_in_alertmanager_with_its_labels_then_resolves(
@@ -68,7 +62,7 @@ def test_an_injected_anomaly_fires_in_alertmanager_with_its_labels_then_resolves
         bridge(bridge_settings(settings, f"bridge-{uuid.uuid4().hex[:8]}"), manager.url),
     ):
         produce(kafka_bootstrap, topics.readings, plan, range(0, 124))  # the whole anomaly
-        _wait_for(lambda: _firing(manager.url), "the alert in Alertmanager")
+        wait_for(lambda: _firing(manager.url), 60, "the alert in Alertmanager")
         (alert,) = _firing(manager.url).values()
         labels, annotations = alert["labels"], alert["annotations"]
         assert labels["alertname"] == "SensorAnomaly"
@@ -81,7 +75,7 @@ def test_an_injected_anomaly_fires_in_alertmanager_with_its_labels_then_resolves
         assert annotations["channel_attribution"] == "[1.0]"  # one channel carries it all
 
         produce(kafka_bootstrap, topics.readings, plan, range(124, 200))  # and past it
-        _wait_for(lambda: not _firing(manager.url), "the alert to resolve")
+        wait_for(lambda: not _firing(manager.url), 60, "the alert to resolve")
 
 
 def _event(alert_id: str, sequence: int, sensor_id: str, state: str) -> AlertEvent:
@@ -115,7 +109,7 @@ def test_an_alertmanager_outage_delays_alerts_and_loses_none_across_a_bridge_res
         through_proxy = f"http://{proxy.address}"
         with bridge(settings, through_proxy):
             _publish(kafka_bootstrap, topics.alerts, _event("pump-a", 0, "pump-a", "open"))
-            _wait_for(lambda: "pump-a" in _firing(manager.url), "the first alert")
+            wait_for(lambda: "pump-a" in _firing(manager.url), 60, "the first alert")
 
             proxy.cut()
             _publish(
@@ -125,14 +119,15 @@ def test_an_alertmanager_outage_delays_alerts_and_loses_none_across_a_bridge_res
                 _event("pump-a", 1, "pump-a", "resolved"),
             )
             port = settings.metrics_port
-            _wait_for(
+            wait_for(
                 lambda: scrape(port, "detector_alertmanager_failures_total") >= 2,
+                60,
                 "the bridge to fail against the cut Alertmanager",
             )
             assert set(_firing(manager.url)) == {"pump-a"}, "nothing new got through the cut"
         # The bridge stopped during the outage; its successor must deliver what it could not.
         proxy.restore()
         with bridge(settings, through_proxy):
-            _wait_for(lambda: set(_firing(manager.url)) == {"pump-b"}, "the delayed events")
+            wait_for(lambda: set(_firing(manager.url)) == {"pump-b"}, 60, "the delayed events")
         labels = _firing(manager.url)["pump-b"]["labels"]
         assert (labels["sensor_id"], labels["severity"]) == ("pump-b", "major")

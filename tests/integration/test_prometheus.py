@@ -5,7 +5,6 @@ and the Alertmanager bridge, and evaluating the shipped alert rules.
 from __future__ import annotations
 
 import contextlib
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +32,7 @@ from tests.worker_support import (
     make_plan,
     produce,
     running,
+    wait_for,
 )
 
 pytestmark = pytest.mark.integration
@@ -47,13 +47,6 @@ def _without_delays(tmp_path: Path) -> Path:
     path = tmp_path / "rules.yaml"
     path.write_text(yaml.safe_dump(rules))
     return path
-
-
-def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 45.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
 
 
 def test_prometheus_finds_every_metric_the_rules_and_dashboard_use_and_alerts_on_readiness(
@@ -95,7 +88,7 @@ def test_prometheus_finds_every_metric_the_rules_and_dashboard_use_and_alerts_on
                 names.setdefault(series["__name__"], set()).update(series)
             return names
 
-        _wait_for(lambda: "detector_consumer_lag_messages" in exported(), "a lag report")
+        wait_for(lambda: "detector_consumer_lag_messages" in exported(), 45, "a lag report")
         expressions = {**rule_expressions(), **dashboard_expressions()}
         assert missing(expressions, exported()) == []
 
@@ -107,6 +100,6 @@ def test_prometheus_finds_every_metric_the_rules_and_dashboard_use_and_alerts_on
 
         assert not not_ready_on_redis()
         own_redis.stop()
-        _wait_for(not_ready_on_redis, "the not-ready alert on the redis check")
+        wait_for(not_ready_on_redis, 45, "the not-ready alert on the redis check")
         own_redis.start()
-        _wait_for(lambda: not not_ready_on_redis(), "the not-ready alert to clear")
+        wait_for(lambda: not not_ready_on_redis(), 45, "the not-ready alert to clear")

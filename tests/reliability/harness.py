@@ -25,9 +25,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,15 +160,6 @@ def verify(
 def final_windows(redis_url: str, key_prefix: str, plan: loadgen.LoadPlan) -> dict[str, Window]:
     windows = WindowStore(redis_url, window_length=WINDOW, key_prefix=key_prefix)
     return windows.fetch_windows(plan.sensor_id(i) for i in range(plan.sensors))
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> float:
-    """Poll ``condition`` every 0.1 s; return the seconds it took."""
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout_s, f"timed out waiting for {what}"
-        time.sleep(0.1)
-    return time.monotonic() - started
 
 
 def ready(port: int) -> bool:

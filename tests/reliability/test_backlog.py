@@ -27,7 +27,6 @@ from tests.reliability.harness import (
     start_worker,
     stop_worker,
     verify,
-    wait_for,
 )
 from tests.worker_support import (
     MODEL,
@@ -38,6 +37,7 @@ from tests.worker_support import (
     TrainedModel,
     make_plan,
     produce,
+    wait_for,
 )
 
 pytestmark = pytest.mark.integration

@@ -38,7 +38,6 @@ from tests.reliability.harness import (
     start_worker,
     stop_worker,
     verify,
-    wait_for,
 )
 from tests.worker_support import (
     MODEL,
@@ -52,6 +51,7 @@ from tests.worker_support import (
     produce,
     running,
     scrape,
+    wait_for,
 )
 
 pytestmark = pytest.mark.integration
