@@ -234,7 +234,7 @@ class _Readiness(Collector):
         )
         for name, passed in body["checks"].items():
             checks.add_metric([name], float(passed))
-        yield GaugeMetricFamily("detector_ready", "1 while /readyz answers 200", value=ready)
+        yield GaugeMetricFamily("detector_ready", "1 while /readyz answers 200", value=float(ready))
         yield checks
 
 
