@@ -45,10 +45,10 @@ from confluent_kafka import Consumer
 from stream_detector import store
 from stream_detector.config import KafkaTopics, ModelSettings, RedisSettings, Settings
 from stream_detector.consumer import ReadingConsumer
+from stream_detector.devtools.services import EmbeddedKafka, EmbeddedRedis, create_topics, free_port
 from stream_detector.model import SMOLLM2, AnomalyLLM, ModelConfig
 from stream_detector.publisher import ReadingProducer
 from stream_detector.scorer import ModelRegistry, Scorer, resolve_device
-from stream_detector.services import EmbeddedKafka, EmbeddedRedis, create_topics, free_port
 
 RESULTS = Path(__file__).parent / "results" / "e2e_throughput.json"
 TINY_GPT2 = {

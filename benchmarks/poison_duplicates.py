@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stream_detector import loadgen, store, worker
+from stream_detector import store, worker
 from stream_detector.config import (
     KafkaSettings,
     KafkaTopics,
@@ -32,13 +32,14 @@ from stream_detector.config import (
     Settings,
 )
 from stream_detector.consumer import ReadingConsumer
-from stream_detector.publisher import ReadingProducer
-from stream_detector.services import (
+from stream_detector.devtools import loadgen
+from stream_detector.devtools.services import (
     EmbeddedKafka,
     EmbeddedRedis,
     create_topics,
     free_port,
 )
+from stream_detector.publisher import ReadingProducer
 from tests.tiny import tiny_model
 
 T0_MS = 1_700_000_000_000

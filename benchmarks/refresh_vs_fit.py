@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from stream_detector import loadgen
 from stream_detector.config import AlertPolicy, Settings
+from stream_detector.devtools import loadgen
 from stream_detector.model import SMOLLM2
 from trainer import jobs, thresholds
 

@@ -1,6 +1,6 @@
 """Soak test: the worker under steady paced load for a long run, with a fault every few minutes.
 
-1. An embedded tansu broker behind a cuttable ``chaos.TcpProxy`` (the broker advertises the
+1. An embedded tansu broker behind a cuttable ``devtools.proxy.TcpProxy`` (the broker advertises the
    proxy's port, so every client, the load generator included, goes through it) and an
    embedded redis-server; topics; the tiny model of ``e2e_throughput.build_model`` trained on
    the load's normal signal and published into a temporary model store.
@@ -63,8 +63,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPar
 from e2e_throughput import build_model, start_worker
 from prometheus_client.parser import text_string_to_metric_families
 
-from stream_detector import loadgen, store
-from stream_detector.chaos import TcpProxy
+from stream_detector import store
 from stream_detector.config import (
     KafkaSettings,
     KafkaTopics,
@@ -72,9 +71,11 @@ from stream_detector.config import (
     RedisSettings,
     Settings,
 )
+from stream_detector.devtools import loadgen
+from stream_detector.devtools.proxy import TcpProxy
+from stream_detector.devtools.services import EmbeddedKafka, EmbeddedRedis, create_topics, free_port
 from stream_detector.model import AnomalyLLM
 from stream_detector.publisher import PublishError
-from stream_detector.services import EmbeddedKafka, EmbeddedRedis, create_topics, free_port
 from trainer.train import fit, profile, sliding_windows
 
 RESULTS = Path(__file__).parent / "results" / "soak.json"

@@ -79,7 +79,7 @@ def _alertmanager(args: argparse.Namespace) -> int:
 
 
 def _loadgen(args: argparse.Namespace) -> int:
-    from stream_detector import loadgen
+    from stream_detector.devtools import loadgen
 
     settings = _settings()
     load = loadgen.plan(
@@ -102,7 +102,7 @@ def _loadgen(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from stream_detector import demo
+    from stream_detector.devtools import demo
 
     return demo.run(
         out=args.out,

@@ -313,7 +313,7 @@ class Settings(BaseSettings):
     mixed_precision: bool = True
     metrics_port: int = Field(8000, ge=1, le=65_535)
     # Testing only (the reliability suite): failpoint name -> the hit on which the worker
-    # kills itself with SIGKILL. See stream_detector.chaos.
+    # kills itself with SIGKILL. See stream_detector.failpoints.
     failpoints: dict[FailPoint, PositiveInt] = Field(default_factory=dict)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

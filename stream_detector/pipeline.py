@@ -40,7 +40,6 @@ from confluent_kafka import KafkaException
 
 from stream_detector import alerts
 from stream_detector.batcher import Batch, Batcher, RejectedWindow
-from stream_detector.chaos import FailPoints
 from stream_detector.config import (
     Settings,
     kafka_consumer_config,
@@ -48,6 +47,7 @@ from stream_detector.config import (
     mask_url,
 )
 from stream_detector.consumer import ConsumedMessage, ConsumerError, ReadingConsumer, next_offsets
+from stream_detector.failpoints import FailPoints
 from stream_detector.metrics import Metrics
 from stream_detector.outbox import DeadLetter, Outbox
 from stream_detector.publisher import Publisher, PublishError

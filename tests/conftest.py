@@ -3,7 +3,7 @@
 Where each service comes from, first match wins:
 1. an environment variable: DETECTOR_TEST_KAFKA (bootstrap servers), DETECTOR_TEST_REDIS (URL);
 2. Docker via testcontainers, only when a Docker engine answers;
-3. embedded processes from stream_detector.services (tansu, redis-server) on free ports.
+3. embedded processes from stream_detector.devtools.services (tansu, redis-server) on free ports.
 Tests that need a service that cannot start are skipped with the reason. Services are shared
 by the whole session, so every test uses unique topic names, group ids and key prefixes.
 """
@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from stream_detector.services import (
+from stream_detector.devtools.services import (
     EmbeddedKafka,
     EmbeddedRedis,
     ServiceStartError,

@@ -20,7 +20,7 @@ import promql_parser
 import pytest
 import yaml
 
-from stream_detector.services import _EmbeddedProcess
+from stream_detector.devtools.services import _EmbeddedProcess
 from tests.shared_data import REPO_ROOT
 
 RULES = REPO_ROOT / "deploy" / "prometheus" / "stream-detector.rules.yaml"

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 
-from stream_detector import alertmanager, loadgen, store, worker
+from stream_detector import alertmanager, store, worker
 from stream_detector.config import (
     AlertmanagerSettings,
     AlertPolicy,
@@ -38,9 +38,10 @@ from stream_detector.config import (
     Settings,
 )
 from stream_detector.consumer import ConsumedMessage, ReadingConsumer
+from stream_detector.devtools import loadgen
+from stream_detector.devtools.services import free_port
 from stream_detector.model import AnomalyLLM
 from stream_detector.publisher import ReadingProducer
-from stream_detector.services import free_port
 from tests.conftest import Topics
 from tests.tiny import tiny_config, tiny_model
 from trainer.train import fit, profile, sliding_windows

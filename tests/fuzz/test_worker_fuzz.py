@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 from hypothesis import Phase, given, settings
 
-from stream_detector import loadgen
 from stream_detector.config import KafkaTopics, Limits, Settings
 from stream_detector.consumer import ConsumedMessage
+from stream_detector.devtools import loadgen
 from stream_detector.pipeline import DEAD_LETTER_CODES
 from stream_detector.publisher import ReadingProducer
 from stream_detector.schemas import InvalidReading, decode_reading

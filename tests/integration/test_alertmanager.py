@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from stream_detector import alertmanager, loadgen, store
-from stream_detector.chaos import TcpProxy
+from stream_detector import alertmanager, store
 from stream_detector.config import Settings
+from stream_detector.devtools import loadgen
+from stream_detector.devtools.proxy import TcpProxy
 from stream_detector.publisher import ReadingProducer
 from stream_detector.schemas import AlertEvent
 from tests.conftest import Topics

@@ -18,11 +18,11 @@ from confluent_kafka import Producer
 from pydantic import BaseModel
 
 from stream_detector.consumer import ConsumedMessage, ReadingConsumer, next_offsets
+from stream_detector.devtools.services import free_port
 from stream_detector.metrics import Metrics
 from stream_detector.outbox import DeadLetter, Outbox
 from stream_detector.publisher import Publisher, PublishError, ReadingProducer
 from stream_detector.schemas import ScoreRecord
-from stream_detector.services import free_port
 from tests.conftest import KafkaService, Topics
 
 pytestmark = pytest.mark.integration

@@ -28,7 +28,7 @@ from stream_detector.config import (
     Settings,
 )
 from stream_detector.consumer import ReadingConsumer
-from stream_detector.services import free_port
+from stream_detector.devtools.services import free_port
 from tests.shared_data import DATA_DIR
 from tests.tiny import tiny_config
 from tests.worker_support import running

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from stream_detector.config import RedisSettings, Settings
+from stream_detector.devtools.services import EmbeddedRedis, free_port
 from stream_detector.publisher import ReadingProducer
-from stream_detector.services import EmbeddedRedis, free_port
 from tests.conftest import Topics
 from tests.monitoring_support import (
     RULES,

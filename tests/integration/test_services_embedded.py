@@ -7,7 +7,7 @@ import socket
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from stream_detector.services import (
+from stream_detector.devtools.services import (
     EmbeddedKafka,
     EmbeddedRedis,
     ServiceStartError,

@@ -22,12 +22,13 @@ import pytest
 import torch
 from confluent_kafka import Producer
 
-from stream_detector import loadgen, store
+from stream_detector import store
 from stream_detector.config import (
     KafkaTopics,
     Settings,
 )
 from stream_detector.consumer import ConsumerError, ReadingConsumer, replay
+from stream_detector.devtools import loadgen
 from stream_detector.publisher import Publisher, ReadingProducer
 from stream_detector.schemas import AlertEvent
 from tests.tiny import tiny_config

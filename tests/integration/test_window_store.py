@@ -12,7 +12,7 @@ import pytest
 import redis
 from redis.connection import Connection
 
-from stream_detector.services import free_port
+from stream_detector.devtools.services import free_port
 from stream_detector.windows import RedisStateLost, WindowStore, WindowStoreError
 
 pytestmark = pytest.mark.integration

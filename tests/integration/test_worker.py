@@ -15,15 +15,16 @@ from pathlib import Path
 import pytest
 from kafka import KafkaConsumer
 
-from stream_detector import loadgen, store
+from stream_detector import store
 from stream_detector.config import (
     KafkaTopics,
     Limits,
     RedisSettings,
     Settings,
 )
+from stream_detector.devtools import loadgen
+from stream_detector.devtools.services import EmbeddedRedis, free_port
 from stream_detector.publisher import ReadingProducer
-from stream_detector.services import EmbeddedRedis, free_port
 from tests.conftest import Topics
 from tests.worker_support import (
     MODEL,

@@ -33,8 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from stream_detector import alerts, loadgen
+from stream_detector import alerts
 from stream_detector.config import Settings
+from stream_detector.devtools import loadgen
 from stream_detector.windows import Window, WindowStore
 from tests.worker_support import POLICY, WINDOW, Outputs, TrainedModel, settings_env
 

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from stream_detector import loadgen, store
+from stream_detector import store
 from stream_detector.config import Settings
+from stream_detector.devtools import loadgen
 from tests.conftest import Topics
 from tests.reliability.harness import (
     final_windows,

@@ -24,11 +24,12 @@ from pathlib import Path
 import pytest
 from kafka import KafkaProducer
 
-from stream_detector import loadgen, store
-from stream_detector.chaos import TcpProxy
+from stream_detector import store
 from stream_detector.config import KafkaTopics, RedisSettings, Settings
+from stream_detector.devtools import loadgen
+from stream_detector.devtools.proxy import TcpProxy
+from stream_detector.devtools.services import EmbeddedKafka, EmbeddedRedis, create_topics, free_port
 from stream_detector.publisher import ReadingProducer
-from stream_detector.services import EmbeddedKafka, EmbeddedRedis, create_topics, free_port
 from tests.conftest import Topics
 from tests.reliability.harness import (
     Reference,

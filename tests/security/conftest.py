@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from stream_detector.services import EmbeddedRedis, ServiceStartError
+from stream_detector.devtools.services import EmbeddedRedis, ServiceStartError
 
 REDIS_USER = "detector"
 # Characters that must be percent-encoded in a URL, so that the encoding is tested too.

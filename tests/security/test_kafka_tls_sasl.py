@@ -35,8 +35,8 @@ from stream_detector.config import (
     kafka_producer_config,
 )
 from stream_detector.consumer import ConsumedMessage, ReadingConsumer
+from stream_detector.devtools.services import EmbeddedKafka, ServiceStartError, create_topics
 from stream_detector.publisher import Publisher, PublishError, ReadingProducer
-from stream_detector.services import EmbeddedKafka, ServiceStartError, create_topics
 from tests.security.conftest import TlsFiles, TlsTerminator
 
 pytestmark = pytest.mark.integration

@@ -12,8 +12,8 @@ from urllib.parse import quote
 import pytest
 
 from stream_detector.config import Settings
+from stream_detector.devtools.services import EmbeddedRedis
 from stream_detector.pipeline import PositionedReading
-from stream_detector.services import EmbeddedRedis
 from stream_detector.windows import WindowStore, WindowStoreError
 from tests.security.conftest import REDIS_PASSWORD, REDIS_USER, TlsFiles
 

@@ -24,11 +24,17 @@ from urllib.parse import quote
 
 import pytest
 
-from stream_detector import loadgen, store
+from stream_detector import store
 from stream_detector.config import Settings
+from stream_detector.devtools import loadgen
+from stream_detector.devtools.services import (
+    EmbeddedKafka,
+    EmbeddedRedis,
+    ServiceStartError,
+    free_port,
+)
 from stream_detector.logs import JsonFormatter, secrets_of
 from stream_detector.publisher import ReadingProducer
-from stream_detector.services import EmbeddedKafka, EmbeddedRedis, ServiceStartError, free_port
 from tests.conftest import Topics
 from tests.security.conftest import REDIS_USER
 from tests.tiny import tiny_config, tiny_model

@@ -45,9 +45,9 @@ from stream_detector.config import (
     Settings,
 )
 from stream_detector.consumer import ReadingConsumer
+from stream_detector.devtools.services import EmbeddedKafka, EmbeddedRedis, create_topics, free_port
 from stream_detector.model import SMOLLM2, ModelConfig
 from stream_detector.publisher import ReadingProducer
-from stream_detector.services import EmbeddedKafka, EmbeddedRedis, create_topics, free_port
 from stream_detector.subscriber import Deduplicator, format_line, parse_event
 
 logger = logging.getLogger(__name__)

@@ -1,8 +1,9 @@
 """Embedded Kafka-compatible broker (tansu) and redis-server for tests and the demo.
 
-Service bootstrapping only: processes are started on free local ports and
-torn down on exit. Consuming and producing live in consumer.py/publisher.py,
-and the Redis data model lives in windows.py.
+Service bootstrapping only: processes are started on free local ports and torn down on
+exit, topics created and deleted. Consuming and producing live in consumer.py and
+publisher.py, and the Redis data model in windows.py; this module only asks Redis for a
+PING and the broker for its topics.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import os
 import shutil
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -27,8 +27,11 @@ from types import TracebackType
 from typing import IO, Any, Self
 from urllib.parse import quote, urlencode
 
+import redis
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 LOG_TAIL_LINES = 40
 _PORT_ATTEMPTS = 3
@@ -372,43 +375,24 @@ class EmbeddedRedis(_EmbeddedProcess):
         return command
 
     def _is_ready(self) -> bool:
-        # A raw PING keeps windows.py the only module with a Redis client.
-        request = _resp("PING")
-        if self.username is not None and self.password is not None:
-            request = _resp("AUTH", self.username, self.password) + request
-        try:
-            with (
-                socket.create_connection((self.host, self.port), timeout=1.0) as raw,
-                self._client_socket(raw) as sock,
-            ):
-                sock.sendall(request)
-                reply = b""
-                while not reply.endswith(b"+PONG\r\n") and not reply.startswith(b"-"):
-                    chunk = sock.recv(256)
-                    if not chunk:
-                        return False
-                    reply += chunk
-                return reply.endswith(b"+PONG\r\n")
-        except OSError:
-            return False
-
-    def _client_socket(self, raw: socket.socket) -> socket.socket:
-        if not self.tls_cert:
-            return raw
         # Only asks whether the server this object started answers; clients verify it.
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        return context.wrap_socket(raw)
-
-
-def _resp(*words: str) -> bytes:
-    """One Redis command in the RESP protocol (safe for arguments with spaces)."""
-    encoded = [word.encode() for word in words]
-    return b"".join(
-        [f"*{len(encoded)}\r\n".encode()]
-        + [b"$%d\r\n%s\r\n" % (len(word), word) for word in encoded]
-    )
+        tls = {"ssl": True, "ssl_cert_reqs": "none", "ssl_check_hostname": False}
+        client = redis.Redis(
+            host=self.host,
+            port=self.port,
+            username=self.username,
+            password=self.password,
+            socket_timeout=1.0,
+            socket_connect_timeout=1.0,
+            retry=Retry(NoBackoff(), 0),  # one quick try: the caller polls
+            **(tls if self.tls_cert else {}),
+        )
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
 
 
 def _await_admin(
