@@ -10,6 +10,10 @@ per row, `trainer.nab.causal_rank`, and NAB's three profiles.
 
     python benchmarks/nab_score_terms.py --data ../shared/data/nab --profile quick \\
         --out benchmarks/results/nab_score_terms.json
+
+``--tail-readings stride`` makes the tail term weigh the newest ``stride`` readings of each
+window (the readings that arrived since the previous scored window) instead of only the
+newest one (``1``, the model's default).
 """
 
 from __future__ import annotations
@@ -28,7 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.score_ablation import FLOORS, SUBSETS, NormalTerms, fused, raw_terms
 from stream_detector.model import DEFAULT_SCORE_TERMS
-from trainer.anomalyllm_detector import MAX_SCORING_STRIDE, _latest_window_score
+from trainer.anomalyllm_detector import (
+    MAX_SCORING_STRIDE,
+    _latest_window_score,
+    choose_window_length,
+)
 from trainer.detectors import get_detector
 from trainer.nab import causal_rank, load_corpus, score_corpus
 from trainer.train import sliding_windows
@@ -41,6 +49,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--files", nargs="+", help="glob patterns (default: every file)")
     parser.add_argument("--profile", default="quick")
+    parser.add_argument("--tail-readings", choices=("1", "stride"), default="1")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     started = time.perf_counter()
@@ -51,11 +60,14 @@ def main() -> None:
         values = series.values[:, None]  # [T, 1]
         detector = get_detector("anomalyllm", args.profile, streaming=True)
         train = values[: series.probation]
-        detector.fit(train)
-        normal = NormalTerms.of(detector, train)
-        length = detector.model.config.window_length
+        length = detector.window_length or choose_window_length(train)
         total = len(values) - length + 1
         stride = min(MAX_SCORING_STRIDE, max(1, math.ceil(total / detector.max_scored_windows)))
+        if args.tail_readings == "stride":
+            detector.model_settings["tail_readings"] = stride
+        detector.fit(train)
+        normal = NormalTerms.of(detector, train)
+        assert detector.model.config.window_length == length
         raw = raw_terms(detector.model, sliding_windows(values, length, stride))
         ends = np.arange(raw.shape[1]) * stride + length - 1
         scalings = {floor: normal.scaled(raw, "extreme", floor) for floor in FLOORS}
@@ -77,6 +89,7 @@ def main() -> None:
         "files": len(corpus),
         "default": DEFAULT_KEY,
         "key": "terms|unit floor",
+        "tail_readings": args.tail_readings,
         "scores": ranked,
         "wall_s": round(time.perf_counter() - started, 1),
     }

@@ -96,6 +96,9 @@ class ModelConfig:
     score_terms: tuple[str, ...] = DEFAULT_SCORE_TERMS
     # Normal windows in the bank of the "memory" term, at most (``memory_slots``).
     memory_size: int = DEFAULT_MEMORY_SIZE
+    # The newest readings the "tail" term weighs against the rest of the window: the
+    # scoring stride, so that every reading is the newest of one scored window.
+    tail_readings: int = 1
     # The truncated backbone's own Hugging Face config; filled in when the backbone
     # is loaded so a checkpoint can rebuild it without the original weights.
     backbone_config: dict[str, Any] = field(default_factory=dict)
@@ -137,6 +140,8 @@ class ModelConfig:
             raise ValueError(f"score_terms must be some of {SCORE_TERMS}, not {self.score_terms}")
         if "memory" in self.score_terms and self.memory_size < 1:
             raise ValueError("the 'memory' score term needs memory_size >= 1")
+        if not 1 <= self.tail_readings < self.window_length:
+            raise ValueError("tail_readings must be at least 1 and shorter than the window")
 
     @property
     def fused(self) -> bool:
@@ -473,10 +478,11 @@ class AnomalyLLM(nn.Module):
                 terms.append(x.float().mean(dim=-1))
             elif name == "scale":
                 terms.append(torch.log(x.float().std(dim=-1, unbiased=False) + _EPS))
-            else:  # tail
-                head = x[..., :-1].float()
-                deviation = (x[..., -1].float() - head.mean(dim=-1)).abs()
-                terms.append(deviation / (head.std(dim=-1, unbiased=False) + _EPS))
+            else:  # tail: the newest readings' largest deviation from the rest
+                newest = self.config.tail_readings
+                head = x[..., :-newest].float()
+                deviation = (x[..., -newest:].float() - head.mean(dim=-1, keepdim=True)).abs()
+                terms.append(deviation.amax(dim=-1) / (head.std(dim=-1, unbiased=False) + _EPS))
         if index is None:
             index = self.student.nearest(self.normalise(x))
         return torch.stack(terms), index

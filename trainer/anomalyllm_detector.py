@@ -66,7 +66,12 @@ class AnomalyLLMDetector:
         channel: int | None = None,
         **model_settings: Any,
     ) -> None:
-        unknown = set(model_settings) - {"normalisation", "score_terms", "memory_size"}
+        unknown = set(model_settings) - {
+            "normalisation",
+            "score_terms",
+            "memory_size",
+            "tail_readings",
+        }
         if unknown:
             raise TypeError(f"unexpected settings {sorted(unknown)}")
         self.causal = causal
