@@ -173,6 +173,21 @@ def test_the_tail_term_is_how_far_the_latest_reading_lies_from_the_rest_of_its_w
     assert float(model.raw_terms(steady)[0][0, 0, 0]) < float(raw[0, 0, 0]) / 5
 
 
+def test_the_tail_term_weighs_each_of_the_newest_tail_readings() -> None:
+    # A spike three readings before the end: the newest stride of a window scored every
+    # 4 readings holds it, the newest reading alone does not.
+    window = torch.tensor([0.0, 1.0] * 16).view(1, 1, 32)
+    window[0, 0, -3] = 4.0
+    newest_only = tiny_model(score_terms=("tail",)).eval()
+    newest_four = tiny_model(score_terms=("tail",), tail_readings=4).eval()
+    head = window[0, 0, :-4]
+    expected = float((4.0 - head.mean()) / head.std(unbiased=False))
+    assert float(newest_four.raw_terms(window)[0][0, 0, 0]) == pytest.approx(expected, rel=1e-4)
+    assert float(newest_only.raw_terms(window)[0][0, 0, 0]) < expected / 3
+    with pytest.raises(ValueError, match="tail_readings"):
+        tiny_config(tail_readings=32).validate()
+
+
 def test_a_newest_spike_raises_the_score_of_a_model_with_the_tail_term() -> None:
     model = tiny_model(score_terms=("discrepancy", "tail"), memory_size=64).eval()
     model.calibrate(sine_windows(200), sine_windows(100, phase_step=0.41))
