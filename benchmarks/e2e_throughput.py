@@ -27,12 +27,9 @@ import multiprocessing
 import os
 import platform
 import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -46,19 +43,13 @@ from stream_detector import store
 from stream_detector.config import KafkaTopics, ModelSettings, RedisSettings, Settings
 from stream_detector.consumer import ReadingConsumer
 from stream_detector.devtools.services import EmbeddedKafka, EmbeddedRedis, create_topics, free_port
+from stream_detector.devtools.tiny import tiny_config
+from stream_detector.devtools.workers import metric_value, start_worker
 from stream_detector.model import SMOLLM2, AnomalyLLM, ModelConfig
 from stream_detector.publisher import ReadingProducer
 from stream_detector.scorer import ModelRegistry, Scorer, resolve_device
 
 RESULTS = Path(__file__).parent / "results" / "e2e_throughput.json"
-TINY_GPT2 = {
-    "model_type": "gpt2",
-    "n_embd": 32,
-    "n_layer": 2,
-    "n_head": 2,
-    "n_positions": 64,
-    "vocab_size": 1,
-}
 PARTITIONS = 4
 T0_MS = 1_700_000_000_000
 
@@ -67,19 +58,7 @@ def build_model(kind: str, window_length: int) -> AnomalyLLM:
     """A randomly initialised model: weights do not change the cost of scoring."""
     torch.manual_seed(0)
     if kind == "tiny":
-        config = ModelConfig(
-            window_length=window_length,
-            patch_length=16,
-            patch_stride=16,
-            embedding_dim=16,
-            backbone="tiny",
-            backbone_layers=2,
-            prototypes=4,
-            student_dim=16,
-            student_layers=1,
-            student_heads=2,
-            backbone_config=TINY_GPT2,
-        )
+        config = tiny_config(window_length=window_length, patch_length=16, patch_stride=16)
         return AnomalyLLM.from_config(config)
     return AnomalyLLM.pretrained(
         ModelConfig(window_length=window_length, backbone=SMOLLM2, backbone_layers=6)
@@ -149,34 +128,6 @@ def model_only(model_dir: Path, settings: Settings, seconds: float = 10.0) -> fl
     return scored / (time.perf_counter() - started)
 
 
-def start_worker(settings: Settings, torch_threads: int, log: Path) -> subprocess.Popen[bytes]:
-    """``python -m stream_detector run`` configured by DETECTOR_* variables.
-
-    A process of its own, so that the benchmark's producer and reader do not share its GIL.
-    """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DETECTOR_")}
-    env |= {"OMP_NUM_THREADS": str(torch_threads), **settings.environment()}
-    with log.open("wb") as output:
-        return subprocess.Popen(
-            [sys.executable, "-m", "stream_detector", "run"],
-            cwd=Path(__file__).resolve().parents[1],
-            env=env,
-            stdout=output,
-            stderr=output,
-        )
-
-
-def scrape(port: int, name: str) -> float:
-    """Sum of the samples of one metric on a worker's /metrics."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        lines = response.read().decode().splitlines()
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in lines
-        if line.startswith(name) and (line[len(name)] in " {")
-    )
-
-
 def end_to_end(settings: Settings, readings: int, windows: int) -> float:
     """Readings/s of the worker over the backlog, from its first batch to its last score."""
     port = settings.metrics_port
@@ -184,9 +135,9 @@ def end_to_end(settings: Settings, readings: int, windows: int) -> float:
     started = None
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError):
-            if started is None and scrape(port, "detector_readings_total") > 0:
+            if started is None and metric_value(port, "detector_readings_total") > 0:
                 started = time.perf_counter()
-            if scrape(port, "detector_windows_scored_total") >= windows:
+            if metric_value(port, "detector_windows_scored_total") >= windows:
                 return readings / (time.perf_counter() - started)
         time.sleep(0.05)
     raise TimeoutError("the worker did not score the backlog within 10 minutes")
@@ -267,7 +218,7 @@ def wait_until_idle(port: int, quiet_s: float = 2.0, timeout_s: float = 120.0) -
     deadline = time.monotonic() + timeout_s
     last, since = -1.0, time.monotonic()
     while time.monotonic() < deadline:
-        scored = scrape(port, "detector_windows_scored_total")
+        scored = metric_value(port, "detector_windows_scored_total")
         if scored != last:
             last, since = scored, time.monotonic()
         elif time.monotonic() - since >= quiet_s:
@@ -281,9 +232,9 @@ def latency_phase(
     """``latency_at``, plus the worker's own mean end-to-end latency over the same phase."""
     port = settings.metrics_port
     wait_until_idle(port)
-    before = [scrape(port, f"detector_end_to_end_seconds_{s}") for s in ("sum", "count")]
+    before = [metric_value(port, f"detector_end_to_end_seconds_{s}") for s in ("sum", "count")]
     result = latency_at(settings, sensors, rate, seconds)
-    after = [scrape(port, f"detector_end_to_end_seconds_{s}") for s in ("sum", "count")]
+    after = [metric_value(port, f"detector_end_to_end_seconds_{s}") for s in ("sum", "count")]
     worker_seconds, worker_count = after[0] - before[0], after[1] - before[1]
     # Kafka timestamp of the window's newest reading to the acknowledgement of its score.
     result["worker_mean_ms"] = (
@@ -386,7 +337,7 @@ def main() -> None:
         print("model only ...", flush=True)
         model_windows = model_only(model_dir, settings)
         print("end to end ...", flush=True)
-        worker = start_worker(settings, args.torch_threads, Path(tmp) / "worker.log")
+        worker = start_worker(settings, Path(tmp) / "worker.log", args.torch_threads)
         try:
             e2e = end_to_end(settings, readings, windows)
             latency = {}

@@ -39,8 +39,8 @@ from stream_detector.devtools.services import (
     create_topics,
     free_port,
 )
+from stream_detector.devtools.tiny import tiny_model
 from stream_detector.publisher import ReadingProducer
-from tests.tiny import tiny_model
 
 T0_MS = 1_700_000_000_000
 HOSTILE = [

@@ -31,31 +31,12 @@ import torch
 
 from stream_detector.config import AlertPolicy, Settings
 from stream_detector.devtools import loadgen
+from stream_detector.devtools.tiny import tiny_model_config_json
 from stream_detector.model import SMOLLM2
 from trainer import jobs, thresholds
 
 RESULTS = Path(__file__).parent / "results" / "refresh_vs_fit.json"
 MINUTE_MS = 60_000
-# The unit tests' tiny model (tests/tiny.py): a randomly initialised 2-block GPT-2.
-TINY_MODEL = {
-    "patch_length": 8,
-    "patch_stride": 8,
-    "embedding_dim": 16,
-    "backbone": "tiny",
-    "backbone_layers": 2,
-    "prototypes": 4,
-    "student_dim": 16,
-    "student_layers": 1,
-    "student_heads": 2,
-    "backbone_config": {
-        "model_type": "gpt2",
-        "n_embd": 32,
-        "n_layer": 2,
-        "n_head": 2,
-        "n_positions": 64,
-        "vocab_size": 1,
-    },
-}
 
 
 def synthetic_csv(path: Path) -> Path:
@@ -156,7 +137,7 @@ def main() -> None:
         if args.backbone == "tiny":
             window_length, stride = 32, 4
             model_config = workdir / "tiny.json"
-            model_config.write_text(json.dumps(TINY_MODEL))
+            model_config.write_text(json.dumps(tiny_model_config_json()))
         else:
             window_length, stride, model_config = 128, 16, None
         data = args.nab_file or synthetic_csv(workdir / "synthetic.csv")

@@ -48,8 +48,6 @@ import subprocess
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -60,8 +58,7 @@ from typing import Any
 import numpy as np
 import torch
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
-from e2e_throughput import build_model, start_worker
-from prometheus_client.parser import text_string_to_metric_families
+from e2e_throughput import build_model
 
 from stream_detector import store
 from stream_detector.config import (
@@ -74,6 +71,7 @@ from stream_detector.config import (
 from stream_detector.devtools import loadgen
 from stream_detector.devtools.proxy import TcpProxy
 from stream_detector.devtools.services import EmbeddedKafka, EmbeddedRedis, create_topics, free_port
+from stream_detector.devtools.workers import metric_samples, readiness, rss_mib, start_worker
 from stream_detector.model import AnomalyLLM
 from stream_detector.publisher import PublishError
 from trainer.train import fit, profile, sliding_windows
@@ -150,7 +148,7 @@ class Supervisor:
     def start(self) -> None:
         """Start a new incarnation, logging to worker-NN.log."""
         log = self.log_dir / f"worker-{len(self.incarnations) + 1:02d}.log"
-        self._process = start_worker(self.settings, 1, log)
+        self._process = start_worker(self.settings, log)
         self.incarnations.append(
             Incarnation(len(self.incarnations) + 1, self._process.pid, str(log), self.clock())
         )
@@ -202,45 +200,6 @@ class Scrape:
     latency_buckets: dict[float, float] = field(default_factory=dict)  # le -> cumulative count
     latency_sum_s: float = 0.0
     latency_count: float = 0.0
-
-
-def rss_mib(pid: int) -> float | None:
-    """VmRSS of a process in MiB (None when it is gone or a zombie)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    for line in status.splitlines():
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024, 1)  # the kernel reports KiB
-    return None
-
-
-def metric_samples(port: int) -> dict[str, list[tuple[dict[str, str], float]]] | None:
-    """Every sample on the worker's /metrics by sample name (None when it does not answer)."""
-    try:
-        url = f"http://127.0.0.1:{port}/metrics"
-        with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as response:
-            text = response.read().decode()
-    except OSError:
-        return None
-    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
-    return samples
-
-
-def readiness(port: int) -> bool | None:
-    """Whether /readyz answers 200 (None when the worker does not answer at all)."""
-    try:
-        url = f"http://127.0.0.1:{port}/readyz"
-        with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S):
-            return True
-    except urllib.error.HTTPError:
-        return False
-    except OSError:
-        return None
 
 
 def histogram_quantile(quantile: float, buckets: dict[float, float]) -> float | None:
@@ -317,8 +276,8 @@ class Sampler(threading.Thread):
             return row
         row["incarnation"] = incarnation.number
         row["rss_mib"] = rss_mib(incarnation.pid)
-        row["ready"] = readiness(self.metrics_port)
-        samples = metric_samples(self.metrics_port)
+        row["ready"] = readiness(self.metrics_port, HTTP_TIMEOUT_S)
+        samples = metric_samples(self.metrics_port, HTTP_TIMEOUT_S)
         if samples is None:
             return row
         lag = samples.get("detector_consumer_lag_messages")
@@ -459,7 +418,7 @@ class LoadThread(threading.Thread):
 def wait_until_ready(supervisor: Supervisor, port: int) -> None:
     """Block until the worker answers /readyz with 200."""
     deadline = time.monotonic() + READY_TIMEOUT_S
-    while readiness(port) is not True:
+    while readiness(port, HTTP_TIMEOUT_S) is not True:
         if not supervisor.running() or time.monotonic() > deadline:
             log = supervisor.incarnations[-1].log
             raise RuntimeError(

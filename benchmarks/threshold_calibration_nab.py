@@ -27,33 +27,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from stream_detector.model import AnomalyLLM, ModelConfig
+from stream_detector.devtools.tiny import tiny_config
+from stream_detector.model import AnomalyLLM
 from trainer import sources, train
 from trainer.jobs import score_windows
 from trainer.thresholds import ThresholdConfig, pot_threshold
 
 RESULTS = Path(__file__).parent / "results" / "threshold_calibration_nab.json"
 WINDOW = 32
-TINY = ModelConfig(
-    window_length=WINDOW,
-    patch_length=8,
-    patch_stride=8,
-    embedding_dim=16,
-    backbone="tiny",
-    backbone_layers=2,
-    prototypes=4,
-    student_dim=16,
-    student_layers=1,
-    student_heads=2,
-    backbone_config={
-        "model_type": "gpt2",
-        "n_embd": 32,
-        "n_layer": 2,
-        "n_head": 2,
-        "n_positions": 64,
-        "vocab_size": 1,
-    },
-)
+TINY = tiny_config(window_length=WINDOW)
 
 
 def zscore(windows: np.ndarray) -> np.ndarray:

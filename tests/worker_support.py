@@ -3,15 +3,14 @@ and the Alertmanager bridge.
 
 Used by the worker's end-to-end tests (tests/integration/test_worker.py), the fault suite
 (tests/reliability), the worker fuzz test and the machine-temperature test. Workers run in
-a thread of the test process (``running``); ``settings_env`` turns settings into the
-DETECTOR_* variables of a ``python -m stream_detector run`` subprocess, for the tests that
-kill one. The fixtures here are found by name where a test module or conftest imports them.
+a thread of the test process (``running``); the tests that kill one start it as a process
+of its own (``stream_detector.devtools.workers``). The fixtures here are found by name
+where a test module or conftest imports them.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 import urllib.error
@@ -40,10 +39,11 @@ from stream_detector.config import (
 from stream_detector.consumer import ConsumedMessage, ReadingConsumer
 from stream_detector.devtools import loadgen
 from stream_detector.devtools.services import free_port
+from stream_detector.devtools.tiny import tiny_config, tiny_model
+from stream_detector.devtools.workers import metric_value
 from stream_detector.model import AnomalyLLM
 from stream_detector.publisher import ReadingProducer
 from tests.conftest import Topics
-from tests.tiny import tiny_config, tiny_model
 from trainer.train import fit, profile, sliding_windows
 
 T0_MS = 1_700_000_000_000
@@ -167,22 +167,6 @@ def settings_for(
     return make
 
 
-def settings_env(settings: Settings) -> dict[str, str]:
-    """DETECTOR_* variables that reproduce ``settings`` in a subprocess."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DETECTOR_")}
-    return {**env, "OMP_NUM_THREADS": "1", **settings.environment()}
-
-
-def scrape(port: int, name: str, labels: str = "") -> float:
-    """One sample from a worker's /metrics (0 when absent)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        body = response.read().decode()
-    for line in body.splitlines():
-        if line.startswith(f"{name}{{{labels}}} " if labels else f"{name} "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 class WorkerThread:
     """A worker running in a thread of the test process."""
 
@@ -213,8 +197,8 @@ class WorkerThread:
             return []
         return sorted(partition for _, partition in json.loads(body).get("partitions", []))
 
-    def metric(self, name: str, labels: str = "") -> float:
-        return scrape(self.settings.metrics_port, name, labels)
+    def metric(self, name: str, **labels: str) -> float:
+        return metric_value(self.settings.metrics_port, name, **labels)
 
     def close(self) -> None:
         self.stop.set()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.tiny import tiny_config, tiny_model
+from stream_detector.devtools.tiny import tiny_config, tiny_model
 from trainer.train import TrainConfig, fit, sliding_windows
 
 pytestmark = [

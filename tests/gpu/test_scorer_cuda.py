@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from stream_detector import store
+from stream_detector.devtools.tiny import tiny_model
 from stream_detector.scorer import ModelRegistry, Scorer, resolve_device
-from tests.tiny import tiny_model
 
 pytestmark = [
     pytest.mark.gpu,

@@ -15,6 +15,7 @@ from stream_detector import alertmanager, store
 from stream_detector.config import Settings
 from stream_detector.devtools import loadgen
 from stream_detector.devtools.proxy import TcpProxy
+from stream_detector.devtools.workers import metric_value
 from stream_detector.publisher import ReadingProducer
 from stream_detector.schemas import AlertEvent
 from tests.conftest import Topics
@@ -28,7 +29,6 @@ from tests.worker_support import (
     make_plan,
     produce,
     running,
-    scrape,
     wait_for,
 )
 
@@ -121,7 +121,7 @@ def test_an_alertmanager_outage_delays_alerts_and_loses_none_across_a_bridge_res
             )
             port = settings.metrics_port
             wait_for(
-                lambda: scrape(port, "detector_alertmanager_failures_total") >= 2,
+                lambda: metric_value(port, "detector_alertmanager_failures_total") >= 2,
                 60,
                 "the bridge to fail against the cut Alertmanager",
             )

@@ -29,8 +29,8 @@ from stream_detector.config import (
 )
 from stream_detector.consumer import ReadingConsumer
 from stream_detector.devtools.services import free_port
+from stream_detector.devtools.tiny import tiny_config
 from tests.shared_data import DATA_DIR
-from tests.tiny import tiny_config
 from tests.worker_support import running
 from trainer.__main__ import main
 

@@ -29,9 +29,9 @@ from stream_detector.config import (
 )
 from stream_detector.consumer import ConsumerError, ReadingConsumer, replay
 from stream_detector.devtools import loadgen
+from stream_detector.devtools.tiny import tiny_model_config_json
 from stream_detector.publisher import Publisher, ReadingProducer
 from stream_detector.schemas import AlertEvent
-from tests.tiny import tiny_config
 from tests.worker_support import STRIDE, WINDOW, running
 from trainer import jobs, thresholds, train
 from trainer.__main__ import main
@@ -59,11 +59,8 @@ def _set_env(patch: pytest.MonkeyPatch, extra: dict[str, str] | None = None) -> 
 @pytest.fixture(scope="module")
 def tiny_json(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """--model-config for a randomly initialised tiny backbone (no pretrained weights)."""
-    config = tiny_config().to_dict()
-    for key in ("channels", "window_length"):
-        config.pop(key)
     path = tmp_path_factory.mktemp("config") / "tiny.json"
-    path.write_text(json.dumps(config))
+    path.write_text(json.dumps(tiny_model_config_json()))
     return path
 
 

@@ -177,7 +177,7 @@ def test_bad_input_goes_to_the_dead_letter_topic_and_the_worker_carries_on(
         outputs = reader.read_until(
             lambda o: len(o.dead_letters) >= len(bad) and expected_windows(plan) <= o.scored()
         )
-        assert handle.metric("detector_invalid_readings_total", 'reason="bad_json"') == 1
+        assert handle.metric("detector_invalid_readings_total", reason="bad_json") == 1
         assert handle.http("/healthz")[0] == 200
         status, body = handle.http("/readyz")
         assert status == 200, body
@@ -212,7 +212,7 @@ def test_sensors_beyond_the_per_worker_limit_go_to_the_dead_letter_topic(
             lambda o: len(o.scored()) == 3 * per_sensor and len(o.dead_letters) == 2 * 40
         )
         assert handle.metric("detector_sensors") == 3
-        assert handle.metric("detector_invalid_readings_total", 'reason="too_many_sensors"') == 80
+        assert handle.metric("detector_invalid_readings_total", reason="too_many_sensors") == 80
     admitted = {sensor_id for sensor_id, _ in outputs.scored()}
     refused = {message.key.decode() for message in outputs.dead_letters}
     assert admitted | refused == {plan.sensor_id(i) for i in range(5)}
@@ -258,10 +258,8 @@ def test_hot_swap_serves_a_promoted_version_and_refuses_a_tampered_one(
         store.promote(model_store, MODEL, third)
         time.sleep(1.0)
         assert versions_scoring(range(80, 120)) == {second}
-        assert handle.metric("detector_model_load_failures_total", f'model="{MODEL}"') == 1
-        assert (
-            handle.metric("detector_model_version_info", f'model="{MODEL}",version="{second}"') == 1
-        )
+        assert handle.metric("detector_model_load_failures_total", model=MODEL) == 1
+        assert handle.metric("detector_model_version_info", model=MODEL, version=second) == 1
 
 
 def test_exactly_once_mode_commits_offsets_with_the_outputs(
@@ -312,7 +310,7 @@ def test_a_redis_outage_makes_the_worker_unready_and_it_resumes_after(
         own_redis.stop()
         produce(kafka_bootstrap, topics.readings, plan, range(40, 140))
         deadline = time.monotonic() + 30
-        while handle.metric("detector_retries_total", 'system="WindowStoreError"') < 2:
+        while handle.metric("detector_retries_total", system="WindowStoreError") < 2:
             assert time.monotonic() < deadline, "the worker did not retry without Redis"
             time.sleep(0.2)
         status, body = handle.http("/readyz")

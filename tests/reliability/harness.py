@@ -24,8 +24,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,12 +32,10 @@ import numpy as np
 import torch
 
 from stream_detector import alerts
-from stream_detector.config import Settings
 from stream_detector.devtools import loadgen
 from stream_detector.windows import Window, WindowStore
-from tests.worker_support import POLICY, WINDOW, Outputs, TrainedModel, settings_env
+from tests.worker_support import POLICY, WINDOW, Outputs, TrainedModel
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SCORE_RTOL = 1e-3
 
 
@@ -161,26 +157,6 @@ def verify(
 def final_windows(redis_url: str, key_prefix: str, plan: loadgen.LoadPlan) -> dict[str, Window]:
     windows = WindowStore(redis_url, window_length=WINDOW, key_prefix=key_prefix)
     return windows.fetch_windows(plan.sensor_id(i) for i in range(plan.sensors))
-
-
-def ready(port: int) -> bool:
-    """Whether the worker on ``port`` answers /readyz with 200 (False while it starts)."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5):
-            return True
-    except OSError:  # HTTPError (503) included
-        return False
-
-
-def start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as stream:
-        return subprocess.Popen(
-            [sys.executable, "-m", "stream_detector", "run"],
-            cwd=PROJECT_ROOT,
-            env=settings_env(settings),
-            stdout=stream,
-            stderr=stream,
-        )
 
 
 def stop_worker(process: subprocess.Popen[bytes], log: Path) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,13 +18,12 @@ import pytest
 from stream_detector import store
 from stream_detector.config import Settings
 from stream_detector.devtools import loadgen
+from stream_detector.devtools.workers import metric_samples, readiness, rss_mib, start_worker
 from tests.conftest import Topics
 from tests.reliability.harness import (
     final_windows,
-    ready,
     reference,
     results_file,
-    start_worker,
     stop_worker,
     verify,
 )
@@ -57,23 +55,10 @@ ANOMALIES = (
 RSS_GROWTH_BOUND_MB = 256
 
 
-def resident_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError(f"no VmRSS for process {pid}")
-
-
 def total_lag(port: int) -> float | None:
     """Sum of the worker's per-partition lag gauges; None when it reports none yet."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        lines = response.read().decode().splitlines()
-    values = [
-        float(line.rsplit(" ", 1)[1])
-        for line in lines
-        if line.startswith("detector_consumer_lag_messages{")
-    ]
-    return sum(values) if values else None
+    samples = (metric_samples(port) or {}).get("detector_consumer_lag_messages", [])
+    return sum(value for _, value in samples) if samples else None
 
 
 class Sampler:
@@ -90,7 +75,7 @@ class Sampler:
             self.samples.append(
                 {
                     "t_s": round(time.monotonic() - self._started, 2),
-                    "rss_mb": round(resident_mb(pid), 1),
+                    "rss_mb": rss_mib(pid),
                     "lag": total_lag(port),
                 }
             )
@@ -125,8 +110,8 @@ def test_a_backlog_of_a_million_readings_is_worked_off_in_bounded_memory(
     process = start_worker(settings, log)
     port = settings.metrics_port
     try:
-        wait_for(lambda: ready(port), 90, "the worker to join the group")
-        idle_mb = resident_mb(process.pid)
+        wait_for(lambda: readiness(port) is True, 90, "the worker to join the group")
+        idle_mb = rss_mib(process.pid)
         with Sampler(process.pid, port) as sampler:
             started = time.monotonic()
             produce(kafka_bootstrap, topics.readings, plan)

@@ -29,14 +29,13 @@ from stream_detector.config import KafkaTopics, RedisSettings, Settings
 from stream_detector.devtools import loadgen
 from stream_detector.devtools.proxy import TcpProxy
 from stream_detector.devtools.services import EmbeddedKafka, EmbeddedRedis, create_topics, free_port
+from stream_detector.devtools.workers import metric_value, readiness, start_worker
 from stream_detector.publisher import ReadingProducer
 from tests.conftest import Topics
 from tests.reliability.harness import (
     Reference,
     final_windows,
-    ready,
     reference,
-    start_worker,
     stop_worker,
     verify,
 )
@@ -51,7 +50,6 @@ from tests.worker_support import (
     make_plan,
     produce,
     running,
-    scrape,
     wait_for,
 )
 
@@ -131,10 +129,12 @@ def test_a_worker_killed_repeatedly_at_a_failpoint_loses_nothing(
     process = start_worker(settings, log)
     try:
         reader.read_until(lambda o: set(ref.scores) <= o.scored(), timeout_s=120)
-        wait_for(lambda: ready(settings.metrics_port), 60, "the restarted worker to be ready")
+        wait_for(
+            lambda: readiness(settings.metrics_port) is True, 60, "the restarted worker to be ready"
+        )
         recovery_s = time.monotonic() - restarted
         if killed_last:  # it re-read what the killed one had applied but not committed
-            assert scrape(settings.metrics_port, "detector_replayed_readings_total") > 0
+            assert metric_value(settings.metrics_port, "detector_replayed_readings_total") > 0
     finally:
         stop_worker(process, log)
     outputs = reader.read_quietly()
@@ -176,7 +176,7 @@ def test_a_redis_restart_loses_nothing(
         own_redis.stop()
         produce(kafka_bootstrap, topics.readings, plan, range(FAULT_STEP, 200))
         wait_for(
-            lambda: handle.metric("detector_retries_total", 'system="WindowStoreError"') >= 2,
+            lambda: handle.metric("detector_retries_total", system="WindowStoreError") >= 2,
             30,
             "the worker to retry without Redis",
         )
@@ -188,7 +188,9 @@ def test_a_redis_restart_loses_nothing(
         cleared = time.monotonic()
         produce(kafka_bootstrap, topics.readings, plan, range(200, READINGS))
         reader.read_until(lambda o: set(ref.scores) <= o.scored(), timeout_s=90)
-        wait_for(lambda: ready(handle.settings.metrics_port), 30, "the worker to be ready")
+        wait_for(
+            lambda: readiness(handle.settings.metrics_port) is True, 30, "the worker to be ready"
+        )
         recovery_s = time.monotonic() - cleared
         losses = handle.metric("detector_redis_state_losses_total")
         _, body = handle.http("/readyz")
@@ -225,7 +227,11 @@ def test_redis_state_lost_while_no_worker_ran_is_rebuilt_when_one_starts(
         with worker_on_own_redis(settings, own_redis, key_prefix) as handle:
             produce(kafka_bootstrap, topics.readings, plan, range(200, READINGS))
             reader.read_until(lambda o: set(ref.scores) <= o.scored(), timeout_s=90)
-            wait_for(lambda: ready(handle.settings.metrics_port), 30, "the worker to be ready")
+            wait_for(
+                lambda: readiness(handle.settings.metrics_port) is True,
+                30,
+                "the worker to be ready",
+            )
             recovery_s = time.monotonic() - cleared
             assert handle.metric("detector_redis_state_losses_total") == 1
             windows = final_windows(own_redis.url, key_prefix, plan)
@@ -269,7 +275,7 @@ class OutageRig:
         produce(self.proxy.address, self.topic, self.ref.plan, range(200, READINGS))
         self.reader.read_until(lambda o: set(self.ref.scores) <= o.scored(), timeout_s=90)
         port = self.handle.settings.metrics_port
-        wait_for(lambda: ready(port), 30, "the worker to be ready")
+        wait_for(lambda: readiness(port) is True, 30, "the worker to be ready")
         return time.monotonic() - cleared
 
 
@@ -436,12 +442,12 @@ def test_a_model_store_fault_keeps_the_current_version_scoring(
             store.promote(model_store, MODEL, version)
             produce(kafka_bootstrap, topics.readings, plan, range(FAULT_STEP, 200))
             time.sleep(1.0)
-            assert handle.metric("detector_model_load_failures_total", f'model="{MODEL}"') == 1
+            assert handle.metric("detector_model_load_failures_total", model=MODEL) == 1
 
         cleared = time.monotonic()
         produce(kafka_bootstrap, topics.readings, plan, range(200, READINGS))
         outputs = reader.read_until(lambda o: set(ref.scores) <= o.scored(), timeout_s=90)
-        assert ready(handle.settings.metrics_port)
+        assert readiness(handle.settings.metrics_port) is True
         recovery_s = time.monotonic() - cleared
         assert {record["model_version"] for record in outputs.scores} == {served}
     verify(
@@ -511,8 +517,8 @@ def test_an_oversized_reading_is_dead_lettered_once_cut_and_the_stream_goes_on(
         )
         assert handle.http("/readyz")[0] == 200
         outputs = reader.read_quietly(2.0)
-        assert handle.metric("detector_cut_outputs_total", f'topic="{topics.dead_letter}"') == 1
-        assert handle.metric("detector_retries_total", 'system="PublishError"') == 0
+        assert handle.metric("detector_cut_outputs_total", topic=topics.dead_letter) == 1
+        assert handle.metric("detector_retries_total", system="PublishError") == 0
 
     (dead,) = outputs.dead_letters
     headers = dict(dead.headers)
@@ -570,18 +576,18 @@ def test_an_output_topic_refusing_every_record_makes_the_worker_unready_and_lose
 
         def retried_thrice() -> bool:
             try:
-                return handle.metric("detector_retries_total", 'system="PublishError"') >= 3
+                return handle.metric("detector_retries_total", system="PublishError") >= 3
             except OSError:  # still starting: no metrics endpoint yet
                 return False
 
         wait_for(retried_thrice, 60, "the worker to retry the refused scores")
         status, body = handle.http("/readyz")
         assert status == 503, body
-        readiness = json.loads(body)
-        assert readiness["checks"]["output_topics"] is False
+        checks = json.loads(body)
+        assert checks["checks"]["output_topics"] is False
         # The broker's "Invalid topic" first, then librdkafka's own "Unknown topic".
-        assert "topic" in readiness["unavailable_topics"][refused].lower()
-        assert handle.metric("detector_output_topic_unavailable", f'topic="{refused}"') == 1
+        assert "topic" in checks["unavailable_topics"][refused].lower()
+        assert handle.metric("detector_output_topic_unavailable", topic=refused) == 1
         assert handle.http("/healthz")[0] == 200
     # Every retry produced again only the refused scores: each dead letter arrived once.
     early = reader.read_quietly(2.0)

@@ -20,7 +20,7 @@ import torch
 
 from stream_detector import store
 from stream_detector.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError
-from tests.tiny import tiny_model
+from stream_detector.devtools.tiny import tiny_model
 
 pytestmark = pytest.mark.unit
 

@@ -33,11 +33,11 @@ from stream_detector.devtools.services import (
     ServiceStartError,
     free_port,
 )
+from stream_detector.devtools.tiny import tiny_config, tiny_model
 from stream_detector.logs import JsonFormatter, secrets_of
 from stream_detector.publisher import ReadingProducer
 from tests.conftest import Topics
 from tests.security.conftest import REDIS_USER
-from tests.tiny import tiny_config, tiny_model
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.tiny import tiny_model
+from stream_detector.devtools.tiny import tiny_model
 from trainer.anomalyllm_detector import (
     AnomalyLLMDetector,
     _nearest_centre_score,

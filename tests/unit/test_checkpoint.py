@@ -14,7 +14,7 @@ from stream_detector.checkpoint import (
     read_metadata,
     save_checkpoint,
 )
-from tests.tiny import tiny_model
+from stream_detector.devtools.tiny import tiny_model
 
 pytestmark = pytest.mark.unit
 

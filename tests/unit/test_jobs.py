@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.tiny import tiny_model
+from stream_detector.devtools.tiny import tiny_model
 from trainer.jobs import score_windows
 from trainer.prototypes import refit_prototypes
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from stream_detector.devtools.tiny import TINY_LLAMA, tiny_config, tiny_model
 from stream_detector.model import AnomalyLLM, ModelConfig, instance_norm
-from tests.tiny import TINY_LLAMA, tiny_config, tiny_model
 
 pytestmark = pytest.mark.unit
 

@@ -12,11 +12,11 @@ import torch
 
 from stream_detector import store
 from stream_detector.checkpoint import CheckpointError, sha256_file
+from stream_detector.devtools.tiny import tiny_model
 from stream_detector.model import AnomalyLLM
 from stream_detector.scorer import ModelRegistry
 from stream_detector.store.backends import open_backend
 from stream_detector.store.lock import LockInfo
-from tests.tiny import tiny_model
 
 pytestmark = pytest.mark.unit
 

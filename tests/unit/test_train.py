@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.tiny import tiny_config, tiny_model
+from stream_detector.devtools.tiny import tiny_config, tiny_model
 from trainer.prototypes import spherical_kmeans
 from trainer.train import (
     TrainConfig,

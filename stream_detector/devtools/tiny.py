@@ -1,4 +1,5 @@
-"""Tiny randomly initialised models, so model tests run in seconds without real weights."""
+"""Tiny randomly initialised models, so model tests and benchmarks run in seconds without
+real weights."""
 
 from __future__ import annotations
 
@@ -48,3 +49,12 @@ def tiny_model(seed: int = 0, **overrides: object) -> AnomalyLLM:
 
     torch.manual_seed(seed)
     return AnomalyLLM.from_config(tiny_config(**overrides))
+
+
+def tiny_model_config_json() -> dict[str, object]:
+    """The tiny config as ``trainer fit --model-config`` takes it: without the channel count
+    and window length, which the trainer chooses."""
+    config = tiny_config().to_dict()
+    for key in ("channels", "window_length"):
+        config.pop(key)
+    return config
