@@ -250,11 +250,12 @@ def bridge(settings: Settings, url: str) -> Iterator[Settings]:
         assert errors == []
 
 
-def bridge_settings(settings: Settings, group_id: str) -> Settings:
-    """A bridge's settings: its own consumer group and metrics port, a 2 s resend interval."""
+def bridge_settings(settings: Settings, group_id: str, resend_interval_s: float = 2.0) -> Settings:
+    """A bridge's settings: its own consumer group and metrics port, a short resend interval."""
+    alertmanager = AlertmanagerSettings(group_id=group_id, resend_interval_s=resend_interval_s)
     return settings.model_copy(
         update={
-            "alertmanager": AlertmanagerSettings(group_id=group_id, resend_interval_s=2.0),
+            "alertmanager": alertmanager,
             "metrics_port": free_port(),
         }
     )

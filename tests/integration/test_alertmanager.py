@@ -102,7 +102,10 @@ def test_an_alertmanager_outage_delays_alerts_and_loses_none_across_a_bridge_res
     alertmanager_binary: str,
     tmp_path: Path,
 ) -> None:
-    settings = bridge_settings(settings_for(tmp_path / "no-models"), f"bridge-{uuid.uuid4().hex}")
+    # Leases (4 resend intervals) outlive the outage: an alert leaves Alertmanager only
+    # through a delivered resolution, not by lapsing.
+    group = f"bridge-{uuid.uuid4().hex}"
+    settings = bridge_settings(settings_for(tmp_path / "no-models"), group, resend_interval_s=60)
     with (
         Alertmanager(alertmanager_binary) as manager,
         TcpProxy(manager.host, manager.port) as proxy,
