@@ -212,7 +212,9 @@ def _evaluate(
     ]
 
 
-def _model_config(options: JobOptions, channels: int, window_length: int) -> ModelConfig:
+def _model_config(
+    options: JobOptions, channels: int, window_length: int, stride: int
+) -> ModelConfig:
     overrides: dict[str, Any] = {}
     if options.model_config is not None:
         try:
@@ -221,7 +223,13 @@ def _model_config(options: JobOptions, channels: int, window_length: int) -> Mod
             raise JobError(f"--model-config {options.model_config}: {error}") from error
         if not isinstance(overrides, dict):
             raise JobError(f"--model-config {options.model_config} must hold a JSON object")
-    base = {"backbone": options.backbone, "backbone_layers": options.backbone_layers}
+    base = {
+        "backbone": options.backbone,
+        "backbone_layers": options.backbone_layers,
+        # Where the tail term is configured, it weighs every reading since the worker's
+        # previous scoring of the sensor (DETECTOR_STRIDE).
+        "tail_readings": min(stride, window_length - 1),
+    }
     try:
         config = ModelConfig.from_dict(
             {**base, **overrides, "channels": channels, "window_length": window_length}
@@ -414,7 +422,7 @@ def _run_locked(
     model_config = (
         current_checkpoint.model.config
         if options.mode == "refresh" and current_checkpoint is not None
-        else _model_config(options, data.channels, window_length)
+        else _model_config(options, data.channels, window_length, settings.stride)
     )
     train_config = train.profile(options.profile)
     fingerprint = _job_fingerprint(

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from stream_detector.devtools.tiny import tiny_model
-from trainer.jobs import score_windows
+from trainer.jobs import JobOptions, _model_config, score_windows
 from trainer.prototypes import refit_prototypes
 
 pytestmark = pytest.mark.unit
@@ -40,3 +43,16 @@ def test_refit_moves_prototypes_to_the_data_and_keeps_unused_ones() -> None:
     direction = torch.nn.functional.cosine_similarity(after[0, moved[0]], ramp[0, 0], dim=0)
     assert direction > 0.99
     assert torch.allclose(after.norm(dim=-1), before.norm(dim=-1))
+
+
+def test_a_fitted_tail_term_weighs_the_readings_since_the_workers_last_scoring(
+    tmp_path: Path,
+) -> None:
+    options = JobOptions(mode="fit", store=str(tmp_path), model_name="pumps")
+    assert _model_config(options, channels=1, window_length=64, stride=16).tail_readings == 16
+    # A window no longer than the stride keeps one reading for the rest of it.
+    assert _model_config(options, channels=1, window_length=16, stride=16).tail_readings == 15
+    overrides = tmp_path / "model.json"
+    overrides.write_text(json.dumps({"tail_readings": 1, "score_terms": ["tail"]}))
+    options = dataclasses.replace(options, model_config=overrides)
+    assert _model_config(options, channels=1, window_length=64, stride=16).tail_readings == 1
