@@ -4,10 +4,10 @@
    DETECTOR_REDIS__URL), or an embedded tansu broker and redis-server on free ports when
    none is configured. Topics and Redis keys are named per run, so nothing else is touched.
 2. Model: a real NAB series that ships with the package (or ``--series``); the part before
-   its first labelled anomaly trains an AnomalyLLM with the SmolLM2 backbone, the
-   threshold is a high quantile of the model's scores on those training windows. The
-   result is cached under ``<out>/cache`` (keyed by data and settings) and published to
-   the model store ``<out>/models``.
+   its first labelled anomaly goes to ``python -m trainer fit`` (the SmolLM2 backbone,
+   thresholds as the trainer fits them), as the retraining CronJob would run it. The
+   result is cached under ``<out>/cache`` (keyed by data, settings and package version)
+   and published to the model store ``<out>/models``.
 3. Replay: the rest of the series goes through the readings topic at ``--speed``
    readings/s, with a few invalid messages mixed in; a worker runs in a thread, and the
    alerts it publishes are printed as they arrive.
@@ -19,16 +19,19 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
 import hashlib
 import json
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +39,7 @@ import numpy as np
 from rich.console import Console
 
 from stream_detector import store, worker
-from stream_detector.checkpoint import read_metadata, save_checkpoint
+from stream_detector.checkpoint import read_metadata
 from stream_detector.config import (
     AlertPolicy,
     KafkaTopics,
@@ -46,7 +49,7 @@ from stream_detector.config import (
 )
 from stream_detector.consumer import ReadingConsumer
 from stream_detector.devtools.services import EmbeddedKafka, EmbeddedRedis, create_topics, free_port
-from stream_detector.model import SMOLLM2, ModelConfig
+from stream_detector.model import SMOLLM2
 from stream_detector.publisher import ReadingProducer
 from stream_detector.subscriber import Deduplicator, format_line, parse_event
 
@@ -58,7 +61,8 @@ LABELS_FILE = DATA_DIR / "nab_combined_windows.json"
 MODEL_NAME = "demo"
 WINDOW_LENGTH = 64
 STRIDE = 4
-THRESHOLD_QUANTILE = 0.99
+# The demo's model: windows of 64 readings in 8 patches (``trainer fit --model-config``).
+MODEL_OVERRIDES = {"patch_length": 8, "patch_stride": 8}
 # Invalid messages mixed into the replay, at these fractions of it, to show the dead letters.
 INVALID_MESSAGES = {
     0.25: b'{"sensor_id": "nab", "ts": "yesterday", "value": 1.0}',
@@ -110,14 +114,17 @@ def load_series(path: Path) -> Series:
     )
 
 
-def _cache_key(series: Series, model_config: ModelConfig, train_config: Any) -> str:
+def _cache_key(series: Series, backbone: str, profile_name: str) -> str:
     parts = {
         "series": series.source_sha256,
         "train_end": series.train_end,
-        "model": model_config.to_dict(),
-        "train": dataclasses.asdict(train_config),
-        "threshold_quantile": THRESHOLD_QUANTILE,
+        "backbone": backbone,
+        "profile": profile_name,
+        "model": MODEL_OVERRIDES,
+        "window_length": WINDOW_LENGTH,
         "stride": STRIDE,
+        # A new release of the package may train differently.
+        "version": metadata.version("stream-detector"),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -125,58 +132,65 @@ def _cache_key(series: Series, model_config: ModelConfig, train_config: Any) -> 
 def train_model(
     series: Series, out: Path, backbone: str, profile_name: str, console: Console
 ) -> tuple[str, float, bool]:
-    """Train (or reuse the cached) model and make it CURRENT; (version, threshold, cached)."""
-    # The demo is the one place where the package trains: the trainer builds on the detector
-    # package, so it is imported here, lazily, and never by the worker.
-    import torch
+    """Train with ``python -m trainer fit`` (or reuse the cached result) and publish it to
+    ``<out>/models`` as CURRENT; (version, threshold, cached).
 
-    from trainer.train import fit, profile, sliding_windows
-
-    model_config = ModelConfig(
-        window_length=WINDOW_LENGTH,
-        patch_length=8,
-        patch_stride=8,
-        backbone=SMOLLM2 if backbone == "smollm2" else backbone,
-        backbone_layers=6,
-    )
-    train_config = profile(profile_name)
-    cache = out / "cache" / _cache_key(series, model_config, train_config)
-    cached = (cache / "config.json").is_file()
+    The trainer runs as a command, as the CronJob runs it: the detector package never
+    imports the trainer. It trains on the readings before the first labelled anomaly.
+    """
+    cache = out / "cache" / _cache_key(series, backbone, profile_name)
+    trained = store.current_version(cache / "models", MODEL_NAME)
+    cached = trained is not None
     if cached:
-        console.print(f"\\[demo] reusing the cached model in {cache}")
+        console.print(f"\\[demo] reusing the model trained in {cache}")
     else:
-        train = series.values[: series.train_end, None]
+        cache.mkdir(parents=True, exist_ok=True)
+        train_csv = cache / "train.csv"
+        with train_csv.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["timestamp", "value"])
+            end = series.train_end
+            writer.writerows(
+                zip(series.ts_ms[:end].tolist(), series.values[:end].tolist(), strict=True)
+            )
+        (cache / "model.json").write_text(json.dumps(MODEL_OVERRIDES))
         console.print(
-            f"\\[demo] training on the first {len(train)} readings of {series.name} "
-            f"({model_config.backbone}, profile {profile_name!r}); this takes a minute or two"
+            f"\\[demo] python -m trainer fit on the first {series.train_end} readings of "
+            f"{series.name} ({backbone}, profile {profile_name!r}); this takes a minute or two"
         )
         started = time.perf_counter()
-        result = fit(sliding_windows(train, WINDOW_LENGTH, 1), model_config, train_config)
-        windows = torch.from_numpy(sliding_windows(train, WINDOW_LENGTH, STRIDE))
-        scores = torch.cat([result.model.score(chunk).score for chunk in windows.split(256)])
-        threshold = float(np.quantile(scores.numpy(), THRESHOLD_QUANTILE))
-        save_checkpoint(
-            result.model,
-            cache,
-            {
-                "training": {**result.summary(), "series": series.name, "rows": len(train)},
-                "training_data_sha256": series.source_sha256,
-            },
-            thresholds={
-                "default": {
-                    "threshold": threshold,
-                    "method": "quantile",
-                    "q": THRESHOLD_QUANTILE,
-                }
-            },
-        )
+        command = [
+            sys.executable, "-m", "trainer", "fit",
+            "--from-files", str(train_csv),
+            "--store", str(cache / "models"),
+            "--model", MODEL_NAME,
+            "--profile", profile_name,
+            "--backbone", SMOLLM2 if backbone == "smollm2" else backbone,
+            "--window-length", str(WINDOW_LENGTH),
+            "--model-config", str(cache / "model.json"),
+            "--report", str(cache / "report.json"),
+            "--quiet",
+        ]  # fmt: skip
+        environment = {
+            **os.environ,
+            "DETECTOR_WINDOW_LENGTH": str(WINDOW_LENGTH),
+            "DETECTOR_STRIDE": str(STRIDE),
+        }
+        result = subprocess.run(command, env=environment, capture_output=True, text=True)
+        trained = store.current_version(cache / "models", MODEL_NAME)
+        if result.returncode != 0 or trained is None:
+            raise RuntimeError(
+                f"python -m trainer fit failed (exit {result.returncode}):\n{result.stderr[-3000:]}"
+            )
         console.print(f"\\[demo] trained in {time.perf_counter() - started:.0f} s")
-    threshold = json.loads((cache / "thresholds.json").read_text())["default"]["threshold"]
-    sha = read_metadata(cache)["weights_sha256"]
+    checkpoint = store.version_dir(cache / "models", MODEL_NAME, trained)
+    threshold = json.loads((checkpoint / "thresholds.json").read_text())["default"]["threshold"]
+    # A version's name ends with its weights' sha256: already published when CURRENT matches.
+    sha = read_metadata(checkpoint)["weights_sha256"]
     current = store.current_version(out / "models", MODEL_NAME)
     if current is not None and current.endswith(sha[:8]):
         return current, threshold, cached
-    return store.publish_version(out / "models", MODEL_NAME, cache), threshold, cached
+    return store.publish_version(out / "models", MODEL_NAME, checkpoint), threshold, cached
 
 
 @contextlib.contextmanager
