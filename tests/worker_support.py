@@ -300,6 +300,19 @@ class OutputReader:
                     self.outputs.dead_letters.append(message)
         return self.outputs
 
+    def read_to_end(self, timeout_s: float = 60.0) -> Outputs:
+        """Read every output partition to its end.
+
+        Exact once the workers have stopped: a stopped worker has every output acknowledged,
+        so nothing can arrive later. (``read_quietly`` only waits for a quiet spell.)
+        """
+
+        def at_end(outputs: Outputs) -> bool:
+            lag = self._consumer.lag()
+            return bool(lag) and not any(lag.values())
+
+        return self.read_until(at_end, timeout_s)
+
     def read_quietly(self, quiet_s: float = 1.0) -> Outputs:
         """Read until nothing has arrived for ``quiet_s``."""
         last = [time.monotonic(), 0]

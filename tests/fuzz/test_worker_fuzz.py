@@ -147,10 +147,10 @@ def test_hostile_messages_go_to_the_dead_letter_topic_and_valid_ones_are_scored(
             ),
             timeout_s=180,
         )
-        outputs = reader.read_quietly()
         crashes = int(not handle.thread.is_alive() or handle.error is not None)
         healthz = handle.http("/healthz")[0]
         readyz = handle.http("/readyz")[0]
+    outputs = reader.read_to_end()
     reader.close()
 
     received = Counter(original_of(message) for message in outputs.dead_letters)

@@ -56,8 +56,8 @@ def test_an_injected_anomaly_raises_one_alert_on_its_sensor_and_time(
     expected = expected_windows(plan)
 
     with running(settings_for(model_store)):
-        outputs = reader.read_until(lambda o: expected <= o.scored())
-        outputs = reader.read_quietly()
+        reader.read_until(lambda o: expected <= o.scored())
+    outputs = reader.read_to_end()
 
     events = list(outputs.unique_alerts().values())
     assert {event["sensor_id"] for event in events} == {"s-00002"}, "normal sensors alerted"
@@ -284,7 +284,7 @@ def test_exactly_once_mode_commits_offsets_with_the_outputs(
             time.sleep(0.2)
         time.sleep(1.0)
         assert restarted.metric("detector_readings_total") == 0
-    outputs = reader.read_quietly()
+    outputs = reader.read_to_end()
     assert len(outputs.scores) == len(expected_windows(plan))
 
 

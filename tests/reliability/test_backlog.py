@@ -122,7 +122,7 @@ def test_a_backlog_of_a_million_readings_is_worked_off_in_bounded_memory(
         assert process.poll() is None, log.read_text()[-3000:]
     finally:
         stop_worker(process, log)
-    outputs = reader.read_quietly()
+    outputs = reader.read_to_end()
 
     peak_mb = max(sample["rss_mb"] or 0.0 for sample in sampler.samples)
     peak_lag = max(sample["lag"] or 0.0 for sample in sampler.samples)

@@ -137,7 +137,7 @@ def test_a_worker_killed_repeatedly_at_a_failpoint_loses_nothing(
             assert metric_value(settings.metrics_port, "detector_replayed_readings_total") > 0
     finally:
         stop_worker(process, log)
-    outputs = reader.read_quietly()
+    outputs = reader.read_to_end()
     windows = final_windows(redis_url, key_prefix, plan)
     verify(f"sigkill_{failpoint}", ref, outputs, windows, recovery_s, extra={"kills": kills})
 
@@ -195,7 +195,7 @@ def test_a_redis_restart_loses_nothing(
         losses = handle.metric("detector_redis_state_losses_total")
         _, body = handle.http("/readyz")
         windows = final_windows(own_redis.url, key_prefix, plan)
-    outputs = reader.read_quietly()
+    outputs = reader.read_to_end()
     verify(f"redis_restart_state_{state}", ref, outputs, windows, recovery_s)
     if state == "lost":
         assert losses == 1
@@ -235,7 +235,7 @@ def test_redis_state_lost_while_no_worker_ran_is_rebuilt_when_one_starts(
             recovery_s = time.monotonic() - cleared
             assert handle.metric("detector_redis_state_losses_total") == 1
             windows = final_windows(own_redis.url, key_prefix, plan)
-    verify("redis_state_lost_while_workers_down", ref, reader.read_quietly(), windows, recovery_s)
+    verify("redis_state_lost_while_workers_down", ref, reader.read_to_end(), windows, recovery_s)
 
 
 # -- broker restart and broker unreachable ---------------------------------------------------
@@ -453,7 +453,7 @@ def test_a_model_store_fault_keeps_the_current_version_scoring(
     verify(
         f"model_store_{fault}",
         ref,
-        reader.read_quietly(),
+        reader.read_to_end(),
         final_windows(redis_url, key_prefix, plan),
         recovery_s,
     )
@@ -590,7 +590,7 @@ def test_an_output_topic_refusing_every_record_makes_the_worker_unready_and_lose
         assert handle.metric("detector_output_topic_unavailable", topic=refused) == 1
         assert handle.http("/healthz")[0] == 200
     # Every retry produced again only the refused scores: each dead letter arrived once.
-    early = reader.read_quietly(2.0)
+    early = reader.read_to_end()
     assert sorted(message.value for message in early.dead_letters) == sorted(bad_json)
 
     # Nothing was committed, so a worker that can publish scores every window.
@@ -599,7 +599,7 @@ def test_an_output_topic_refusing_every_record_makes_the_worker_unready_and_lose
         produce(kafka_bootstrap, topics.readings, plan, range(FAULT_STEP, READINGS))
         reader.read_until(lambda o: set(ref.scores) <= o.scored(), timeout_s=90)
         recovery_s = time.monotonic() - cleared
-    outputs = reader.read_quietly()
+    outputs = reader.read_to_end()
     verify(
         "output_topic_refusing_records",
         ref,
