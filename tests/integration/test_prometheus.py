@@ -88,7 +88,9 @@ def test_prometheus_finds_every_metric_the_rules_and_dashboard_use_and_alerts_on
                 names.setdefault(series["__name__"], set()).update(series)
             return names
 
-        wait_for(lambda: "detector_consumer_lag_messages" in exported(), 45, "a lag report")
+        # A scrape of each target, and a lag report (the worker's lag thread runs every 2 s).
+        scraped = {"detector_consumer_lag_messages", "detector_alertmanager_events_total"}
+        wait_for(lambda: scraped <= exported().keys(), 45, "both targets and a lag report")
         expressions = {**rule_expressions(), **dashboard_expressions()}
         assert missing(expressions, exported()) == []
 
