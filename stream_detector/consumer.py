@@ -196,6 +196,9 @@ class ReadingConsumer:
         """
         assigned = self._consumer.assignment()
         if not assigned:
+            # Still ask the brokers something: the caller takes an answer as "reachable", and
+            # a worker whose group session just lapsed in an outage owns nothing.
+            self._consumer.list_topics(timeout=timeout_s)
             return {}
         resume = self.resume_offsets(self._names(assigned), timeout_s)
         lags = {}
