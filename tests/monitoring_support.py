@@ -126,6 +126,15 @@ def _get_json(url: str) -> Any:
         return json.loads(response.read())
 
 
+def _answers_ready(base_url: str) -> bool:
+    """Whether a Prometheus or Alertmanager answers ``/-/ready`` with 200."""
+    try:
+        with urllib.request.urlopen(f"{base_url}/-/ready", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
 class Prometheus(_EmbeddedProcess):
     """A Prometheus scraping ``targets`` every second and evaluating ``rule_files``."""
 
@@ -155,11 +164,7 @@ class Prometheus(_EmbeddedProcess):
         ]
 
     def _is_ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.api_url("/-/ready"), timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
+        return _answers_ready(self.api_url(""))
 
     def api_url(self, path: str) -> str:
         return f"http://{self.host}:{self.port}{path}"
@@ -197,11 +202,7 @@ class Alertmanager(_EmbeddedProcess):
         ]
 
     def _is_ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
+        return _answers_ready(self.url)
 
     @property
     def url(self) -> str:
