@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Any, ClassVar
@@ -9,15 +10,20 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from stream_detector.config import AlertPolicy
 from stream_detector.model import SMOLLM2, AnomalyLLM, ModelConfig
 from trainer.detectors import dominant_period
-from trainer.train import TrainResult, fit, profile, sliding_windows
+from trainer.thresholds import AlertSpans, ThresholdConfig, pot_threshold
+from trainer.train import TrainResult, fit, profile, refresh, sliding_windows
 
 PATCHES_PER_WINDOW = 8
 MIN_WINDOW, MAX_WINDOW = 32, 512
 DEFAULT_WINDOW = 128  # when the training data has no dominant period
 # The finest scoring stride used: well inside the UCR rule's ±100 points.
 MAX_SCORING_STRIDE = 16
+# Streaming refresh (`AnomalyLLMDetector.refresh_every`) replays the worker's alert policy
+# on a clock of one row a minute.
+ROW_MS = 60_000
 
 
 def choose_window_length(train: np.ndarray) -> int:
@@ -44,6 +50,16 @@ class AnomalyLLMDetector:
     nearest to it, so a peak lands where the unusual stretch is; causal mode (NAB,
     streaming) gives each point the score of the latest window that ends at or before it,
     as the worker does.
+
+    ``refresh_every`` (causal mode only) scores the way the product runs with a
+    ``trainer refresh`` CronJob: every ``refresh_every`` rows after the training part the
+    model is refreshed (`trainer.train.refresh`: prototypes, memory bank and calibration)
+    on the trailing ``refresh_span`` rows, minus the alerts the worker's policy raised at
+    the threshold ``trainer`` calibrates (peaks over threshold on the held-back windows),
+    and the windows that end after that row are scored by the refreshed model. An alert
+    open for more than ``refresh_learn_after`` rows is a change of regime: the rows after
+    those are read (None: never). The promotion gate is not modelled: every refresh is
+    taken.
     """
 
     name = "anomalyllm"
@@ -64,6 +80,9 @@ class AnomalyLLMDetector:
         device: str = "cpu",
         seed: int = 0,
         channel: int | None = None,
+        refresh_every: int | None = None,
+        refresh_span: int | None = None,
+        refresh_learn_after: int | None = None,
         **model_settings: Any,
     ) -> None:
         unknown = set(model_settings) - {
@@ -85,8 +104,15 @@ class AnomalyLLMDetector:
         self.device = device
         self.seed = seed
         self.channel = channel
+        if refresh_every is not None and (refresh_every < 1 or not causal):
+            raise ValueError("refresh_every needs causal scoring and at least one row")
+        self.refresh_every = refresh_every
+        self.refresh_span = refresh_span
+        self.refresh_learn_after = refresh_learn_after
         self.model: AnomalyLLM | None = None
         self.result: TrainResult | None = None
+        self.training_rows = 0
+        self.threshold: float | None = None
 
     def settings(self) -> dict[str, Any]:
         train_config = dataclasses.asdict(profile(self.profile_name, seed=self.seed))
@@ -106,6 +132,9 @@ class AnomalyLLMDetector:
             "memory_size": model_config.memory_size if model_config.fused else 0,
             "max_scored_windows": self.max_scored_windows,
             "max_scoring_stride": MAX_SCORING_STRIDE,
+            "refresh_every": self.refresh_every,
+            "refresh_span": self.refresh_span or "the training part's length",
+            "refresh_learn_after": self.refresh_learn_after,
         }
 
     def _columns(self, series: np.ndarray) -> np.ndarray:
@@ -135,6 +164,15 @@ class AnomalyLLMDetector:
         windows = self.training_windows(train, length, model_config.memory_slots)
         self.result = fit(windows, model_config, train_config, device=self.device, progress=False)
         self.model = self.result.model
+        self.training_rows = len(train)
+        if self.causal:  # what a refresh starts from
+            self.threshold = self._threshold(self.model, windows)
+
+    def _threshold(self, model: AnomalyLLM, windows: np.ndarray) -> float:
+        """``trainer``'s threshold: peaks over threshold on the held-back windows' scores."""
+        fraction = profile(self.profile_name, seed=self.seed).validation_fraction
+        held_back = windows[-max(1, int(len(windows) * fraction)) :]
+        return pot_threshold(self._scores(model, held_back), ThresholdConfig()).threshold
 
     def training_windows(self, train: np.ndarray, length: int, memory_slots: int) -> np.ndarray:
         """The windows ``fit`` offers the model, in time order. (N, C, L)
@@ -152,11 +190,68 @@ class AnomalyLLMDetector:
         if self.model is None:
             raise RuntimeError("fit() must run before score()")
         windows = sliding_windows(self._columns(series), self.model.config.window_length, stride)
-        scores = []
+        if self.refresh_every is not None:
+            return self._refreshed_scores(windows, stride, self._columns(series))
+        return self._scores(self.model, windows)
+
+    def _scores(self, model: AnomalyLLM, windows: np.ndarray) -> np.ndarray:
+        """Scores of windows (N, C, L) by ``model``. (N,)"""
+        scores = [np.zeros(0, dtype=np.float32)]
         for start in range(0, len(windows), self.batch_size):
             batch = torch.from_numpy(windows[start : start + self.batch_size]).to(self.device)
-            scores.append(self.model.score(batch, attribution=False).score.float().cpu())
-        return torch.cat(scores).numpy()
+            scores.append(model.score(batch, attribution=False).score.float().cpu().numpy())
+        return np.concatenate(scores)
+
+    def _refreshed_scores(self, windows: np.ndarray, stride: int, series: np.ndarray) -> np.ndarray:
+        """Window scores with a refresh every ``refresh_every`` rows (see the class). (N,)"""
+        assert self.model is not None and self.threshold is not None
+        model, threshold = copy.deepcopy(self.model), self.threshold
+        length = model.config.window_length
+        ends = np.arange(len(windows)) * stride + length - 1
+        replay = AlertSpans(AlertPolicy())
+        scores = np.zeros(len(windows), dtype=np.float32)
+        first = 0
+        for cut in [*range(self.training_rows, len(series), self.refresh_every), len(series)]:
+            last = int(np.searchsorted(ends, cut))  # windows ending before row `cut`
+            scores[first:last] = self._scores(model, windows[first:last])
+            for end, score in zip(
+                ends[first:last].tolist(), scores[first:last].tolist(), strict=True
+            ):
+                replay.add(end * ROW_MS, score, threshold)
+            first = last
+            if cut == len(series) or cut == self.training_rows:
+                continue
+            recent = self._refresh_windows(series, cut, replay.spans(open_until_ms=cut * ROW_MS))
+            if len(recent) >= 2 * model.config.prototypes:
+                refresh(model, recent, profile(self.profile_name).validation_fraction)
+                threshold = self._threshold(model, recent)
+        return scores
+
+    def _refresh_windows(
+        self, series: np.ndarray, cut: int, alerts: list[tuple[int, int]]
+    ) -> np.ndarray:
+        """The windows a refresh at row ``cut`` reads: the trailing span, minus the alerts,
+        each widened by a window on both sides (as `trainer.sources` does)."""
+        assert self.model is not None
+        length = self.model.config.window_length
+        start = max(0, cut - (self.refresh_span or self.training_rows))
+        normal = np.ones(cut - start, dtype=bool)
+        for begin_ms, end_ms in alerts:
+            first, last = begin_ms // ROW_MS - length - start, end_ms // ROW_MS + length - start
+            if self.refresh_learn_after is not None:
+                last = min(last, first + 2 * length + self.refresh_learn_after)
+            normal[max(first, 0) : max(last + 1, 0)] = False
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], normal.view(np.int8), [0]])))
+        pieces = [
+            series[start + a : start + b] for a, b in zip(edges[::2], edges[1::2], strict=True)
+        ]
+        pieces = [piece for piece in pieces if len(piece) >= length]
+        if not pieces:
+            return np.zeros((0, series.shape[1], length), dtype=np.float32)
+        train_windows = profile(self.profile_name).max_train_windows
+        offered = max(self.model.config.memory_slots, 2 * train_windows)
+        step = max(1, sum(len(piece) - length for piece in pieces) // offered)
+        return np.concatenate([sliding_windows(piece, length, step) for piece in pieces])
 
     def score(self, series: np.ndarray) -> np.ndarray:
         if self.model is None:

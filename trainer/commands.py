@@ -72,6 +72,7 @@ def _options(args: argparse.Namespace, settings: Settings) -> JobOptions:
         max_readings_per_sensor=args.max_readings_per_sensor,
         gap_factor=args.gap_factor,
         margin_windows=args.exclusion_margin_windows,
+        learn_alerts_after=args.learn_alerts_after,
         calibration_fraction=args.calibration_fraction,
         holdout_fraction=args.holdout_fraction,
         force=args.force,
@@ -263,6 +264,12 @@ def _job_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--gap-factor", type=float, default=sources.DEFAULT_GAP_FACTOR)
     parser.add_argument("--exclusion-margin-windows", type=float, default=1.0)
+    parser.add_argument(
+        "--learn-alerts-after",
+        default="never",
+        help="with --from-kafka: train on an alert's readings once it has been open this long "
+        "(1d, 12h), a change of regime rather than an anomaly; or never (default never)",
+    )
     parser.add_argument("--calibration-fraction", type=float, default=0.25)
     parser.add_argument("--holdout-fraction", type=float, default=0.15)
     parser.add_argument("--lock-lease-s", type=float, default=store.DEFAULT_LEASE_S)

@@ -45,8 +45,6 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from stream_detector import alerts
-from stream_detector.alerts import SensorAlertState
 from stream_detector.config import AlertPolicy
 from trainer.data import (
     DataNotFoundError,
@@ -59,7 +57,7 @@ from trainer.data import (
     load_ucr,
 )
 from trainer.detectors import PROFILES, Detector, get_detector
-from trainer.thresholds import ThresholdConfig, pot_threshold
+from trainer.thresholds import AlertSpans, ThresholdConfig, pot_threshold
 
 UCR_MARGIN = 100
 THRESHOLD_METHODS = ("quantile", "pot")
@@ -403,24 +401,11 @@ def alert_mask(scores: np.ndarray, threshold: float, policy: AlertPolicy) -> np.
     ``start_ts_ms`` to its last hot window; one still open at the end, up to its last
     hot window so far.
     """
-    state = SensorAlertState(sensor_id="channel")
-    mask = np.zeros(scores.size, dtype=bool)
+    replay = AlertSpans(policy)
     for row, score in enumerate(scores.tolist()):
-        state, events = alerts.update(
-            state,
-            score=score,
-            ts_ms=row * MSL_ROW_MS,
-            threshold=threshold,
-            policy=policy,
-            model_version="evaluation",
-            nearest_prototype=0,
-            attribution=(1.0,),
-        )
-        for event in events:
-            if event.state == "resolved":
-                mask[event.start_ts_ms // MSL_ROW_MS : event.end_ts_ms // MSL_ROW_MS + 1] = True
-    if state.open_alert is not None:
-        start, end = state.open_alert.start_ts_ms, state.open_alert.last_hot_ts_ms
+        replay.add(row * MSL_ROW_MS, score, threshold)
+    mask = np.zeros(scores.size, dtype=bool)
+    for start, end in replay.spans():
         mask[start // MSL_ROW_MS : end // MSL_ROW_MS + 1] = True
     return mask
 

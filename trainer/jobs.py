@@ -58,7 +58,6 @@ from stream_detector.model import SMOLLM2, AnomalyLLM, BackboneError, ModelConfi
 from stream_detector.scorer import resolve_device
 from trainer import gate, sources, thresholds, train
 from trainer.data import DataFormatError, DataNotFoundError
-from trainer.prototypes import refit_prototypes
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +65,6 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_REFUSED = 3
 EXIT_LOCKED = 4
-REFRESH_MAX_WINDOWS = 4096  # k-means input cap for refresh
 
 
 class JobError(RuntimeError):
@@ -96,6 +94,7 @@ class JobOptions:
     max_readings_per_sensor: int = sources.DEFAULT_MAX_READINGS_PER_SENSOR
     gap_factor: float = sources.DEFAULT_GAP_FACTOR
     margin_windows: float = 1.0
+    learn_alerts_after: str = "never"
     calibration_fraction: float = 0.25
     holdout_fraction: float = 0.15
     force: bool = False
@@ -258,6 +257,7 @@ def _read_data(
             now_ms=now_ms,
             max_readings_per_sensor=options.max_readings_per_sensor,
             margin_windows=options.margin_windows,
+            learn_alerts_after_ms=sources.parse_learn_after(options.learn_alerts_after),
             incidents=incidents,
             progress=progress if options.progress else None,
         )
@@ -543,6 +543,7 @@ def _job_fingerprint(
             "stride": settings.stride,
             "alerts": settings.alerts.model_dump(mode="json"),
             "margin_windows": options.margin_windows,
+            "learn_alerts_after": options.learn_alerts_after,
             "package": _package_version(),
         }
     )
@@ -565,15 +566,13 @@ def _train_candidate(
     assert current_checkpoint is not None
     with phase("train", "re-fitting prototypes (k-means)"):
         candidate = copy.deepcopy(current_checkpoint.model)
-        windows = train._thin(splits.train, REFRESH_MAX_WINDOWS)
-        if len(windows) < model_config.prototypes:
-            raise JobError(
-                f"{len(windows)} training windows are too few for "
-                f"{model_config.prototypes} prototypes; read a longer period"
+        try:
+            kmeans_windows = train.refresh(
+                candidate, splits.train, train_config.validation_fraction
             )
-        refit_prototypes(candidate, torch.from_numpy(windows))
-        train.calibrate_score(candidate, splits.train, train_config.validation_fraction)
-    return candidate, {"parent_version": current, "kmeans_windows": len(windows)}
+        except ValueError as error:
+            raise JobError(str(error)) from error
+    return candidate, {"parent_version": current, "kmeans_windows": kmeans_windows}
 
 
 def _decide(

@@ -384,8 +384,27 @@ def _apply_spans(data: TrainingData, margin_windows: float, window_length: int) 
     return data
 
 
-def alert_spans(events: Iterable[Mapping[str, Any]], end_ts_ms: int) -> list[Span]:
-    """Spans of alerts from their lifecycle events; an unresolved alert lasts to ``end_ts_ms``."""
+def parse_learn_after(text: str) -> int | None:
+    """``--learn-alerts-after``: a duration (``1d``, ``12h``) in ms, or None for ``never``."""
+    if text.strip() == "never":
+        return None
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise DataFormatError(
+            f"--learn-alerts-after {text!r}: give a duration such as 1d, 12h, 30m, or never"
+        )
+    return round(float(match["amount"]) * _UNIT_MS[match["unit"]])
+
+
+def alert_spans(
+    events: Iterable[Mapping[str, Any]], end_ts_ms: int, learn_after_ms: int | None = None
+) -> list[Span]:
+    """Spans of alerts from their lifecycle events; an unresolved alert lasts to ``end_ts_ms``.
+
+    An alert open for longer than ``learn_after_ms`` is a change of regime rather than an
+    anomaly: its span ends that long after its start, so the readings after it are trained
+    on and the next model learns the new normal (None: alerts are never trained on).
+    """
     starts: dict[str, tuple[str, int]] = {}
     ends: dict[str, int] = {}
     for event in events:
@@ -393,8 +412,9 @@ def alert_spans(events: Iterable[Mapping[str, Any]], end_ts_ms: int) -> list[Spa
         starts.setdefault(alert_id, (event["sensor_id"], int(event["start_ts_ms"])))
         if event.get("state") == "resolved" and event.get("end_ts_ms") is not None:
             ends[alert_id] = max(int(event["end_ts_ms"]), int(event["event_ts_ms"]))
+    longest = end_ts_ms if learn_after_ms is None else learn_after_ms
     return [
-        Span(sensor_id, start, ends.get(alert_id, end_ts_ms), "alert")
+        Span(sensor_id, start, min(ends.get(alert_id, end_ts_ms), start + longest), "alert")
         for alert_id, (sensor_id, start) in sorted(starts.items(), key=lambda item: item[1])
     ]
 
@@ -408,13 +428,15 @@ def read_stream(
     now_ms: int,
     max_readings_per_sensor: int = DEFAULT_MAX_READINGS_PER_SENSOR,
     margin_windows: float = 1.0,
+    learn_alerts_after_ms: int | None = None,
     incidents: Sequence[Span] = (),
     progress: Callable[[int], None] | None = None,
 ) -> TrainingData:
     """Replay the readings of ``model_name``'s sensors since ``since_ms``, minus alerts.
 
     Kafka settings (brokers, topics, security) are the worker's. Invalid readings are
-    skipped (counted in ``dropped``), as are readings stamped before ``since_ms``.
+    skipped (counted in ``dropped``), as are readings stamped before ``since_ms``. An
+    alert is left out for at most ``learn_alerts_after_ms`` (`alert_spans`).
     """
     kafka = settings.kafka
     config = {**kafka.extra, "client.id": f"{kafka.instance_id}-trainer"}
@@ -491,7 +513,9 @@ def read_stream(
             "max_readings_per_sensor": max_readings_per_sensor,
         },
         excluded_spans=[
-            span for span in alert_spans(events, end_ts_ms) if span.end_ts_ms >= since_ms
+            span
+            for span in alert_spans(events, end_ts_ms, learn_alerts_after_ms)
+            if span.end_ts_ms >= since_ms
         ],
         incidents=[span for span in incidents if span.sensor_id in series],
         dropped=dropped,

@@ -167,6 +167,44 @@ def replay_alerts(
     return above, opened
 
 
+class AlertSpans:
+    """The alerts the worker's policy raises on one sensor's scores, window by window.
+
+    What ``trainer refresh`` leaves out of its data (`trainer.sources.alert_spans`) and
+    what the evaluation counts as detections.
+    """
+
+    def __init__(self, policy: AlertPolicy) -> None:
+        self.policy = policy
+        self.state = SensorAlertState("replay")
+        self.closed: list[tuple[int, int]] = []
+
+    def add(self, ts_ms: int, score: float, threshold: float | None) -> None:
+        """Fold in the score of the window ending at ``ts_ms``."""
+        self.state, events = update(
+            self.state,
+            score=score,
+            ts_ms=ts_ms,
+            threshold=threshold,
+            policy=self.policy,
+            model_version="replay",
+            nearest_prototype=0,
+            attribution=(1.0,),
+        )
+        self.closed += [
+            (event.start_ts_ms, event.end_ts_ms) for event in events if event.state == "resolved"
+        ]
+
+    def spans(self, open_until_ms: int | None = None) -> list[tuple[int, int]]:
+        """(start, end) of every alert so far, inclusive. One still open ends at
+        ``open_until_ms``, or at its last window above the threshold when that is None."""
+        alert = self.state.open_alert
+        if alert is None:
+            return list(self.closed)
+        end = alert.last_hot_ts_ms if open_until_ms is None else open_until_ms
+        return [*self.closed, (alert.start_ts_ms, end)]
+
+
 def count_alerts(scores: SensorScores, threshold: float, policy: AlertPolicy) -> int:
     """Alerts the worker's policy would open on these scores at ``threshold``."""
     return len(replay_alerts(scores, "calibration", threshold, policy)[1])

@@ -22,12 +22,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from stream_detector.model import AnomalyLLM, ModelConfig
-from trainer.prototypes import init_prototypes
+from trainer.prototypes import init_prototypes, refit_prototypes
 
 log = logging.getLogger(__name__)
 
 # Held-back windows that standardise a fused score's terms (more add little but time).
 MAX_CALIBRATION_WINDOWS = 2048
+REFRESH_MAX_WINDOWS = 4096  # k-means input cap for refresh
 
 
 @dataclass(frozen=True)
@@ -251,6 +252,24 @@ def calibrate_score(model: AnomalyLLM, windows: np.ndarray, held_back_fraction: 
         torch.from_numpy(windows[:-held_back]),
         torch.from_numpy(_thin(windows[-held_back:], MAX_CALIBRATION_WINDOWS)),
     )
+
+
+def refresh(model: AnomalyLLM, windows: np.ndarray, held_back_fraction: float) -> int:
+    """``trainer refresh``: new prototypes, memory bank and calibration from recent windows.
+
+    Every network weight stays; the prototypes move to the k-means centroids of (at most
+    ``REFRESH_MAX_WINDOWS`` of) the windows [N, C, L], in time order, and the fused score
+    is re-calibrated on them (`calibrate_score`). Returns the number of k-means windows.
+    """
+    chosen = _thin(windows, REFRESH_MAX_WINDOWS)
+    if len(chosen) < model.config.prototypes:
+        raise ValueError(
+            f"{len(chosen)} training windows are too few for "
+            f"{model.config.prototypes} prototypes; read a longer period"
+        )
+    refit_prototypes(model, torch.from_numpy(chosen))
+    calibrate_score(model, windows, held_back_fraction)
+    return len(chosen)
 
 
 def _thin(windows: np.ndarray, limit: int) -> np.ndarray:

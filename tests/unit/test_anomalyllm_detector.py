@@ -54,3 +54,54 @@ def test_a_detector_told_a_channel_reads_that_column_and_nothing_else() -> None:
     assert np.array_equal(scores(0, wide), scores(None, wide[:, :1]))
     with pytest.raises(ValueError, match="channel 3"):
         scores(3, wide)
+
+
+def _refreshing_detector(train: np.ndarray, every: int | None) -> AnomalyLLMDetector:
+    """A causal detector around a tiny model calibrated on ``train`` (no training)."""
+    model = tiny_model(channels=1, memory_size=256).eval()
+    windows = sliding_windows(train, 32, 1)
+    model.calibrate(torch.from_numpy(windows[:-60]), torch.from_numpy(windows[-60:]))
+    detector = AnomalyLLMDetector(causal=True, refresh_every=every, refresh_span=400)
+    detector.model, detector.training_rows = model, len(train)
+    detector.threshold = detector._threshold(model, windows)
+    return detector
+
+
+def test_a_refreshed_model_follows_a_slow_drift_that_the_fitted_one_calls_anomalous() -> None:
+    rows = np.arange(3000)
+    noise = 0.05 * np.random.default_rng(2).normal(size=rows.size)
+    series = (np.sin(2 * np.pi * rows / 32) + 0.002 * rows + noise)[:, None]
+    fitted = _refreshing_detector(series[:400], every=None).score(series)
+    refreshing = _refreshing_detector(series[:400], every=100)
+    refreshing.refresh_learn_after = 100
+    refreshed = refreshing.score(series)
+    assert np.array_equal(fitted[:400], refreshed[:400])  # nothing changes before a refresh
+    assert refreshed[-500:].mean() < fitted[-500:].mean() / 3
+
+
+def test_a_refresh_reads_the_trailing_span_and_leaves_the_alerts_out() -> None:
+    series = np.arange(1000, dtype=np.float32)[:, None]  # each row holds its index
+    detector = _refreshing_detector(np.sin(series[:400] / 5), every=100)
+    alert = (650 * 60_000, 699 * 60_000)  # rows 650..699, inclusive
+    windows = detector._refresh_windows(series, 900, [alert])
+    rows = np.unique(windows)
+    assert rows.min() == 500 and rows.max() == 899  # the 400 rows before the cut
+    # The alert, widened by a window (32 rows) on both sides, is left out.
+    assert not np.any((rows >= 650 - 32) & (rows <= 699 + 32))
+    assert {650 - 33, 699 + 33} <= set(rows.tolist())
+
+
+def test_refresh_is_for_causal_scoring_only() -> None:
+    with pytest.raises(ValueError, match="causal"):
+        AnomalyLLMDetector(refresh_every=100)
+
+
+def test_an_alert_open_longer_than_learn_after_is_read_after_that() -> None:
+    series = np.arange(1000, dtype=np.float32)[:, None]
+    detector = _refreshing_detector(np.sin(series[:400] / 5), every=100)
+    detector.refresh_learn_after = 100
+    alert = (650 * 60_000, 899 * 60_000)  # still open at the cut
+    rows = np.unique(detector._refresh_windows(series, 900, [alert]))
+    # Left out: a window before the alert, its first 100 rows and a window after them.
+    assert not np.any((rows >= 650 - 32) & (rows <= 650 + 100 + 32))
+    assert {650 - 33, 650 + 100 + 33, 899} <= set(rows.tolist())

@@ -16,6 +16,7 @@ from trainer.sources import (
     _apply_spans,
     _build_series,
     alert_spans,
+    parse_learn_after,
     parse_since,
     read_files,
     read_incidents,
@@ -93,6 +94,19 @@ def test_alert_spans_pair_open_and_resolved_and_keep_open_alerts_open() -> None:
         Span("s", 100, 350, "alert"),
         Span("t", 500, 9_999, "alert"),
     ]
+    # Open longer than learn_after_ms: a change of regime, trained on after that long.
+    assert alert_spans(events, end_ts_ms=9_999, learn_after_ms=1_000) == [
+        Span("s", 100, 350, "alert"),
+        Span("t", 500, 1_500, "alert"),
+    ]
+
+
+def test_learn_alerts_after_takes_a_duration_or_never() -> None:
+    assert parse_learn_after("1d") == 86_400_000
+    assert parse_learn_after("12h") == 43_200_000
+    assert parse_learn_after("never") is None
+    with pytest.raises(DataFormatError, match="learn-alerts-after"):
+        parse_learn_after("tomorrow")
 
 
 def test_files_keep_the_newest_readings_under_the_cap_and_labels_become_incidents(
