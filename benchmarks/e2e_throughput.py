@@ -247,9 +247,12 @@ def redis_bytes(redis_url: str, prefix: str, sensors: int, sample: int = 100) ->
     """Mean MEMORY USAGE of a sensor's window and alert state (a sample of sensors)."""
     # A measurement, not part of the product: windows.py stays the only Redis user there.
     client = redis.Redis.from_url(redis_url)
-    ids = [f"sensor-{i:05d}" for i in np.linspace(0, sensors - 1, sample).astype(int)]
-    window = [client.memory_usage(f"{prefix}:w:{s}", samples=0) or 0 for s in ids]
-    state = [client.memory_usage(f"{prefix}:a:{s}", samples=0) or 0 for s in ids]
+    ids = {f"sensor-{i:05d}" for i in np.linspace(0, sensors - 1, sample).astype(int)}
+    window, state = [], []
+    for key in client.scan_iter(match=f"{{{prefix}:*", count=1000):
+        _, _, rest = key.decode().partition("}:")  # {prefix:topic:partition}:kind:sensor
+        if rest[2:] in ids and rest[:2] in ("w:", "a:"):
+            (window if rest[0] == "w" else state).append(client.memory_usage(key, samples=0))
     client.close()
     return {
         "window": round(float(np.mean(window)), 1),

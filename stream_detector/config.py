@@ -147,7 +147,10 @@ class RedisSettings(_Group):
 
     # redis://[user:password@]host:port/db, rediss:// for TLS, or unix:///path.
     url: SecretStr = SecretStr("redis://localhost:6379/0")
-    key_prefix: str = "sd:"
+    # A Redis Cluster: ``url`` names any one node (redis:// or rediss://). Every key of
+    # one Kafka partition's sensors shares a hash tag, so partitions spread over the shards.
+    cluster: bool = False
+    key_prefix: str = "sd"
     # A sensor silent this long loses its window and alert state.
     sensor_ttl_s: int = Field(7 * 24 * 3600, ge=60)
     # When Redis loses its state (restart without persistence, failover, flush), the
@@ -164,6 +167,14 @@ class RedisSettings(_Group):
                 f"redis.url must start with redis://, rediss:// or unix://, got {scheme!r}://"
             )
         return url
+
+    @model_validator(mode="after")
+    def _cluster_over_tcp(self) -> RedisSettings:
+        if self.cluster and self.url.get_secret_value().startswith("unix:"):
+            raise ValueError("redis.cluster needs a redis:// or rediss:// url naming one node")
+        if "{" in self.key_prefix or "}" in self.key_prefix:
+            raise ValueError("redis.key_prefix must not hold braces: the worker adds hash tags")
+        return self
 
 
 class ModelSettings(_Group):

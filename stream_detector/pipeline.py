@@ -691,6 +691,7 @@ def open_pipeline(settings: Settings, metrics: Metrics) -> Pipeline:
             stride=settings.stride,
             key_prefix=prefix,
             ttl_s=settings.redis.sensor_ttl_s,
+            cluster=settings.redis.cluster,
         )
 
     pipeline = Pipeline(

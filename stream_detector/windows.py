@@ -1,8 +1,13 @@
 """Per-sensor sliding windows, replay guards and alert state in Redis (the only Redis user).
 
-Data model (all keys start with ``key_prefix``):
+Data model. Every key of the sensors whose readings come from one Kafka partition starts
+with that partition's hash tag, ``{prefix:topic:partition}`` (written ``G`` below): on a
+Redis Cluster a partition's keys share a slot, so one Lua call touches one slot, and
+different partitions spread over the shards. A sensor's readings all come from one
+partition (the reading's key is its sensor id); if a topic is repartitioned, a moved
+sensor starts a new window under its new partition.
 
-- ``{prefix}:w:{sensor_id}``: one binary string per sensor, refreshed to ``ttl_s`` on
+- ``G:w:{sensor_id}``: one binary string per sensor, refreshed to ``ttl_s`` on
   every accepted reading so silent sensors vanish::
 
       header  '<BHIIIddddd' (55 bytes): layout version, channels, n (readings held),
@@ -18,14 +23,15 @@ Data model (all keys start with ``key_prefix``):
   ~0 bytes per reading for regularly sampled sensors, ~1 byte per reading for
   jitter under 32 ms. With window_length=128 and one channel a regular sensor
   takes 712 bytes in Redis 7 (MEMORY USAGE, 1.39x its 512-byte float32 payload).
-- ``{prefix}:offsets``: hash ``topic:partition`` -> last applied Kafka offset. Readings
+- ``G:offsets``: hash ``topic:partition`` -> last applied Kafka offset. Readings
   at or below it are replays and are skipped, so a crash-and-replay never appends twice.
-- ``{prefix}:epoch``: a token written once; if it disappears or changes, Redis lost
-  its state (restart without persistence, flush, failover). Writes are guarded by it:
-  once a store has seen the token, ``append_batch`` and ``acknowledge`` raise
-  ``RedisStateLost`` instead of writing into a state they did not build, until the
-  caller has rebuilt (replayed the input) and called ``detect_state_loss``.
-- ``{prefix}:a:{sensor_id}``: alert state as a JSON object, with the same TTL.
+- ``G:epoch``: a token written once; if it disappears or changes, Redis lost the
+  partition's state (restart without persistence, flush, failover of its shard). Writes
+  are guarded by it: once a store has seen the token, ``append_batch`` and
+  ``acknowledge`` raise ``RedisStateLost`` instead of writing into a state they did not
+  build, until the caller has rebuilt (replayed the input) and called
+  ``detect_state_loss``.
+- ``G:a:{sensor_id}``: alert state as a JSON object, with the same TTL.
 
 Policies:
 
@@ -39,14 +45,16 @@ Policies:
   not make a window due twice.
 - At-least-once scoring: every due window stays *pending* until ``acknowledge`` (or
   ``mark_emitted``; call it after its outputs are published): its timestamps and values
-  wait in ``{prefix}:p:{sensor_id}``, a list that the acknowledgement empties, so it
+  wait in ``G:p:{sensor_id}``, a list that the acknowledgement empties, so it
   exists only between a poll and its commit. If a replay after a crash skips a sensor's readings
   while windows are pending, ``append_batch`` returns all of them again, oldest first
   and with ``recovered=True``, before any window the replay makes due.
 
-All keys of one call are touched by one Lua script: on Redis Cluster, put a hash tag in
-the prefix (``key_prefix="{det}"``) so they share a slot. Use a ``noeviction`` or
-``volatile-*`` maxmemory policy so the epoch marker (no TTL) is never evicted.
+Each call runs one Lua script per partition it touches, over that partition's keys only
+(so a batch over several partitions is atomic per partition). Redis Cluster: pass
+``cluster=True`` (redis-py's ``RedisCluster``, which follows MOVED and ASK redirections
+and retries TRYAGAIN while a slot migrates). Use a ``noeviction`` or ``volatile-*``
+maxmemory policy so the epoch markers (no TTL) are never evicted.
 """
 
 from __future__ import annotations
@@ -59,6 +67,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import numpy as np
 import redis
@@ -364,20 +373,25 @@ def _window_from_bytes(
 
 
 class WindowStore:
-    """Sliding windows per sensor in Redis.
+    """Sliding windows per sensor in Redis, or in a Redis Cluster (``cluster=True``).
 
-    Every public call is one round trip (the first use of each Lua script also loads it).
+    Keys are grouped by the Kafka partition their readings come from (see the module
+    docstring); each public call is one script call or read per partition it touches (the
+    first use of each Lua script also loads it). The store remembers each sensor's
+    partition from the readings it appended: acknowledging or reading the state of a sensor
+    it has not seen a reading of is an error.
     """
 
     def __init__(
         self,
-        client: redis.Redis | str,
+        client: redis.Redis | redis.RedisCluster | str,
         *,
         window_length: int,
         channels: int = 1,
         stride: int = 1,
         key_prefix: str = "det",
         ttl_s: int = 86_400,
+        cluster: bool = False,
     ) -> None:
         if window_length < 1 or channels < 1 or stride < 1 or ttl_s < 1:
             raise ValueError(
@@ -386,10 +400,20 @@ class WindowStore:
             )
         if channels > 0xFFFF:
             raise ValueError(f"at most 65535 channels are supported, got {channels}")
+        if "{" in key_prefix or "}" in key_prefix:
+            raise ValueError(f"key_prefix {key_prefix!r} must not hold braces: keys get hash tags")
         if isinstance(client, str):
+            self._where = _where(client)
             # A hung Redis should fail the batch, not block the worker forever.
-            client = redis.Redis.from_url(client, socket_timeout=10, socket_connect_timeout=5)
-        if client.get_connection_kwargs().get("decode_responses"):
+            timeouts = {"socket_timeout": 10, "socket_connect_timeout": 5}
+            if cluster:
+                client = redis.RedisCluster.from_url(client, **timeouts)
+            else:
+                client = redis.Redis.from_url(client, **timeouts)
+        else:
+            kwargs = client.get_connection_kwargs()
+            self._where = f"{kwargs.get('host', 'cluster')}:{kwargs.get('port', '')}"
+        if client.get_encoder().decode_responses:
             raise ValueError("WindowStore needs a Redis client with decode_responses=False")
         self._redis = client
         self.window_length = window_length
@@ -400,69 +424,90 @@ class WindowStore:
         self._append = client.register_script(_APPEND_LUA)
         self._acknowledge = client.register_script(_ACKNOWLEDGE_LUA)
         self._read_epoch = client.register_script(_EPOCH_LUA)
-        self._epoch: bytes | None = None
+        self._epochs: dict[str, bytes] = {}  # group -> the epoch marker this store has seen
+        self._group_of: dict[str, str] = {}  # sensor -> group of its newest appended reading
+
+    def group(self, topic: str, partition: int) -> str:
+        """The hash tag shared by every key of one Kafka partition's sensors."""
+        return f"{{{self.key_prefix}:{topic}:{partition}}}"
+
+    def _sensor_group(self, sensor_id: str) -> str:
+        try:
+            return self._group_of[sensor_id]
+        except KeyError:
+            raise WindowStoreError(
+                f"sensor {sensor_id!r} has no reading appended by this store, so the "
+                "partition its keys belong to is unknown"
+            ) from None
 
     def window_key(self, sensor_id: str) -> str:
         """The Redis key of a sensor's window."""
-        return f"{self.key_prefix}:w:{sensor_id}"
+        return f"{self._sensor_group(sensor_id)}:w:{sensor_id}"
 
     def pending_key(self, sensor_id: str) -> str:
         """The Redis key of a sensor's windows that are due but not yet marked emitted."""
-        return f"{self.key_prefix}:p:{sensor_id}"
+        return f"{self._sensor_group(sensor_id)}:p:{sensor_id}"
 
     def alert_key(self, sensor_id: str) -> str:
         """The Redis key of a sensor's alert state."""
-        return f"{self.key_prefix}:a:{sensor_id}"
+        return f"{self._sensor_group(sensor_id)}:a:{sensor_id}"
 
-    @property
-    def _offsets_key(self) -> str:
-        return f"{self.key_prefix}:offsets"
+    @staticmethod
+    def _offsets_key(group: str) -> str:
+        return f"{group}:offsets"
 
-    @property
-    def _epoch_key(self) -> str:
-        return f"{self.key_prefix}:epoch"
+    @staticmethod
+    def _epoch_key(group: str) -> str:
+        return f"{group}:epoch"
+
+    def _by_group(self, sensor_ids: Iterable[str]) -> dict[str, list[str]]:
+        groups: dict[str, list[str]] = {}
+        for sensor_id in dict.fromkeys(sensor_ids):
+            groups.setdefault(self._sensor_group(sensor_id), []).append(sensor_id)
+        return groups
 
     @contextmanager
     def _redis_errors(self, action: str) -> Iterator[None]:
         try:
             yield
         except redis.RedisError as error:
-            where = self._redis.get_connection_kwargs()
             raise WindowStoreError(
-                f"Redis at {where.get('host')}:{where.get('port')} failed to {action}: "
-                f"{error}{self._tls_hint(error)}"
+                f"Redis at {self._where} failed to {action}: {error}{self._tls_hint(error)}"
             ) from error
 
     def _tls_hint(self, error: redis.RedisError) -> str:
         # A TLS-only port drops a plaintext client without saying why.
-        connection_class = self._redis.connection_pool.connection_class
+        pool = getattr(self._redis, "connection_pool", None)
         dropped = isinstance(error, redis.ConnectionError) and not isinstance(
             error, redis.AuthenticationError
         )
-        if dropped and not issubclass(connection_class, redis.SSLConnection):
+        if (
+            dropped
+            and pool is not None
+            and not issubclass(pool.connection_class, redis.SSLConnection)
+        ):
             return " (if this Redis accepts only TLS, the URL must start with rediss://)"
         return ""
 
-    def _expected_epoch(self) -> bytes:
-        return self._epoch or b""
-
-    def _state_lost(self) -> RedisStateLost:
+    def _state_lost(self, group: str) -> RedisStateLost:
         return RedisStateLost(
-            f"Redis lost the state under {self.key_prefix!r} (epoch marker {self._epoch_key} "
+            f"Redis lost the state under {group!r} (epoch marker {self._epoch_key(group)} "
             "changed): replay the input to rebuild, then call detect_state_loss()"
         )
 
-    def _observe_epoch(self, epoch: bytes) -> bool:
-        lost = self._epoch is not None and epoch != self._epoch
+    def _observe_epoch(self, group: str, epoch: bytes) -> bool:
+        lost = group in self._epochs and epoch != self._epochs[group]
         if lost:
-            logger.warning("Redis state lost: epoch marker %s was replaced", self._epoch_key)
-        self._epoch = epoch
+            logger.warning("Redis state lost: epoch marker %s was replaced", self._epoch_key(group))
+        self._epochs[group] = epoch
         return lost
 
     def append_batch(self, readings: Iterable[WindowReading]) -> AppendResult:
         """Append a polled batch (in partition order) and return the windows that became due.
 
-        Raises ``RedisStateLost`` (having applied nothing) when Redis lost its state.
+        Raises ``RedisStateLost`` when Redis lost the state of one of the batch's
+        partitions; nothing of that partition was applied (others may have been: the
+        offset guard skips them when the input is replayed).
         """
         batch = list(readings)
         for reading in batch:
@@ -477,58 +522,65 @@ class WindowStore:
         finite = np.isfinite(values).all(axis=1).tolist() if batch else []
         packed_values = values.tobytes()
         reading_size = self.channels * 4
-        partition_index: dict[tuple[str, int], int] = {}
-        meta_by_sensor: dict[str, bytearray] = {}
-        values_by_sensor: dict[str, list[bytes]] = {}
+        # partition -> sensor -> (packed metadata, packed values)
+        by_partition: dict[tuple[str, int], dict[str, tuple[bytearray, list[bytes]]]] = {}
         rejected = 0
         for position, reading in enumerate(batch):
             if not finite[position] or reading.ts_ms <= 0:
                 rejected += 1
                 continue
-            index = partition_index.setdefault(
-                (reading.topic, reading.partition), len(partition_index) + 1
+            sensors = by_partition.setdefault((reading.topic, reading.partition), {})
+            meta, chunks = sensors.setdefault(reading.sensor_id, (bytearray(), []))
+            meta.extend(_READING_META.pack(reading.ts_ms, reading.offset, 1))
+            chunks.append(packed_values[position * reading_size : (position + 1) * reading_size])
+        result = AppendResult([], 0, 0, 0, 0, rejected, 0)
+        for (topic, partition), sensors in by_partition.items():
+            group = self.group(topic, partition)
+            for sensor_id in sensors:
+                self._group_of[sensor_id] = group
+            part = self._append_partition(group, f"{topic}:{partition}", sensors)
+            result = AppendResult(
+                due=result.due + part.due,
+                applied=result.applied + part.applied,
+                replayed=result.replayed + part.replayed,
+                late=result.late + part.late,
+                duplicate_ts=result.duplicate_ts + part.duplicate_ts,
+                rejected=rejected,
+                reset=result.reset + part.reset,
             )
-            meta_by_sensor.setdefault(reading.sensor_id, bytearray()).extend(
-                _READING_META.pack(reading.ts_ms, reading.offset, index)
-            )
-            values_by_sensor.setdefault(reading.sensor_id, []).append(
-                packed_values[position * reading_size : (position + 1) * reading_size]
-            )
-        if not meta_by_sensor:
-            return AppendResult([], 0, 0, 0, 0, rejected, 0)
-        sensor_ids = list(meta_by_sensor)
+        return result
+
+    def _append_partition(
+        self, group: str, field: str, sensors: dict[str, tuple[bytearray, list[bytes]]]
+    ) -> AppendResult:
+        """One script call: append one partition's readings under its group's keys."""
+        sensor_ids = list(sensors)
         args: list[Any] = [
             self.window_length,
             self.channels,
             self.stride,
             self.ttl_s,
             uuid.uuid4().hex,  # a fresh token, so a re-created marker always differs
-            self._expected_epoch(),
-            len(partition_index),
-            *(f"{topic}:{partition}" for topic, partition in partition_index),
+            self._epochs.get(group, b""),
+            1,
+            field,
         ]
-        for sensor_id in sensor_ids:
-            args += [bytes(meta_by_sensor[sensor_id]), b"".join(values_by_sensor[sensor_id])]
+        for meta, chunks in sensors.values():
+            args += [bytes(meta), b"".join(chunks)]
         keys = [
-            self._epoch_key,
-            self._offsets_key,
-            *map(self.window_key, sensor_ids),
-            *map(self.pending_key, sensor_ids),
+            self._epoch_key(group),
+            self._offsets_key(group),
+            *(f"{group}:w:{sensor_id}" for sensor_id in sensor_ids),
+            *(f"{group}:p:{sensor_id}" for sensor_id in sensor_ids),
         ]
         with self._redis_errors("append a batch of readings"):
             reply = self._append(keys=keys, args=args)
         if len(reply) == 1:
-            raise self._state_lost()
+            raise self._state_lost(group)
         epoch, applied, replayed, late, duplicate_ts, reset, flat_due = reply
-        self._observe_epoch(epoch)
+        self._observe_epoch(group, epoch)
         return AppendResult(
-            due=self._due_windows(sensor_ids, flat_due),
-            applied=applied,
-            replayed=replayed,
-            late=late,
-            duplicate_ts=duplicate_ts,
-            rejected=rejected,
-            reset=reset,
+            self._due_windows(sensor_ids, flat_due), applied, replayed, late, duplicate_ts, 0, reset
         )
 
     def _due_windows(self, sensor_ids: list[str], flat_due: list[Any]) -> list[Window]:
@@ -559,58 +611,79 @@ class WindowStore:
         states: Mapping[str, Mapping[str, Any]],
         end_ts_by_sensor: Mapping[str, int],
     ) -> None:
-        """Store alert states and mark windows emitted, atomically (one script call).
+        """Store alert states and mark windows emitted, atomically per partition.
 
         Call it once the outputs of those windows are published. Marking a window emitted
         also acknowledges every older pending window of its sensor; it is idempotent.
-        Raises ``RedisStateLost`` (having written nothing) when Redis lost its state.
+        Raises ``RedisStateLost`` when Redis lost the state of one of their partitions
+        (nothing of that partition was written).
         """
-        if not states and not end_ts_by_sensor:
-            return
-        keys = [
-            self._epoch_key,
-            *map(self.alert_key, states),
-            *map(self.window_key, end_ts_by_sensor),
-            *map(self.pending_key, end_ts_by_sensor),
-        ]
-        args: list[Any] = [self._expected_epoch(), self.ttl_s, len(states)]
-        args += [
-            json.dumps(state, separators=(",", ":"), allow_nan=False) for state in states.values()
-        ]
-        args += list(end_ts_by_sensor.values())
-        with self._redis_errors("store alert states and acknowledge windows"):
-            written = self._acknowledge(keys=keys, args=args)
-        if not written:
-            raise self._state_lost()
+        for group, sensor_ids in self._by_group([*states, *end_ts_by_sensor]).items():
+            with_state = [s for s in sensor_ids if s in states]
+            emitted = [s for s in sensor_ids if s in end_ts_by_sensor]
+            keys = [
+                self._epoch_key(group),
+                *(f"{group}:a:{sensor_id}" for sensor_id in with_state),
+                *(f"{group}:w:{sensor_id}" for sensor_id in emitted),
+                *(f"{group}:p:{sensor_id}" for sensor_id in emitted),
+            ]
+            args: list[Any] = [self._epochs.get(group, b""), self.ttl_s, len(with_state)]
+            args += [
+                json.dumps(states[sensor_id], separators=(",", ":"), allow_nan=False)
+                for sensor_id in with_state
+            ]
+            args += [end_ts_by_sensor[sensor_id] for sensor_id in emitted]
+            with self._redis_errors("store alert states and acknowledge windows"):
+                written = self._acknowledge(keys=keys, args=args)
+            if not written:
+                raise self._state_lost(group)
 
     def applied_offsets(
         self, partitions: Iterable[tuple[str, int]]
     ) -> dict[tuple[str, int], int | None]:
         """The newest applied Kafka offset per partition; None where nothing was applied."""
-        wanted = list(dict.fromkeys(partitions))
-        if not wanted:
-            return {}
+        offsets = {}
         with self._redis_errors("read applied offsets"):
-            found = self._redis.hmget(self._offsets_key, [f"{t}:{p}" for t, p in wanted])
-        return {
-            partition: None if offset is None else int(offset)
-            for partition, offset in zip(wanted, found, strict=True)
-        }
+            for topic, partition in dict.fromkeys(partitions):
+                key = self._offsets_key(self.group(topic, partition))
+                found = self._redis.hget(key, f"{topic}:{partition}")
+                offsets[(topic, partition)] = None if found is None else int(found)
+        return offsets
 
     def mark_emitted(self, end_ts_by_sensor: Mapping[str, int]) -> None:
         """Acknowledge that the windows ending at these timestamps were published."""
         self.acknowledge({}, end_ts_by_sensor)
 
+    def _read(self, kind: str, sensor_ids: Iterable[str], action: str) -> dict[str, bytes]:
+        """The raw values of one kind of key (``w``, ``a``) of these sensors, where present."""
+        wanted_ids = list(dict.fromkeys(sensor_ids))
+        found = {}
+        with self._redis_errors(action):
+            self._locate(wanted_ids)
+            known = [sensor_id for sensor_id in wanted_ids if sensor_id in self._group_of]
+            for group, wanted in self._by_group(known).items():
+                raws = self._redis.mget([f"{group}:{kind}:{sensor_id}" for sensor_id in wanted])
+                found |= {s: raw for s, raw in zip(wanted, raws, strict=True) if raw is not None}
+        return found
+
+    def _locate(self, sensor_ids: list[str]) -> None:
+        """Learn the partition of sensors this store appended no reading of from the keys
+        Redis holds: one SCAN over the prefix, for tools and tests that read another
+        process's state (the worker reads only sensors it appended)."""
+        wanted = set(sensor_ids) - self._group_of.keys()
+        if not wanted:
+            return
+        for key in self._redis.scan_iter(match=f"{{{self.key_prefix}:*", count=1000):
+            group, _, rest = key.decode().partition("}:")
+            sensor_id = rest[2:]
+            if rest[:2] in ("w:", "a:", "p:") and sensor_id in wanted:
+                self._group_of[sensor_id] = group + "}"
+
     def fetch_windows(self, sensor_ids: Iterable[str]) -> dict[str, Window]:
         """Current full windows of these sensors; sensors without a full window are absent."""
-        wanted = list(dict.fromkeys(sensor_ids))
-        if not wanted:
-            return {}
-        with self._redis_errors("fetch windows"):
-            raws = self._redis.mget([self.window_key(sensor_id) for sensor_id in wanted])
         windows = {}
-        for sensor_id, raw in zip(wanted, raws, strict=True):
-            if raw is None or len(raw) < _HEADER.size:
+        for sensor_id, raw in self._read("w", sensor_ids, "fetch windows").items():
+            if len(raw) < _HEADER.size:
                 continue
             version, channels, count, _, _, last_ts, start_ts, *_ = _HEADER.unpack_from(raw)
             if version != _LAYOUT_VERSION or channels != self.channels:
@@ -623,15 +696,8 @@ class WindowStore:
 
     def get_alert_state(self, sensor_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
         """Alert state per sensor; sensors without (readable) state are absent."""
-        wanted = list(dict.fromkeys(sensor_ids))
-        if not wanted:
-            return {}
-        with self._redis_errors("read alert state"):
-            raws = self._redis.mget([self.alert_key(sensor_id) for sensor_id in wanted])
         states = {}
-        for sensor_id, raw in zip(wanted, raws, strict=True):
-            if raw is None:
-                continue
+        for sensor_id, raw in self._read("a", sensor_ids, "read alert state").items():
             try:
                 state = json.loads(raw)
             except ValueError:
@@ -646,14 +712,24 @@ class WindowStore:
         self.acknowledge(states, {})
 
     def ping(self) -> bool:
-        """Whether Redis answers."""
+        """Whether Redis answers (every primary, on a cluster)."""
         try:
             return bool(self._redis.ping())
         except redis.RedisError:
             return False
 
     def detect_state_loss(self) -> bool:
-        """True once after Redis lost the store's state; from then on writes are accepted."""
-        with self._redis_errors("read the epoch marker"):
-            epoch = self._read_epoch(keys=[self._epoch_key], args=[uuid.uuid4().hex])
-        return self._observe_epoch(epoch)
+        """True once after Redis lost the state of a partition this store wrote; from then
+        on writes are accepted."""
+        lost = False
+        with self._redis_errors("read the epoch markers"):
+            for group in list(self._epochs):
+                epoch = self._read_epoch(keys=[self._epoch_key(group)], args=[uuid.uuid4().hex])
+                lost |= self._observe_epoch(group, epoch)
+        return lost
+
+
+def _where(url: str) -> str:
+    """host:port of a Redis URL, for error messages (never its password)."""
+    parts = urlsplit(url)
+    return parts.path if parts.scheme == "unix" else f"{parts.hostname}:{parts.port or 6379}"

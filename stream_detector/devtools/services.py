@@ -315,6 +315,7 @@ class EmbeddedRedis(_EmbeddedProcess):
         username: str | None = None,
         password: str | None = None,
         data_dir: Path | None = None,
+        cluster: bool = False,
     ) -> None:
         if (tls_cert is None) != (tls_key is None) or (tls_ca and not tls_cert):
             raise ValueError("TLS needs tls_cert and tls_key together (tls_ca is optional)")
@@ -329,6 +330,7 @@ class EmbeddedRedis(_EmbeddedProcess):
         # With a data directory, every write goes to an append-only file there, so a
         # restart on the same directory keeps the state.
         self.data_dir = data_dir
+        self.cluster = cluster  # a node of a Redis Cluster (`EmbeddedRedisCluster`)
 
     @property
     def url(self) -> str:
@@ -356,6 +358,12 @@ class EmbeddedRedis(_EmbeddedProcess):
             command += ["--dir", str(self.data_dir)]
         else:
             command += ["--appendonly", "no", "--dir", str(workdir)]
+        if self.cluster:
+            command += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+            # The bus port defaults to port + 10000, which a high free port overflows.
+            command += ["--cluster-port", str(free_port(self.host))]
+            # A master resharded down to no slots stays a master (to be given slots again).
+            command += ["--cluster-allow-replica-migration", "no"]
         if self.tls_cert and self.tls_key:
             command += ["--port", "0", "--tls-port", str(self.port)]
             command += ["--tls-cert-file", str(self.tls_cert), "--tls-key-file", str(self.tls_key)]
@@ -393,6 +401,74 @@ class EmbeddedRedis(_EmbeddedProcess):
             return False
         finally:
             client.close()
+
+
+class EmbeddedRedisCluster:
+    """A throw-away Redis Cluster of ``masters`` nodes on loopback ports, no replicas:
+    `with EmbeddedRedisCluster() as cluster: cluster.url` (any node's URL reaches all)."""
+
+    def __init__(self, masters: int = 3, *, host: str = "127.0.0.1", timeout_s: float = 30.0):
+        if masters < 3:
+            raise ValueError("redis-cli --cluster create needs at least 3 masters")
+        self.nodes = [EmbeddedRedis(host=host, cluster=True) for _ in range(masters)]
+        self.timeout_s = timeout_s
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def start(self) -> Self:
+        for node in self.nodes:
+            node.start()
+        addresses = [f"{node.host}:{node.port}" for node in self.nodes]
+        self.redis_cli("--cluster", "create", *addresses, "--cluster-yes")
+        deadline = time.monotonic() + self.timeout_s
+        while not all(self._cluster_ok(node) for node in self.nodes):
+            if time.monotonic() > deadline:
+                raise ServiceStartError(f"Redis Cluster {addresses} did not reach cluster_state:ok")
+            time.sleep(0.1)
+        return self
+
+    def redis_cli(self, *arguments: str) -> str:
+        """Run ``redis-cli`` with these arguments; its output (raises when it fails)."""
+        binary = shutil.which("redis-cli")
+        if binary is None:
+            raise ServiceStartError("redis-cli not found on PATH: install Redis")
+        done = subprocess.run(
+            [binary, *arguments], capture_output=True, text=True, timeout=self.timeout_s
+        )
+        if done.returncode != 0:
+            raise ServiceStartError(f"redis-cli {' '.join(arguments)}: {done.stdout}{done.stderr}")
+        return done.stdout
+
+    def node_id(self, node: EmbeddedRedis) -> str:
+        """The cluster's id of one node."""
+        with redis.Redis(host=node.host, port=node.port) as client:
+            return client.execute_command("CLUSTER", "MYID").decode()
+
+    @staticmethod
+    def _cluster_ok(node: EmbeddedRedis) -> bool:
+        with redis.Redis(host=node.host, port=node.port) as client:
+            return b"cluster_state:ok" in client.execute_command("CLUSTER", "INFO")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
 
 
 def _await_admin(

@@ -44,7 +44,7 @@ class CountingConnection(Connection):
 def redis_client(redis_url: str, key_prefix: str) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_url, connection_class=CountingConnection)
     yield client
-    keys = list(client.scan_iter(match=f"{key_prefix}:*", count=1000))
+    keys = list(client.scan_iter(match=f"{{{key_prefix}:*", count=1000))
     if keys:
         client.delete(*keys)
     client.close()
@@ -99,10 +99,16 @@ def test_append_is_one_round_trip_and_returns_the_due_windows(
     assert last_a.start_ts_ms == T0_MS + 2000
     assert last_a.values.flags.c_contiguous
 
+    store.append_batch([Reading("short", T0_MS, (0.0, 0.0), partition=0, offset=99)])
     before = CountingConnection.sends
-    fetched = store.fetch_windows(["a", "b", "unknown"])
+    fetched = store.fetch_windows(["a", "b", "short"])
     assert CountingConnection.sends - before == 1
     assert set(fetched) == {"a", "b"}
+    assert store.fetch_windows(["never-seen"]) == {}
+    # A store that appended nothing finds the sensors' partitions in Redis (tools, tests).
+    assert make_store(window_length=4, channels=2).fetch_windows(["a"]).keys() == {"a"}
+    with pytest.raises(WindowStoreError, match="no reading appended"):
+        make_store().mark_emitted({"a": T0_MS})
     np.testing.assert_array_equal(fetched["a"].values, last_a.values)
     assert (fetched["a"].start_ts_ms, fetched["a"].end_ts_ms) == (T0_MS + 2000, T0_MS + 5000)
 
@@ -253,7 +259,9 @@ def test_alert_state_round_trip(
     make_store: Callable[..., WindowStore], redis_client: redis.Redis
 ) -> None:
     store = make_store()
-    assert store.ping()  # connects
+    store.append_batch(
+        [Reading(s, T0_MS, (0.0,), offset=i) for i, s in enumerate(["s1", "s2", "s3", "missing"])]
+    )
     before = CountingConnection.sends
     store.put_alert_state({"s1": {"phase": "open", "hits": [1, 0, 1]}, "s2": {"phase": "idle"}})
     assert CountingConnection.sends - before == 1
@@ -270,14 +278,14 @@ def test_after_state_loss_writes_are_refused_until_the_loss_is_acknowledged(
     store = make_store(window_length=2)
     store.append_batch(series("s1", 2))
     assert not store.detect_state_loss()
-    redis_client.delete(*redis_client.scan_iter(match=f"{key_prefix}:*"))  # like a restart
+    redis_client.delete(*redis_client.scan_iter(match=f"{{{key_prefix}:*"))  # like a restart
 
     with pytest.raises(RedisStateLost):
         store.append_batch(series("s1", 3, start_offset=10)[2:])
     with pytest.raises(RedisStateLost):
         store.put_alert_state({"s1": {"phase": "idle"}})
-    assert redis_client.keys(f"{key_prefix}:w:*") == []
-    assert redis_client.keys(f"{key_prefix}:a:*") == []
+    assert redis_client.keys(f"{{{key_prefix}:*}}:w:*") == []
+    assert redis_client.keys(f"{{{key_prefix}:*}}:a:*") == []
 
     assert store.detect_state_loss()
     after = store.append_batch(series("s1", 3, start_offset=10)[2:])
@@ -285,8 +293,9 @@ def test_after_state_loss_writes_are_refused_until_the_loss_is_acknowledged(
     store.put_alert_state({"s1": {"phase": "idle"}})
 
     other = make_store(window_length=2)
+    other.append_batch(series("s2", 1, start_offset=20))
     assert not other.detect_state_loss()
-    redis_client.delete(f"{key_prefix}:epoch")
+    redis_client.delete(f"{store.group('readings', 0)}:epoch")
     assert store.detect_state_loss()
     assert other.detect_state_loss()
     assert not other.detect_state_loss()
