@@ -441,6 +441,28 @@ class EmbeddedRedisCluster:
             raise ServiceStartError(f"redis-cli {' '.join(arguments)}: {done.stdout}{done.stderr}")
         return done.stdout
 
+    def reshard(
+        self, source: EmbeddedRedis, target: EmbeddedRedis, slots: int | None = None
+    ) -> int:
+        """Move ``slots`` slots (default: every one) of ``source`` to ``target`` with
+        ``redis-cli --cluster reshard``, while clients keep running; returns how many."""
+        if slots is None:
+            with redis.Redis(host=source.host, port=source.port) as client:
+                ranges = client.execute_command("CLUSTER", "SLOTS")
+            slots = sum(
+                int(entry[1]) - int(entry[0]) + 1
+                for entry in ranges
+                if int(entry[2][1]) == source.port
+            )
+        self.redis_cli(
+            "--cluster", "reshard", f"{source.host}:{source.port}",
+            "--cluster-from", self.node_id(source),
+            "--cluster-to", self.node_id(target),
+            "--cluster-slots", str(slots),
+            "--cluster-yes",
+        )  # fmt: skip
+        return slots
+
     def node_id(self, node: EmbeddedRedis) -> str:
         """The cluster's id of one node."""
         with redis.Redis(host=node.host, port=node.port) as client:

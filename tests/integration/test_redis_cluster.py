@@ -122,14 +122,7 @@ def test_appends_during_a_reshard_lose_nothing(
     before = [len(keys) for keys in keys_per_master(cluster, key_prefix)]
     writer.start()
     try:
-        slots = sum(end - start + 1 for start, end, *_ in _slot_ranges(cluster, source))
-        cluster.redis_cli(
-            "--cluster", "reshard", f"{source.host}:{source.port}",
-            "--cluster-from", cluster.node_id(source),
-            "--cluster-to", cluster.node_id(target),
-            "--cluster-slots", str(slots),
-            "--cluster-yes",
-        )  # fmt: skip
+        slots = cluster.reshard(source, target)
     finally:
         done.set()
         during = steps_written[0] - 10
@@ -147,23 +140,4 @@ def test_appends_during_a_reshard_lose_nothing(
     expected = np.arange(steps - 8, steps, dtype=np.float32)
     assert windows.keys() == set(sensors)
     assert all(np.array_equal(window.values[0], expected) for window in windows.values())
-    # Moved back, so the other tests see three masters with slots.
-    cluster.redis_cli(
-        "--cluster", "reshard", f"{target.host}:{target.port}",
-        "--cluster-from", cluster.node_id(target),
-        "--cluster-to", cluster.node_id(source),
-        "--cluster-slots", str(slots),
-        "--cluster-yes",
-    )  # fmt: skip
-
-
-def _slot_ranges(cluster: EmbeddedRedisCluster, node: object) -> list[list[int]]:
-    """The slot ranges ``node`` serves."""
-    first = cluster.nodes[0]
-    with redis.Redis(host=first.host, port=first.port) as client:
-        shards = client.execute_command("CLUSTER", "SLOTS")
-    return [
-        [int(entry[0]), int(entry[1])]
-        for entry in shards
-        if int(entry[2][1]) == node.port  # type: ignore[attr-defined]
-    ]
+    cluster.reshard(target, source, slots)  # back, so every master serves slots again

@@ -154,8 +154,10 @@ def verify(
     return result
 
 
-def final_windows(redis_url: str, key_prefix: str, plan: loadgen.LoadPlan) -> dict[str, Window]:
-    windows = WindowStore(redis_url, window_length=WINDOW, key_prefix=key_prefix)
+def final_windows(
+    redis_url: str, key_prefix: str, plan: loadgen.LoadPlan, cluster: bool = False
+) -> dict[str, Window]:
+    windows = WindowStore(redis_url, window_length=WINDOW, key_prefix=key_prefix, cluster=cluster)
     return windows.fetch_windows(plan.sensor_id(i) for i in range(plan.sensors))
 
 
