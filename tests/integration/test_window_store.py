@@ -388,3 +388,24 @@ def test_memory_per_sensor(
     record_property(f"redis_bytes_per_sensor_jitter_{jitter_ms}ms", used)
     print(f"window_length={length} jitter={jitter_ms} ms: {used} B ({used / payload:.2f}x)")
     assert used <= budget * payload
+
+
+def test_a_batch_that_fails_on_its_second_partition_loses_no_window_when_retried(
+    make_store: Callable[..., WindowStore], redis_client: redis.Redis
+) -> None:
+    store = make_store(window_length=2)
+    store.append_batch([Reading("b", T0_MS, (0.0,), partition=1, offset=0)])
+    batch = [*series("a", 3), Reading("b", T0_MS + 1000, (1.0,), partition=1, offset=1)]
+    offsets = f"{store.group('readings', 1)}:offsets"
+    redis_client.delete(offsets)
+    redis_client.set(offsets, b"not a hash")  # partition 1's call fails; partition 0's ran
+    with pytest.raises(WindowStoreError):
+        store.append_batch(batch)
+    redis_client.delete(offsets)
+
+    retried = store.append_batch(batch)  # what the worker does after a Redis error
+    assert [(w.sensor_id, w.end_ts_ms, w.recovered) for w in retried.due] == [
+        ("a", T0_MS + 1000, True),
+        ("a", T0_MS + 2000, True),
+        ("b", T0_MS + 1000, False),
+    ]
