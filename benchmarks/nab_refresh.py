@@ -45,18 +45,26 @@ def main() -> None:
     parser.add_argument(
         "--learn-after", type=int, default=288, help="rows after which an alert is trained on"
     )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["refresh, alerts left out", "refresh, alerts learnt after --learn-after"],
+        help="what to compare with refresh off",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     started = time.perf_counter()
     corpus = load_corpus(args.data, args.files)
+    every = {"refresh_every": args.every, "refresh_memory_only": False}
     variants = {
         "refresh off": {"refresh_every": None},
-        "refresh, alerts left out": {"refresh_every": args.every, "refresh_learn_after": None},
-        "refresh, alerts learnt after --learn-after": {
-            "refresh_every": args.every,
-            "refresh_learn_after": args.learn_after,
-        },
+        "refresh, alerts left out": every | {"refresh_learn_after": None},
+        "refresh, alerts learnt after --learn-after": every
+        | {"refresh_learn_after": args.learn_after},
+        "refresh of the memory bank only": every
+        | {"refresh_learn_after": None, "refresh_memory_only": True},
     }
+    variants = {name: variants[name] for name in ["refresh off", *args.variants]}
     likelihoods: dict[str, list[np.ndarray]] = {name: [] for name in variants}
     seconds = {"fit": 0.0} | {name: 0.0 for name in variants}
     for position, series in enumerate(corpus, start=1):

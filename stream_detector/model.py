@@ -520,14 +520,7 @@ class AnomalyLLM(nn.Module):
         """
         if not self.config.fused:
             return
-        device = self.term_centre.device
-        if self.config.memory_slots:
-            slots = min(self.config.memory_slots, len(memory_windows))
-            keep = torch.linspace(0, len(memory_windows) - 1, slots).round().long()
-            chosen = memory_windows[keep].float().to(device)
-            # The bank holds the windows there are, up to memory_slots (a refresh with more
-            # data may grow it); a checkpoint keeps its size (`checkpoint.load_checkpoint`).
-            self.memory = instance_norm(chosen).transpose(0, 1).contiguous()  # (C, M, L)
+        self.fill_memory(memory_windows)
         held = self._terms_of(held_back, self.config.score_terms)  # (T, H, C)
         centre = held.median(dim=1).values
         spread = held.amax(dim=1) - centre
@@ -540,6 +533,18 @@ class AnomalyLLM(nn.Module):
         self.term_centre.copy_(centre)
         floor = spread_floor(self.config.score_terms, memory_windows, centre)
         self.term_spread.copy_(torch.maximum(spread, floor))
+
+    @torch.inference_mode()
+    def fill_memory(self, windows: torch.Tensor) -> None:
+        """Make the memory bank normal windows (N, C, L), thinned evenly to ``memory_slots``."""
+        if not self.config.memory_slots:
+            return
+        slots = min(self.config.memory_slots, len(windows))
+        keep = torch.linspace(0, len(windows) - 1, slots).round().long()
+        chosen = windows[keep].float().to(self.term_centre.device)
+        # The bank holds the windows there are, up to memory_slots (a refresh with more
+        # data may grow it); a checkpoint keeps its size (`checkpoint.load_checkpoint`).
+        self.memory = instance_norm(chosen).transpose(0, 1).contiguous()  # (C, M, L)
 
     def _terms_of(self, windows: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
         """The named score terms of windows (N, C, L), in batches. (T, N, C)"""

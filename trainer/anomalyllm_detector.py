@@ -58,8 +58,8 @@ class AnomalyLLMDetector:
     the threshold ``trainer`` calibrates (peaks over threshold on the held-back windows),
     and the windows that end after that row are scored by the refreshed model. An alert
     open for more than ``refresh_learn_after`` rows is a change of regime: the rows after
-    those are read (None: never). The promotion gate is not modelled: every refresh is
-    taken.
+    those are read (None: never). ``refresh_memory_only`` refills only the memory bank.
+    The promotion gate is not modelled: every refresh is taken.
     """
 
     name = "anomalyllm"
@@ -83,6 +83,7 @@ class AnomalyLLMDetector:
         refresh_every: int | None = None,
         refresh_span: int | None = None,
         refresh_learn_after: int | None = None,
+        refresh_memory_only: bool = False,
         **model_settings: Any,
     ) -> None:
         unknown = set(model_settings) - {
@@ -109,6 +110,7 @@ class AnomalyLLMDetector:
         self.refresh_every = refresh_every
         self.refresh_span = refresh_span
         self.refresh_learn_after = refresh_learn_after
+        self.refresh_memory_only = refresh_memory_only
         self.model: AnomalyLLM | None = None
         self.result: TrainResult | None = None
         self.training_rows = 0
@@ -135,6 +137,7 @@ class AnomalyLLMDetector:
             "refresh_every": self.refresh_every,
             "refresh_span": self.refresh_span or "the training part's length",
             "refresh_learn_after": self.refresh_learn_after,
+            "refresh_memory_only": self.refresh_memory_only,
         }
 
     def _columns(self, series: np.ndarray) -> np.ndarray:
@@ -223,7 +226,8 @@ class AnomalyLLMDetector:
                 continue
             recent = self._refresh_windows(series, cut, replay.spans(open_until_ms=cut * ROW_MS))
             if len(recent) >= 2 * model.config.prototypes:
-                refresh(model, recent, profile(self.profile_name).validation_fraction)
+                fraction = profile(self.profile_name).validation_fraction
+                refresh(model, recent, fraction, memory_only=self.refresh_memory_only)
                 threshold = self._threshold(model, recent)
         return scores
 

@@ -254,13 +254,21 @@ def calibrate_score(model: AnomalyLLM, windows: np.ndarray, held_back_fraction: 
     )
 
 
-def refresh(model: AnomalyLLM, windows: np.ndarray, held_back_fraction: float) -> int:
+def refresh(
+    model: AnomalyLLM, windows: np.ndarray, held_back_fraction: float, memory_only: bool = False
+) -> int:
     """``trainer refresh``: new prototypes, memory bank and calibration from recent windows.
 
     Every network weight stays; the prototypes move to the k-means centroids of (at most
     ``REFRESH_MAX_WINDOWS`` of) the windows [N, C, L], in time order, and the fused score
     is re-calibrated on them (`calibrate_score`). Returns the number of k-means windows.
+    ``memory_only``: only the memory bank is refilled, from the windows before the
+    held-back part (the prototypes and the score's scale stay); returns 0.
     """
+    if memory_only:
+        held_back = max(1, int(len(windows) * held_back_fraction))
+        model.fill_memory(torch.from_numpy(windows[:-held_back]))
+        return 0
     chosen = _thin(windows, REFRESH_MAX_WINDOWS)
     if len(chosen) < model.config.prototypes:
         raise ValueError(

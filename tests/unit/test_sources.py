@@ -13,8 +13,6 @@ from trainer.data import DataFormatError
 from trainer.sources import (
     Span,
     TrainingData,
-    _apply_spans,
-    _build_series,
     alert_spans,
     parse_learn_after,
     parse_since,
@@ -23,6 +21,7 @@ from trainer.sources import (
     segments,
     split_windows,
 )
+from trainer.sources.series import _apply_spans, _build_series
 
 pytestmark = pytest.mark.unit
 
