@@ -19,11 +19,13 @@ import csv
 import gzip
 import re
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from stream_detector.series_files import DataFormatError
 
 MSL_SPACECRAFT = "MSL"
 MSL_LABELS_FILE = "labeled_anomalies.csv"
@@ -32,10 +34,6 @@ _UCR_NAME = re.compile(
     r"^(?P<id>\d{3})_UCR_Anomaly_(?P<name>.+)_(?P<train_end>\d+)_(?P<begin>\d+)_(?P<end>\d+)"
     r"\.txt(?:\.gz)?$"
 )
-
-
-class DataFormatError(ValueError):
-    """A data file or file name does not follow the format its loader expects."""
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -255,25 +253,3 @@ def load_npz(path: Path | str, key: str | None = None) -> np.ndarray:
     if key not in arrays:
         raise DataFormatError(f"{path}: no array {key!r}; it has {sorted(arrays)}")
     return _as_2d(arrays[key], f"{path}[{key}]")
-
-
-def load_csv(path: Path | str, value_columns: Sequence[str]) -> np.ndarray:
-    """The named numeric columns of a CSV file with a header row, as float32 ``[T, C]``."""
-    path = Path(path)
-    if not value_columns:
-        raise ValueError("value_columns must name at least one column")
-    if not path.is_file():
-        raise DataNotFoundError(f"no such file: {path}")
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        header = reader.fieldnames or []
-        missing = [column for column in value_columns if column not in header]
-        if missing:
-            raise DataFormatError(f"{path}: no columns {missing}; the header is {header}")
-        rows = []
-        for line_number, row in enumerate(reader, start=2):
-            try:
-                rows.append([float(row[column]) for column in value_columns])
-            except (TypeError, ValueError) as error:
-                raise DataFormatError(f"{path}:{line_number}: not a number ({error})") from error
-    return _as_2d(np.asarray(rows, dtype=np.float64).reshape(-1, len(value_columns)), str(path))

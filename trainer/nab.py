@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import csv
 import fnmatch
-import gzip
 import json
 import math
 import sys
@@ -39,11 +37,11 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
+from stream_detector.series_files import NAB_WINDOWS, read_csv, read_nab_windows
 from trainer import detectors
 
 PROBATION_FRACTION = 0.15
 PROBATION_MAX_ROWS = 750  # NAB caps the probationary period at 15% of 5000 rows
-WINDOWS_FILE = Path("labels") / "combined_windows.json"
 
 
 @dataclass(frozen=True)
@@ -316,21 +314,8 @@ def causal_rank(raw_scores: np.ndarray) -> np.ndarray:
     return likelihood
 
 
-def _read_csv_column(path: Path, column: str) -> tuple[list[str], list[str]]:
-    """The timestamp column and ``column`` of a (possibly gzipped) NAB csv."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", newline="") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, [])
-        if "timestamp" not in header or column not in header:
-            raise NabDataError(f"{path}: expected columns 'timestamp' and '{column}', got {header}")
-        time_index, value_index = header.index("timestamp"), header.index(column)
-        rows = [(row[time_index], row[value_index]) for row in reader if row]
-    return [row[0] for row in rows], [row[1] for row in rows]
-
-
-def _window_rows(timestamps: np.ndarray, limits: list[list[str]], name: str) -> np.ndarray:
-    """Map window limits (timestamps) to inclusive row ranges ([W, 2]).
+def _window_rows(ts_ms: np.ndarray, limits: list[tuple[int, int]], name: str) -> np.ndarray:
+    """Map window limits (epoch ms) to inclusive row ranges ([W, 2]).
 
     As in NAB, a limit is the first row carrying that exact timestamp (NAB files
     may repeat or reorder timestamps, e.g. around daylight-saving changes).
@@ -338,9 +323,12 @@ def _window_rows(timestamps: np.ndarray, limits: list[list[str]], name: str) -> 
     rows = np.zeros((len(limits), 2), dtype=np.int64)
     for window, limit in enumerate(limits):
         for edge, stamp in enumerate(limit):
-            matches = np.flatnonzero(timestamps == np.datetime64(stamp))
+            matches = np.flatnonzero(ts_ms == stamp)
             if len(matches) == 0:
-                raise NabDataError(f"{name}: window limit {stamp} is not a timestamp of the file")
+                raise NabDataError(
+                    f"{name}: window limit {np.datetime64(stamp, 'ms')} is not a timestamp "
+                    "of the file"
+                )
             rows[window, edge] = matches[0]
     ordered = rows[:, 0] <= rows[:, 1]
     if len(rows) and not (ordered.all() and (rows[1:, 0] > rows[:-1, 1]).all()):
@@ -354,12 +342,12 @@ def load_corpus(data_dir: Path, patterns: Sequence[str] | None = None) -> list[N
     ``data_dir`` is the NAB root holding ``data/<category>/<file>.csv`` and
     ``labels/combined_windows.json``; only labelled files are loaded, in sorted order.
     """
-    windows_path = data_dir / WINDOWS_FILE
+    windows_path = data_dir / NAB_WINDOWS
     if not windows_path.is_file():
         raise NabDataError(
             f"{windows_path} not found: --data must be the NAB folder holding data/ and labels/"
         )
-    labelled = json.loads(windows_path.read_text())
+    labelled = read_nab_windows(windows_path)
     names = sorted(labelled)
     if patterns:
         names = [name for name in names if any(fnmatch.fnmatch(name, p) for p in patterns)]
@@ -370,13 +358,12 @@ def load_corpus(data_dir: Path, patterns: Sequence[str] | None = None) -> list[N
         path = data_dir / "data" / name
         if not path.is_file():
             raise NabDataError(f"{path} is labelled in {windows_path} but missing")
-        stamps, values = _read_csv_column(path, "value")
-        timestamps = np.array(stamps, dtype="datetime64[us]")
+        (rows,) = read_csv(path, ["value"]).values()
         corpus.append(
             NabSeries(
                 name=name,
-                values=np.array(values, dtype=np.float64),
-                windows=_window_rows(timestamps, labelled[name], name),
+                values=rows.values[:, 0],
+                windows=_window_rows(rows.ts_ms, labelled[name], name),
             )
         )
     return corpus
@@ -398,10 +385,12 @@ def load_reference_scores(reference_dir: Path, corpus: Sequence[NabSeries]) -> l
             path = path.with_name(path.name + ".gz")
         if not path.is_file():
             raise NabDataError(f"no score file for {series.name}: expected {path} (or without .gz)")
-        _, values = _read_csv_column(path, "anomaly_score")
-        if len(values) != len(series.values):
-            raise NabDataError(f"{path}: {len(values)} scores for {len(series.values)} data rows")
-        scores.append(np.array(values, dtype=np.float64))
+        (rows,) = read_csv(path, ["anomaly_score"]).values()
+        if len(rows.values) != len(series.values):
+            raise NabDataError(
+                f"{path}: {len(rows.values)} scores for {len(series.values)} data rows"
+            )
+        scores.append(rows.values[:, 0])
     return scores
 
 

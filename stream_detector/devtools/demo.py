@@ -30,7 +30,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -51,6 +50,7 @@ from stream_detector.consumer import ReadingConsumer
 from stream_detector.devtools.services import EmbeddedKafka, EmbeddedRedis, create_topics, free_port
 from stream_detector.model import SMOLLM2
 from stream_detector.publisher import ReadingProducer
+from stream_detector.series_files import DataFormatError, nab_windows_for, read_csv
 from stream_detector.subscriber import Deduplicator, format_line, parse_event
 
 logger = logging.getLogger(__name__)
@@ -90,27 +90,20 @@ class Series:
         return int(np.searchsorted(self.ts_ms, self.labelled[0][0]))
 
 
-def _epoch_ms(text: str) -> int:
-    parsed = datetime.fromisoformat(text.strip())
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return int(parsed.timestamp() * 1000)
-
-
 def load_series(path: Path) -> Series:
-    """Read ``timestamp,value`` rows; labels come from NAB's windows file when it names it."""
-    raw = path.read_bytes()
-    rows = list(csv.DictReader(raw.decode().splitlines()))
-    if not rows or not {"timestamp", "value"} <= set(rows[0]):
-        raise ValueError(f"{path} needs a header with 'timestamp' and 'value' columns")
-    windows = json.loads(LABELS_FILE.read_text())
-    labels = next((v for k, v in windows.items() if Path(k).name == path.name), [])
+    """Read a one-sensor CSV (``timestamp,value``); labels come from NAB's windows file
+    when it names the file (or when the file lies in a NAB folder)."""
+    found = read_csv(path, ["value"])
+    if len(found) != 1:
+        raise DataFormatError(f"{path} holds {len(found)} sensors; the demo replays one")
+    (rows,) = found.values()
+    labelled = nab_windows_for(path, LABELS_FILE)
     return Series(
         name=path.name,
-        ts_ms=np.array([_epoch_ms(row["timestamp"]) for row in rows], dtype=np.int64),
-        values=np.array([float(row["value"]) for row in rows], dtype=np.float32),
-        labelled=[(_epoch_ms(start), _epoch_ms(end)) for start, end in labels],
-        source_sha256=hashlib.sha256(raw).hexdigest(),
+        ts_ms=rows.ts_ms,
+        values=rows.values[:, 0].astype(np.float32),
+        labelled=labelled[1] if labelled else [],
+        source_sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
     )
 
 

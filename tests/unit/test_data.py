@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import csv
 import gzip
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from stream_detector.series_files import nab_windows_for, read_csv
 from tests.shared_data import DATA_DIR
 from trainer.data import (
     DataFormatError,
     DataNotFoundError,
     list_msl,
     list_ucr,
-    load_csv,
     load_msl,
     load_npz,
     load_ucr,
@@ -128,16 +129,43 @@ def test_msl_rejects_ranges_outside_test(tmp_path: Path) -> None:
         load_msl(folder, "A-1")
 
 
-def test_load_csv_reads_named_columns(tmp_path: Path) -> None:
+def test_one_csv_reader_names_columns_sensors_and_times(tmp_path: Path) -> None:
     path = tmp_path / "sensor.csv"
     path.write_text("timestamp,a,b\n2024-01-01,1.5,2\n2024-01-02,3,4\n")
-
-    np.testing.assert_array_equal(load_csv(path, ["b", "a"]), [[2.0, 1.5], [4.0, 3.0]])
+    (rows,) = read_csv(path, ["b", "a"]).values()
+    np.testing.assert_array_equal(rows.values, [[2.0, 1.5], [4.0, 3.0]])
+    assert rows.ts_ms.tolist() == [1_704_067_200_000, 1_704_153_600_000]
+    assert read_csv(path).keys() == {"sensor"}  # named after the file
     with pytest.raises(DataFormatError, match="'c'"):
-        load_csv(path, ["a", "c"])
+        read_csv(path, ["a", "c"])
+    path.write_text("sensor_id,a\nx,1\ny,2\nx,3\n")  # no time column: one row a minute
+    found = read_csv(path)
+    assert found["x"].values[:, 0].tolist() == [1.0, 3.0] and found["x"].ts_ms.tolist() == [
+        0,
+        120_000,
+    ]
     path.write_text("timestamp,a\n2024-01-01,oops\n")
     with pytest.raises(DataFormatError, match=r"sensor\.csv:2"):
-        load_csv(path, ["a"])
+        read_csv(path, ["a"])
+
+
+def test_nab_labels_come_from_the_nab_folder_or_a_named_windows_file(tmp_path: Path) -> None:
+    folder = tmp_path / "nab"
+    (folder / "data" / "realKnownCause").mkdir(parents=True)
+    (folder / "labels").mkdir()
+    path = folder / "data" / "realKnownCause" / "machine.csv"
+    path.write_text("timestamp,value\n2014-01-01 00:00:00,1\n")
+    windows = {
+        "realKnownCause/machine.csv": [["2014-01-01 00:00:00.000000", "2014-01-02 00:00:00"]]
+    }
+    (folder / "labels" / "combined_windows.json").write_text(json.dumps(windows))
+    expected = [(1_388_534_400_000, 1_388_620_800_000)]
+    assert nab_windows_for(path) == ("realKnownCause/machine.csv", expected)
+    elsewhere = tmp_path / "machine.csv"
+    elsewhere.write_text(path.read_text())
+    assert nab_windows_for(elsewhere) is None
+    found = nab_windows_for(elsewhere, folder / "labels" / "combined_windows.json")
+    assert found == ("realKnownCause/machine.csv", expected)
 
 
 def test_load_npz_picks_the_only_array_or_the_named_one(tmp_path: Path) -> None:

@@ -26,7 +26,8 @@ Splits (per sensor, by time): the oldest part trains, the next ``calibration_fra
 calibrates thresholds, the newest ``holdout_fraction`` is held back for the promotion gate.
 """
 
-from trainer.sources.files import NAB_WINDOWS, read_files, read_incidents
+from stream_detector.series_files import NAB_WINDOWS, parse_time_ms
+from trainer.sources.files import read_files, read_incidents
 from trainer.sources.series import (
     DEFAULT_FILE_INTERVAL_MS,
     DEFAULT_GAP_FACTOR,
@@ -39,7 +40,6 @@ from trainer.sources.series import (
     median_interval_ms,
     parse_learn_after,
     parse_since,
-    parse_time_ms,
     segments,
 )
 from trainer.sources.splits import SensorWindows, Splits, incident_windows, split_windows

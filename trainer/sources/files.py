@@ -3,16 +3,14 @@ files, and the incidents file."""
 
 from __future__ import annotations
 
-import csv
-import gzip
 import json
-import math
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from stream_detector.series_files import nab_windows_for, read_csv, sensor_name
 from trainer.data import DataFormatError, DataNotFoundError, load_npz, load_ucr, parse_ucr_name
 from trainer.sources.series import (
     DEFAULT_FILE_INTERVAL_MS,
@@ -24,73 +22,6 @@ from trainer.sources.series import (
     _consistent_channels,
     parse_time_ms,
 )
-
-NAB_WINDOWS = Path("labels") / "combined_windows.json"
-
-
-def _nab_labels(path: Path) -> tuple[str, list[list[str]]] | None:
-    """(name inside data/, labelled windows) when ``path`` lies in a NAB folder."""
-    for parent in path.resolve().parents:
-        labels = parent / NAB_WINDOWS
-        if labels.is_file() and (parent / "data") in path.resolve().parents:
-            name = path.resolve().relative_to(parent / "data").as_posix()
-            windows = json.loads(labels.read_text())
-            return (name, windows[name]) if name in windows else None
-    return None
-
-
-def _read_csv(
-    path: Path, columns: Sequence[str] | None
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """sensor -> (ts_ms, values) of a CSV with a header: optional ``timestamp``/``ts`` and
-    ``sensor_id`` columns; the value columns are ``columns`` or every other column."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", newline="") as handle:
-        reader = csv.DictReader(handle)
-        header = list(reader.fieldnames or [])
-        time_column = next((c for c in ("timestamp", "ts", "time") if c in header), None)
-        value_columns = (
-            list(columns)
-            if columns
-            else [c for c in header if c not in {time_column, "sensor_id", "label"}]
-        )
-        missing = [c for c in value_columns if c not in header]
-        if missing or not value_columns:
-            raise DataFormatError(
-                f"{path}: value columns {missing or value_columns} not in the header {header}; "
-                "name them with --columns"
-            )
-        rows: dict[str, list[tuple[int, list[float]]]] = {}
-        for line, row in enumerate(reader, start=2):
-            try:
-                values = [float(row[c]) for c in value_columns]
-                ts_ms = (
-                    parse_time_ms(row[time_column])
-                    if time_column
-                    else (line - 2) * DEFAULT_FILE_INTERVAL_MS
-                )
-            except (TypeError, ValueError) as error:
-                raise DataFormatError(f"{path}:{line}: {error}") from error
-            if not all(math.isfinite(v) for v in values):
-                raise DataFormatError(f"{path}:{line}: NaN or infinite value")
-            sensor_id = row.get("sensor_id") or _sensor_name(path)
-            rows.setdefault(sensor_id, []).append((ts_ms, values))
-    if not rows:
-        raise DataFormatError(f"{path}: no rows")
-    return {
-        sensor: (
-            np.array([ts for ts, _ in data], dtype=np.int64),
-            np.array([v for _, v in data], dtype=np.float32),
-        )
-        for sensor, data in rows.items()
-    }
-
-
-def _sensor_name(path: Path) -> str:
-    name = path.name
-    for suffix in (".gz", ".csv", ".npz", ".txt"):
-        name = name.removesuffix(suffix)
-    return name
 
 
 def read_files(
@@ -124,21 +55,21 @@ def read_files(
             raise DataNotFoundError(f"no such file: {path}")
         name = path.name
         if name.endswith((".csv", ".csv.gz")):
-            found = _read_csv(path, columns)
-            nab = _nab_labels(path)
+            found = {
+                sensor_id: (rows.ts_ms, rows.values)
+                for sensor_id, rows in read_csv(path, list(columns or []), interval_ms).items()
+            }
+            nab = nab_windows_for(path)
             if nab is not None and len(found) == 1:
                 (sensor_id,) = found
-                labelled += [
-                    Span(sensor_id, parse_time_ms(start), parse_time_ms(end), "label")
-                    for start, end in nab[1]
-                ]
+                labelled += [Span(sensor_id, start, end, "label") for start, end in nab[1]]
         elif name.endswith(".npz"):
             values = load_npz(path)
-            found = {_sensor_name(path): (np.arange(len(values)) * interval_ms, values)}
+            found = {sensor_name(path): (np.arange(len(values)) * interval_ms, values)}
         elif name.endswith((".txt", ".txt.gz")):
             parse_ucr_name(path)  # a clear error for a .txt that is not a UCR series
             ucr = load_ucr(path)
-            sensor_id = _sensor_name(path)
+            sensor_id = sensor_name(path)
             found = {sensor_id: (np.arange(len(ucr.values)) * interval_ms, ucr.values)}
             labelled.append(
                 Span(

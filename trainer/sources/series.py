@@ -10,12 +10,12 @@ import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 
-from trainer.data import DataFormatError
+from stream_detector.series_files import DataFormatError, parse_time_ms
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +25,6 @@ DEFAULT_FILE_INTERVAL_MS = 60_000
 
 _DURATION = re.compile(r"^(?P<amount>\d+(?:\.\d+)?)(?P<unit>[smhdw])$")
 _UNIT_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_ONE_MS = timedelta(milliseconds=1)
 
 
 @dataclass(frozen=True)
@@ -119,25 +117,6 @@ class TrainingData:
 def iso(ts_ms: int) -> str:
     """An epoch-ms timestamp as ISO-8601 UTC."""
     return datetime.fromtimestamp(ts_ms / 1000, UTC).isoformat(timespec="seconds")
-
-
-def parse_time_ms(text: str | int | float) -> int:
-    """Epoch milliseconds from a number (epoch ms) or an ISO-8601 string (UTC if naive)."""
-    if isinstance(text, int | float) and not isinstance(text, bool):
-        return int(text)
-    if isinstance(text, str):
-        stripped = text.strip()
-        if re.fullmatch(r"-?\d+(\.\d+)?", stripped):
-            return int(float(stripped))
-        try:
-            parsed = datetime.fromisoformat(stripped)
-        except ValueError:
-            pass
-        else:
-            if parsed.tzinfo is None:
-                parsed = parsed.replace(tzinfo=UTC)
-            return (parsed - _EPOCH) // _ONE_MS
-    raise DataFormatError(f"{text!r} is neither epoch milliseconds nor an ISO-8601 time")
 
 
 def parse_since(text: str, now_ms: int) -> int:
