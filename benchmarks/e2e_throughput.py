@@ -26,11 +26,15 @@ import json
 import multiprocessing
 import os
 import platform
+import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,19 +132,69 @@ def model_only(model_dir: Path, settings: Settings, seconds: float = 10.0) -> fl
     return scored / (time.perf_counter() - started)
 
 
-def end_to_end(settings: Settings, readings: int, windows: int) -> float:
-    """Readings/s of the worker over the backlog, from its first batch to its last score."""
+def end_to_end(
+    settings: Settings, readings: int, windows: int, profile: tuple[int, Path] | None = None
+) -> float:
+    """Readings/s of the worker over the backlog, from its first batch to its last score.
+
+    ``profile`` = (worker pid, output file): sample the worker with py-spy over that span.
+    """
     port = settings.metrics_port
     deadline = time.monotonic() + 600
     started = None
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            if started is None and metric_value(port, "detector_readings_total") > 0:
-                started = time.perf_counter()
-            if metric_value(port, "detector_windows_scored_total") >= windows:
-                return readings / (time.perf_counter() - started)
-        time.sleep(0.05)
+    with contextlib.ExitStack() as stack:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                if started is None and metric_value(port, "detector_readings_total") > 0:
+                    started = time.perf_counter()
+                    if profile is not None:
+                        stack.enter_context(sampled(*profile))
+                if metric_value(port, "detector_windows_scored_total") >= windows:
+                    return readings / (time.perf_counter() - started)
+            time.sleep(0.05)
     raise TimeoutError("the worker did not score the backlog within 10 minutes")
+
+
+@contextlib.contextmanager
+def sampled(pid: int, out: Path) -> Iterator[None]:
+    """Sample ``pid``'s Python stacks with py-spy (raw, collapsed) while the block runs."""
+    binary = shutil.which(
+        "py-spy", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    )
+    if binary is None:
+        raise SystemExit("--profile needs py-spy (pip install py-spy)")
+    spy = subprocess.Popen(
+        [binary, "record", "--pid", str(pid), "--format", "raw", "--rate", "200", "--output",
+         str(out), "--nonblocking"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)  # py-spy writes what it sampled and exits
+        spy.wait(60)
+
+
+def profile_summary(collapsed: Path, top: int = 15) -> dict[str, Any]:
+    """The functions where the worker's busy threads spend their samples: ``self`` (the
+    frame on top) and ``total`` (anywhere in the stack), as shares of all samples."""
+    own: dict[str, int] = {}
+    total: dict[str, int] = {}
+    samples = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = [frame.rsplit(":", 1)[0] for frame in stack.split(";")]  # drop line numbers
+        samples += int(count)
+        own[frames[-1]] = own.get(frames[-1], 0) + int(count)
+        for frame in set(frames):
+            total[frame] = total.get(frame, 0) + int(count)
+
+    def shares(counts: dict[str, int]) -> dict[str, float]:
+        ranked = sorted(counts.items(), key=lambda item: -item[1])[:top]
+        return {frame: round(count / samples, 3) for frame, count in ranked}
+
+    return {"samples": samples, "self": shares(own), "total": shares(total)}
 
 
 def paced_readings(bootstrap: str, topic: str, sensors: int, rate: float, seconds: float) -> int:
@@ -291,6 +345,12 @@ def main() -> None:
         help="librdkafka fetch.wait.max.ms for every consumer (tansu holds a fetch for about "
         "200 ms when no new data is there instead of answering when data arrives)",
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="sample the worker with py-spy during the end-to-end phase (needs py-spy and "
+        "ptrace rights) and record where its time goes",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.torch_threads)
@@ -342,7 +402,9 @@ def main() -> None:
         print("end to end ...", flush=True)
         worker = start_worker(settings, Path(tmp) / "worker.log", args.torch_threads)
         try:
-            e2e = end_to_end(settings, readings, windows)
+            collapsed = Path(tmp) / "worker.collapsed"
+            sampling = (worker.pid, collapsed) if args.profile else None
+            e2e = end_to_end(settings, readings, windows, sampling)
             latency = {}
             for fraction in args.latency_fractions:
                 print(f"latency at {fraction:.0%} of {e2e:.0f} readings/s ...", flush=True)
@@ -353,6 +415,7 @@ def main() -> None:
             worker.send_signal(signal.SIGTERM)
             worker.wait(60)
         memory = redis_bytes(redis_url, prefix, args.sensors)
+        profile = profile_summary(collapsed) if args.profile else None
 
     model_readings = model_windows * args.stride
     result: dict[str, Any] = {
@@ -388,6 +451,7 @@ def main() -> None:
         },
         "reading_to_score_latency_at_fraction_of_capacity": latency,
         "redis_bytes_per_sensor": memory,
+        "worker_profile": profile,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
