@@ -72,6 +72,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import redis
+from redis.commands.core import Script
 
 logger = logging.getLogger(__name__)
 
@@ -377,8 +378,9 @@ class WindowStore:
     """Sliding windows per sensor in Redis, or in a Redis Cluster (``cluster=True``).
 
     Keys are grouped by the Kafka partition their readings come from (see the module
-    docstring); each public call is one script call or read per partition it touches (the
-    first use of each Lua script also loads it). The store remembers each sensor's
+    docstring). A call runs a script (or a read) per partition it touches: all in one
+    round trip on a single Redis, one after another on a cluster (the first use of each
+    Lua script also loads it). The store remembers each sensor's
     partition from the readings it appended: acknowledging a sensor it has not seen a
     reading of is an error, and reading one's state finds its keys with a SCAN (for tools
     and tests; the worker reads only sensors it appended).
@@ -418,6 +420,7 @@ class WindowStore:
         if client.get_encoder().decode_responses:
             raise ValueError("WindowStore needs a Redis client with decode_responses=False")
         self._redis = client
+        self._cluster = isinstance(client, redis.RedisCluster)
         self.window_length = window_length
         self.channels = channels
         self.stride = stride
@@ -535,28 +538,35 @@ class WindowStore:
             meta, chunks = sensors.setdefault(reading.sensor_id, (bytearray(), []))
             meta.extend(_READING_META.pack(reading.ts_ms, reading.offset, 1))
             chunks.append(packed_values[position * reading_size : (position + 1) * reading_size])
-        result = AppendResult([], 0, 0, 0, 0, rejected, 0)
+        groups, calls = [], []
         for (topic, partition), sensors in by_partition.items():
             group = self.group(topic, partition)
             for sensor_id in sensors:
                 self._group_of[sensor_id] = group
-            part = self._append_partition(group, f"{topic}:{partition}", sensors)
+            groups.append((group, list(sensors)))
+            calls.append(self._append_call(group, f"{topic}:{partition}", sensors))
+        replies = self._run(self._append, calls, "append a batch of readings")
+        result = AppendResult([], 0, 0, 0, 0, rejected, 0)
+        for (group, sensor_ids), reply in zip(groups, replies, strict=True):
+            if len(reply) == 1:
+                raise self._state_lost(group)
+            epoch, applied, replayed, late, duplicate_ts, reset, flat_due = reply
+            self._observe_epoch(group, epoch)
             result = AppendResult(
-                due=result.due + part.due,
-                applied=result.applied + part.applied,
-                replayed=result.replayed + part.replayed,
-                late=result.late + part.late,
-                duplicate_ts=result.duplicate_ts + part.duplicate_ts,
+                due=result.due + self._due_windows(sensor_ids, flat_due),
+                applied=result.applied + applied,
+                replayed=result.replayed + replayed,
+                late=result.late + late,
+                duplicate_ts=result.duplicate_ts + duplicate_ts,
                 rejected=rejected,
-                reset=result.reset + part.reset,
+                reset=result.reset + reset,
             )
         return result
 
-    def _append_partition(
+    def _append_call(
         self, group: str, field: str, sensors: dict[str, tuple[bytearray, list[bytes]]]
-    ) -> AppendResult:
-        """One script call: append one partition's readings under its group's keys."""
-        sensor_ids = list(sensors)
+    ) -> tuple[list[str], list[Any]]:
+        """The keys and arguments that append one partition's readings under its group."""
         args: list[Any] = [
             self.window_length,
             self.channels,
@@ -572,24 +582,32 @@ class WindowStore:
         keys = [
             self._epoch_key(group),
             self._offsets_key(group),
-            *(f"{group}:w:{sensor_id}" for sensor_id in sensor_ids),
-            *(f"{group}:p:{sensor_id}" for sensor_id in sensor_ids),
+            *(f"{group}:w:{sensor_id}" for sensor_id in sensors),
+            *(f"{group}:p:{sensor_id}" for sensor_id in sensors),
         ]
-        with self._redis_errors("append a batch of readings"):
-            reply = self._append(keys=keys, args=args)
-        if len(reply) == 1:
-            raise self._state_lost(group)
-        epoch, applied, replayed, late, duplicate_ts, reset, flat_due = reply
-        self._observe_epoch(group, epoch)
-        return AppendResult(
-            due=self._due_windows(sensor_ids, flat_due),
-            applied=applied,
-            replayed=replayed,
-            late=late,
-            duplicate_ts=duplicate_ts,
-            rejected=0,  # counted before the call
-            reset=reset,
-        )
+        return keys, args
+
+    def _run(
+        self, script: Script, calls: list[tuple[list[str], list[Any]]], action: str
+    ) -> list[Any]:
+        """Run ``script`` once per (keys, args) call: on one Redis in a single round trip (a
+        pipeline), on a cluster one call after another (each on its partition's shard)."""
+        with self._redis_errors(action):
+            if self._cluster or len(calls) < 2:
+                return [script(keys=keys, args=args) for keys, args in calls]
+            pipe = self._redis.pipeline(transaction=False)
+            for keys, args in calls:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            replies = pipe.execute(raise_on_error=False)
+            for index, reply in enumerate(replies):
+                if isinstance(reply, redis.exceptions.NoScriptError):
+                    # Redis lost its script cache (a restart): loads it, then runs the call.
+                    keys, args = calls[index]
+                    replies[index] = script(keys=keys, args=args)
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            return replies
 
     def _due_windows(self, sensor_ids: list[str], flat_due: list[Any]) -> list[Window]:
         # flat_due: [sensor index (1-based), start_ts, end_ts, payload, recovered] per window.
@@ -626,6 +644,7 @@ class WindowStore:
         Raises ``RedisStateLost`` when Redis lost the state of one of their partitions
         (nothing of that partition was written).
         """
+        groups, calls = [], []
         for group, sensor_ids in self._by_group([*states, *end_ts_by_sensor]).items():
             with_state = [s for s in sensor_ids if s in states]
             emitted = [s for s in sensor_ids if s in end_ts_by_sensor]
@@ -641,8 +660,10 @@ class WindowStore:
                 for sensor_id in with_state
             ]
             args += [end_ts_by_sensor[sensor_id] for sensor_id in emitted]
-            with self._redis_errors("store alert states and acknowledge windows"):
-                written = self._acknowledge(keys=keys, args=args)
+            groups.append(group)
+            calls.append((keys, args))
+        action = "store alert states and acknowledge windows"
+        for group, written in zip(groups, self._run(self._acknowledge, calls, action), strict=True):
             if not written:
                 raise self._state_lost(group)
 

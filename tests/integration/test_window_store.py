@@ -390,6 +390,34 @@ def test_memory_per_sensor(
     assert used <= budget * payload
 
 
+def test_a_batch_over_several_partitions_is_one_round_trip_even_after_a_script_flush(
+    make_store: Callable[..., WindowStore], redis_client: redis.Redis
+) -> None:
+    store = make_store(window_length=2)
+    warm_up = [Reading(f"warm-up-{p}", T0_MS, (0.0,), partition=p) for p in (8, 9)]
+    store.append_batch(warm_up)  # connects and loads the script
+    batch = [
+        Reading(f"s{p}", T0_MS + i * 1000, (float(i),), partition=p, offset=i)
+        for p in range(3)
+        for i in range(3)
+    ]
+    before = CountingConnection.sends
+    result = store.append_batch(batch[:6])
+    assert CountingConnection.sends - before == 1
+    assert {w.sensor_id for w in result.due} == {"s0", "s1"}
+    redis_client.script_flush()  # as after a Redis restart that kept the data
+    result = store.append_batch(batch[6:])
+    assert [(w.sensor_id, w.end_ts_ms) for w in result.due] == [
+        ("s2", T0_MS + 1000),
+        ("s2", T0_MS + 2000),
+    ]
+    ends = {f"s{p}": T0_MS + 2000 for p in range(3)}
+    store.mark_emitted(ends)  # loads the acknowledging script
+    before = CountingConnection.sends
+    store.mark_emitted(ends)
+    assert CountingConnection.sends - before == 1
+
+
 def test_a_batch_that_fails_on_its_second_partition_loses_no_window_when_retried(
     make_store: Callable[..., WindowStore], redis_client: redis.Redis
 ) -> None:
