@@ -14,8 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from confluent_kafka import (
     TIMESTAMP_NOT_AVAILABLE,
@@ -47,9 +46,9 @@ class ConsumerError(RuntimeError):
     """The consumer hit an error it cannot continue from (fatal, or a failed commit)."""
 
 
-@dataclass(frozen=True, slots=True)
-class ConsumedMessage:
-    """One polled record, detached from librdkafka."""
+class ConsumedMessage(NamedTuple):
+    """One polled record, detached from librdkafka (a named tuple: one is built for every
+    record, and a tuple builds several times faster than a frozen dataclass)."""
 
     key: bytes | None
     value: bytes | None
@@ -64,13 +63,13 @@ class ConsumedMessage:
         """Copy a librdkafka message (one without an error) out of the client."""
         timestamp_type, timestamp_ms = message.timestamp()
         return cls(
-            key=message.key(),
-            value=message.value(),
-            topic=message.topic(),
-            partition=message.partition(),
-            offset=message.offset(),
-            timestamp_ms=timestamp_ms if timestamp_type != TIMESTAMP_NOT_AVAILABLE else None,
-            headers=tuple(message.headers() or ()),
+            message.key(),
+            message.value(),
+            message.topic(),
+            message.partition(),
+            message.offset(),
+            timestamp_ms if timestamp_type != TIMESTAMP_NOT_AVAILABLE else None,
+            tuple(message.headers() or ()),
         )
 
 

@@ -33,8 +33,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from confluent_kafka import KafkaException
 
@@ -78,9 +77,9 @@ DEAD_LETTER_CODES = REASON_CODES | {
 RETRYABLE = (WindowStoreError, PublishError, ConsumerError, KafkaException)
 
 
-@dataclass(frozen=True, slots=True)
-class PositionedReading:
-    """A valid reading and where in Kafka it came from (what ``WindowStore`` needs)."""
+class PositionedReading(NamedTuple):
+    """A valid reading and where in Kafka it came from (what ``WindowStore`` needs; a named
+    tuple, as one is built for every reading)."""
 
     sensor_id: str
     ts_ms: int

@@ -63,7 +63,7 @@ def test_a_wrong_password_fails_clearly_without_showing_either_password(
     wrong = "wrong-Pa55word"
     store = store_at(url_with(secure_redis, password=wrong), key_prefix)
     with pytest.raises(WindowStoreError) as failure:
-        store.detect_state_loss()
+        store.applied_offsets([("readings", 0)])
     message = str(failure.value)
     assert f"Redis at 127.0.0.1:{secure_redis.port}" in message
     assert "invalid username-password pair" in message
@@ -77,7 +77,7 @@ def test_a_plaintext_url_to_the_tls_port_fails_and_says_to_use_rediss(
 ) -> None:
     store = store_at(url_with(secure_redis, scheme="redis", ca=False), key_prefix)
     with pytest.raises(WindowStoreError, match=r"must start with rediss://") as failure:
-        store.detect_state_loss()
+        store.applied_offsets([("readings", 0)])
     assert "pa:ss" not in str(failure.value) and quote(REDIS_PASSWORD, safe="") not in str(
         failure.value
     )
@@ -88,13 +88,13 @@ def test_a_server_certificate_from_an_unknown_ca_is_refused(
 ) -> None:
     store = store_at(url_with(secure_redis, ca=False), key_prefix)
     with pytest.raises(WindowStoreError, match="certificate verify failed"):
-        store.detect_state_loss()
+        store.applied_offsets([("readings", 0)])
 
 
 def test_the_default_user_is_disabled(secure_redis: EmbeddedRedis, key_prefix: str) -> None:
     url = f"rediss://{secure_redis.host}:{secure_redis.port}/0?ssl_ca_certs={secure_redis.tls_ca}"
     with pytest.raises(WindowStoreError, match="authenticated"):
-        store_at(url, key_prefix).detect_state_loss()
+        store_at(url, key_prefix).applied_offsets([("readings", 0)])
 
 
 def test_a_certificate_for_another_host_is_refused(
@@ -104,4 +104,4 @@ def test_a_certificate_for_another_host_is_refused(
         tls_cert=foreign_tls_files.cert, tls_key=foreign_tls_files.key, tls_ca=foreign_tls_files.ca
     )
     with impostor, pytest.raises(WindowStoreError, match="certificate verify failed"):
-        store_at(impostor.url, key_prefix).detect_state_loss()
+        store_at(impostor.url, key_prefix).applied_offsets([("readings", 0)])
