@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -141,6 +142,13 @@ def redis_url() -> Iterator[str]:
                     f"redis-server. Embedded start failed: {error}"
                 )
         yield url
+
+
+# A local Redis Cluster (`EmbeddedRedisCluster`) needs both binaries.
+needs_redis_cluster = pytest.mark.skipif(
+    shutil.which("redis-server") is None or shutil.which("redis-cli") is None,
+    reason="redis-server and redis-cli are needed for a local Redis Cluster",
+)
 
 
 @pytest.fixture

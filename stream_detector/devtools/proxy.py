@@ -9,15 +9,16 @@ import contextlib
 import logging
 import socket
 import threading
-from types import TracebackType
 from typing import Self
+
+from stream_detector.devtools.services import Startable
 
 logger = logging.getLogger(__name__)
 
 _CHUNK_BYTES = 65_536
 
 
-class TcpProxy:
+class TcpProxy(Startable):
     """Forward ``host:port`` to ``target_host:target_port``; ``cut()`` makes the target unreachable.
 
     While cut, the listening port is closed (clients get "connection refused") and every
@@ -104,17 +105,6 @@ class TcpProxy:
             self._connections -= {source, sink}
         _close(source)
         _close(sink)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def _close(connection: socket.socket) -> None:

@@ -93,7 +93,28 @@ def _port_accepts(host: str, port: int) -> bool:
         return False
 
 
-class _EmbeddedProcess:
+class Startable:
+    """Something started and stopped: ``with`` starts it and stops it again."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class _EmbeddedProcess(Startable):
     """A child process on a local port, with its output captured to a temp file."""
 
     name = "service"
@@ -201,17 +222,6 @@ class _EmbeddedProcess:
     def running(self) -> bool:
         """Whether the process is alive."""
         return self._process is not None and self._process.poll() is None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 class EmbeddedKafka(_EmbeddedProcess):
@@ -403,7 +413,7 @@ class EmbeddedRedis(_EmbeddedProcess):
             client.close()
 
 
-class EmbeddedRedisCluster:
+class EmbeddedRedisCluster(Startable):
     """A throw-away Redis Cluster of ``masters`` nodes on loopback ports, no replicas:
     `with EmbeddedRedisCluster() as cluster: cluster.url` (any node's URL reaches all)."""
 
@@ -418,15 +428,21 @@ class EmbeddedRedisCluster:
         return self.nodes[0].url
 
     def start(self) -> Self:
-        for node in self.nodes:
-            node.start()
-        addresses = [f"{node.host}:{node.port}" for node in self.nodes]
-        self.redis_cli("--cluster", "create", *addresses, "--cluster-yes")
-        deadline = time.monotonic() + self.timeout_s
-        while not all(self._cluster_ok(node) for node in self.nodes):
-            if time.monotonic() > deadline:
-                raise ServiceStartError(f"Redis Cluster {addresses} did not reach cluster_state:ok")
-            time.sleep(0.1)
+        try:
+            for node in self.nodes:
+                node.start()
+            addresses = [f"{node.host}:{node.port}" for node in self.nodes]
+            self.redis_cli("--cluster", "create", *addresses, "--cluster-yes")
+            deadline = time.monotonic() + self.timeout_s
+            while not all(self._cluster_ok(node) for node in self.nodes):
+                if time.monotonic() > deadline:
+                    raise ServiceStartError(
+                        f"Redis Cluster {addresses} did not reach cluster_state:ok"
+                    )
+                time.sleep(0.1)
+        except BaseException:
+            self.stop()  # no node outlives a failed start
+            raise
         return self
 
     def redis_cli(self, *arguments: str) -> str:
@@ -476,21 +492,6 @@ class EmbeddedRedisCluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
-
-    def __enter__(self) -> Self:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def _await_admin(

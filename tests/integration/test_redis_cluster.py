@@ -6,39 +6,26 @@ The cluster runs on loopback ports (``redis-server --cluster-enabled yes`` and
 
 from __future__ import annotations
 
-import shutil
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import redis
 
 from stream_detector.devtools.services import EmbeddedRedisCluster
+from stream_detector.pipeline import PositionedReading
 from stream_detector.windows import WindowStore
+from tests.conftest import needs_redis_cluster
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(
-        shutil.which("redis-server") is None or shutil.which("redis-cli") is None,
-        reason="redis-server and redis-cli are needed for a local Redis Cluster",
-    ),
+    needs_redis_cluster,
 ]
 
 T0_MS = 1_700_000_000_000
 PARTITIONS = 12
 SENSORS_PER_PARTITION = 4
-
-
-@dataclass(frozen=True)
-class Reading:
-    sensor_id: str
-    ts_ms: int
-    values: tuple[float, ...]
-    topic: str
-    partition: int
-    offset: int
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +42,10 @@ def keys_per_master(cluster: EmbeddedRedisCluster, prefix: str) -> list[list[byt
     return found
 
 
-def readings(steps: range, topic: str = "readings") -> list[Reading]:
+def readings(steps: range, topic: str = "readings") -> list[PositionedReading]:
     """Readings of SENSORS_PER_PARTITION sensors on each partition; value = step."""
     return [
-        Reading(f"p{p}-s{s}", T0_MS + step * 1000, (float(step),), topic, p, step)
+        PositionedReading(f"p{p}-s{s}", T0_MS + step * 1000, (float(step),), topic, p, step)
         for step in steps
         for p in range(PARTITIONS)
         for s in range(SENSORS_PER_PARTITION)

@@ -8,7 +8,6 @@ the takeover continues from the windows in Redis without replaying any reading.
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from stream_detector import store
 from stream_detector.config import KafkaTopics, RedisSettings, Settings
 from stream_detector.devtools import loadgen
 from stream_detector.devtools.services import EmbeddedRedisCluster
-from tests.conftest import Topics
+from tests.conftest import Topics, needs_redis_cluster
 from tests.reliability.harness import final_windows, reference, verify
 from tests.worker_support import (
     MODEL,
@@ -39,10 +38,7 @@ from tests.worker_support import (
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(
-        shutil.which("redis-server") is None or shutil.which("redis-cli") is None,
-        reason="redis-server and redis-cli are needed for a local Redis Cluster",
-    ),
+    needs_redis_cluster,
 ]
 
 PARTITIONS = 6
