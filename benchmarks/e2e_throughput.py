@@ -346,6 +346,12 @@ def main() -> None:
         "200 ms when no new data is there instead of answering when data arrives)",
     )
     parser.add_argument(
+        "--poll-batch-size", type=int, default=500, help="DETECTOR_KAFKA__POLL_BATCH_SIZE"
+    )
+    parser.add_argument(
+        "--batch-deadline-ms", type=int, default=50, help="DETECTOR_BATCH_DEADLINE_MS"
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="sample the worker with py-spy during the end-to-end phase (needs py-spy and "
@@ -384,12 +390,14 @@ def main() -> None:
                 "topics": topics,
                 "session_timeout_ms": 6000,
                 "extra": {"fetch.wait.max.ms": str(args.fetch_wait_ms)},
+                "poll_batch_size": args.poll_batch_size,
             },
             redis=RedisSettings(url=redis_url, key_prefix=prefix),
             model=ModelSettings(store=str(model_dir)),
             window_length=args.window_length,
             stride=args.stride,
             batch_size=args.batch_size,
+            batch_deadline_ms=args.batch_deadline_ms,
             metrics_port=free_port(),
             log_level="WARNING",
         )
@@ -438,6 +446,8 @@ def main() -> None:
             "partitions": PARTITIONS,
             "broker": "embedded tansu" if not args.bootstrap else "external",
             "fetch_wait_max_ms": args.fetch_wait_ms,
+            "poll_batch_size": args.poll_batch_size,
+            "batch_deadline_ms": args.batch_deadline_ms,
         },
         "readings_per_s": {
             "end_to_end": round(e2e, 1),
