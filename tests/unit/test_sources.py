@@ -21,7 +21,7 @@ from trainer.sources import (
     segments,
     split_windows,
 )
-from trainer.sources.series import _apply_spans, _build_series
+from trainer.sources.series import apply_spans, build_series
 
 pytestmark = pytest.mark.unit
 
@@ -30,9 +30,9 @@ MINUTE_MS = 60_000
 
 def _series_data(ts_ms: np.ndarray, spans: list[Span] = ()) -> TrainingData:
     values = np.arange(len(ts_ms), dtype=np.float32)[:, None]
-    series = _build_series("s", np.asarray(ts_ms, np.int64), values, Counter())
+    series = build_series("s", np.asarray(ts_ms, np.int64), values, Counter())
     data = TrainingData({"s": series}, {"kind": "test"}, excluded_spans=list(spans))
-    return _apply_spans(data, margin_windows=1.0, window_length=8)
+    return apply_spans(data, margin_windows=1.0, window_length=8)
 
 
 def test_segments_break_at_gaps_longer_than_the_gap_factor() -> None:

@@ -17,9 +17,9 @@ from trainer.sources.series import (
     DEFAULT_MAX_READINGS_PER_SENSOR,
     Span,
     TrainingData,
-    _apply_spans,
-    _build_series,
-    _consistent_channels,
+    apply_spans,
+    build_series,
+    consistent_channels,
     parse_time_ms,
 )
 
@@ -92,17 +92,17 @@ def read_files(
                 ts_ms, values = ts_ms[-max_readings_per_sensor:], values[-max_readings_per_sensor:]
             raw[sensor_id] = (np.asarray(ts_ms, np.int64), np.asarray(values, np.float32))
     series = {
-        sensor_id: _build_series(sensor_id, ts_ms, values, dropped)
+        sensor_id: build_series(sensor_id, ts_ms, values, dropped)
         for sensor_id, (ts_ms, values) in raw.items()
     }
-    series = _consistent_channels(series, dropped)
+    series = consistent_channels(series, dropped)
     data = TrainingData(
         series=series,
         source={"kind": "files", "files": [str(p) for p in paths]},
         incidents=[s for s in [*labelled, *incidents] if s.sensor_id in series],
         dropped=dropped,
     )
-    return _apply_spans(data, margin_windows, window_length)
+    return apply_spans(data, margin_windows, window_length)
 
 
 def read_incidents(path: Path) -> list[Span]:

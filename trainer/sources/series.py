@@ -171,7 +171,7 @@ def exclusion_mask(ts_ms: np.ndarray, spans: Iterable[Span], margin_ms: float) -
     return mask
 
 
-def _build_series(
+def build_series(
     sensor_id: str, ts_ms: np.ndarray, values: np.ndarray, dropped: Counter[str]
 ) -> SensorSeries:
     order = np.argsort(ts_ms, kind="stable")
@@ -188,7 +188,7 @@ def _build_series(
     )
 
 
-def _consistent_channels(
+def consistent_channels(
     series: dict[str, SensorSeries], dropped: Counter[str]
 ) -> dict[str, SensorSeries]:
     """Keep the sensors with the most common channel count (one model, one input shape)."""
@@ -207,7 +207,7 @@ def _consistent_channels(
     return {sensor: s for sensor, s in series.items() if s.channels == channels}
 
 
-def _apply_spans(data: TrainingData, margin_windows: float, window_length: int) -> TrainingData:
+def apply_spans(data: TrainingData, margin_windows: float, window_length: int) -> TrainingData:
     """Mark readings inside excluded spans and incidents (plus the margin) as excluded."""
     by_sensor: dict[str, list[Span]] = {}
     for span in [*data.excluded_spans, *data.incidents]:

@@ -16,9 +16,9 @@ from trainer.sources.series import (
     DEFAULT_MAX_READINGS_PER_SENSOR,
     Span,
     TrainingData,
-    _apply_spans,
-    _build_series,
-    _consistent_channels,
+    apply_spans,
+    build_series,
+    consistent_channels,
     iso,
 )
 
@@ -115,8 +115,8 @@ def read_stream(
         dropped["other_channel_count"] += len(buffer) - len(rows)
         ts_ms = np.fromiter((ts for ts, _ in rows), dtype=np.int64, count=len(rows))
         values = np.asarray([values for _, values in rows], dtype=np.float32).reshape(-1, width)
-        series[sensor_id] = _build_series(sensor_id, ts_ms, values, dropped)
-    series = _consistent_channels(series, dropped)
+        series[sensor_id] = build_series(sensor_id, ts_ms, values, dropped)
+    series = consistent_channels(series, dropped)
     events = []
     for message in replay(
         kafka.bootstrap_servers,
@@ -151,4 +151,4 @@ def read_stream(
         incidents=[span for span in incidents if span.sensor_id in series],
         dropped=dropped,
     )
-    return _apply_spans(data, margin_windows, window_length)
+    return apply_spans(data, margin_windows, window_length)
