@@ -13,7 +13,7 @@ import torch
 from stream_detector.config import AlertPolicy
 from stream_detector.model import SMOLLM2, AnomalyLLM, ModelConfig
 from trainer.detectors import dominant_period
-from trainer.thresholds import AlertSpans, ThresholdConfig, pot_threshold
+from trainer.thresholds import AlertReplay, ThresholdConfig, pot_threshold
 from trainer.train import TrainResult, fit, profile, refresh, sliding_windows
 
 PATCHES_PER_WINDOW = 8
@@ -211,7 +211,7 @@ class AnomalyLLMDetector:
         model, threshold = copy.deepcopy(self.model), self.threshold
         length = model.config.window_length
         ends = np.arange(len(windows)) * stride + length - 1
-        replay = AlertSpans(AlertPolicy())
+        replay = AlertReplay(AlertPolicy())
         scores = np.zeros(len(windows), dtype=np.float32)
         first = 0
         for cut in [*range(self.training_rows, len(series), self.refresh_every), len(series)]:

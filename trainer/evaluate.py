@@ -57,7 +57,7 @@ from trainer.data import (
     load_ucr,
 )
 from trainer.detectors import PROFILES, Detector, get_detector
-from trainer.thresholds import AlertSpans, ThresholdConfig, pot_threshold
+from trainer.thresholds import AlertReplay, ThresholdConfig, pot_threshold
 
 UCR_MARGIN = 100
 THRESHOLD_METHODS = ("quantile", "pot")
@@ -401,7 +401,7 @@ def alert_mask(scores: np.ndarray, threshold: float, policy: AlertPolicy) -> np.
     ``start_ts_ms`` to its last hot window; one still open at the end, up to its last
     hot window so far.
     """
-    replay = AlertSpans(policy)
+    replay = AlertReplay(policy)
     for row, score in enumerate(scores.tolist()):
         replay.add(row * MSL_ROW_MS, score, threshold)
     mask = np.zeros(scores.size, dtype=bool)

@@ -36,6 +36,7 @@ from scipy.stats import genpareto
 
 from stream_detector.alerts import SensorAlertState, update
 from stream_detector.config import AlertPolicy
+from stream_detector.schemas import AlertEvent
 
 _DAY_MS = 86_400_000
 _SMALLEST_THRESHOLD = 1e-9  # thresholds.json needs a positive threshold
@@ -140,47 +141,20 @@ def pot_threshold(scores: np.ndarray, config: ThresholdConfig) -> Estimate:
     )
 
 
-def replay_alerts(
-    scores: SensorScores, sensor_id: str, threshold: float | None, policy: AlertPolicy
-) -> tuple[int, list[int]]:
-    """Run the worker's alert policy over these scores.
+class AlertReplay:
+    """The worker's alert policy run over one sensor's scores, window by window.
 
-    Returns the windows above the threshold in force and the event times of the alerts
-    that opened (``threshold=None`` is the worker's quantile fallback).
-    """
-    state = SensorAlertState(sensor_id)
-    above, opened = 0, []
-    for ts_ms, score in zip(scores.end_ts_ms.tolist(), scores.scores.tolist(), strict=True):
-        state, events = update(
-            state,
-            score=score,
-            ts_ms=ts_ms,
-            threshold=threshold,
-            policy=policy,
-            model_version="replay",
-            nearest_prototype=0,
-            attribution=(1.0,),
-        )
-        if state.threshold is not None and score > state.threshold:
-            above += 1
-        opened += [event.event_ts_ms for event in events if event.state == "open"]
-    return above, opened
-
-
-class AlertSpans:
-    """The alerts the worker's policy raises on one sensor's scores, window by window.
-
-    What ``trainer refresh`` leaves out of its data (`trainer.sources.alert_spans`) and
-    what the evaluation counts as detections.
+    Keeps the spans of the alerts it raised: what ``trainer refresh`` leaves out of its
+    data (`trainer.sources.alert_spans`) and what the evaluation counts as detections.
     """
 
-    def __init__(self, policy: AlertPolicy) -> None:
+    def __init__(self, policy: AlertPolicy, sensor_id: str = "replay") -> None:
         self.policy = policy
-        self.state = SensorAlertState("replay")
+        self.state = SensorAlertState(sensor_id)
         self.closed: list[tuple[int, int]] = []
 
-    def add(self, ts_ms: int, score: float, threshold: float | None) -> None:
-        """Fold in the score of the window ending at ``ts_ms``."""
+    def add(self, ts_ms: int, score: float, threshold: float | None) -> list[AlertEvent]:
+        """Fold in the score of the window ending at ``ts_ms``; the events it caused."""
         self.state, events = update(
             self.state,
             score=score,
@@ -194,6 +168,7 @@ class AlertSpans:
         self.closed += [
             (event.start_ts_ms, event.end_ts_ms) for event in events if event.state == "resolved"
         ]
+        return events
 
     def spans(self, open_until_ms: int | None = None) -> list[tuple[int, int]]:
         """(start, end) of every alert so far, inclusive. One still open ends at
@@ -203,6 +178,24 @@ class AlertSpans:
             return list(self.closed)
         end = alert.last_hot_ts_ms if open_until_ms is None else open_until_ms
         return [*self.closed, (alert.start_ts_ms, end)]
+
+
+def replay_alerts(
+    scores: SensorScores, sensor_id: str, threshold: float | None, policy: AlertPolicy
+) -> tuple[int, list[int]]:
+    """Run the worker's alert policy over these scores.
+
+    Returns the windows above the threshold in force and the event times of the alerts
+    that opened (``threshold=None`` is the worker's quantile fallback).
+    """
+    replay = AlertReplay(policy, sensor_id)
+    above, opened = 0, []
+    for ts_ms, score in zip(scores.end_ts_ms.tolist(), scores.scores.tolist(), strict=True):
+        events = replay.add(ts_ms, score, threshold)
+        if replay.state.threshold is not None and score > replay.state.threshold:
+            above += 1
+        opened += [event.event_ts_ms for event in events if event.state == "open"]
+    return above, opened
 
 
 def count_alerts(scores: SensorScores, threshold: float, policy: AlertPolicy) -> int:
