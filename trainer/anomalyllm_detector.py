@@ -184,9 +184,15 @@ class AnomalyLLMDetector:
         training part is short); the networks train on an evenly thinned subset of them
         (``TrainConfig.max_train_windows``).
         """
+        step = self._offered_step(len(train) - length, memory_slots)
+        return sliding_windows(train, length, step)
+
+    def _offered_step(self, shifts: int, memory_slots: int) -> int:
+        """The stride that offers ``fit`` or a refresh enough of ``shifts`` window starts:
+        every one when they are few, else about the bank's size (and twice the windows
+        the networks train on)."""
         max_train_windows = profile(self.profile_name, seed=self.seed).max_train_windows
-        offered = max(memory_slots, max_train_windows * 2)
-        return sliding_windows(train, length, max(1, (len(train) - length) // offered))
+        return max(1, shifts // max(memory_slots, max_train_windows * 2))
 
     def window_scores(self, series: np.ndarray, stride: int) -> np.ndarray:
         """Scores of windows starting at 0, stride, 2*stride, ... (N,)"""
@@ -252,9 +258,8 @@ class AnomalyLLMDetector:
         pieces = [piece for piece in pieces if len(piece) >= length]
         if not pieces:
             return np.zeros((0, series.shape[1], length), dtype=np.float32)
-        train_windows = profile(self.profile_name).max_train_windows
-        offered = max(self.model.config.memory_slots, 2 * train_windows)
-        step = max(1, sum(len(piece) - length for piece in pieces) // offered)
+        shifts = sum(len(piece) - length for piece in pieces)
+        step = self._offered_step(shifts, self.model.config.memory_slots)
         return np.concatenate([sliding_windows(piece, length, step) for piece in pieces])
 
     def score(self, series: np.ndarray) -> np.ndarray:
