@@ -52,6 +52,7 @@ from stream_detector.devtools.workers import metric_value, start_worker
 from stream_detector.model import SMOLLM2, AnomalyLLM, ModelConfig
 from stream_detector.publisher import ReadingProducer
 from stream_detector.scorer import ModelRegistry, Scorer, resolve_device
+from stream_detector.windows import WindowStore
 
 RESULTS = Path(__file__).parent / "results" / "e2e_throughput.json"
 PARTITIONS = 4
@@ -301,12 +302,11 @@ def redis_bytes(redis_url: str, prefix: str, sensors: int, sample: int = 100) ->
     """Mean MEMORY USAGE of a sensor's window and alert state (a sample of sensors)."""
     # A measurement, not part of the product: windows.py stays the only Redis user there.
     client = redis.Redis.from_url(redis_url)
-    ids = {f"sensor-{i:05d}" for i in np.linspace(0, sensors - 1, sample).astype(int)}
-    window, state = [], []
-    for key in client.scan_iter(match=f"{{{prefix}:*", count=1000):
-        _, _, rest = key.decode().partition("}:")  # {prefix:topic:partition}:kind:sensor
-        if rest[2:] in ids and rest[:2] in ("w:", "a:"):
-            (window if rest[0] == "w" else state).append(client.memory_usage(key, samples=0))
+    store = WindowStore(client, window_length=1, key_prefix=prefix)  # only for key names
+    ids = [f"sensor-{i:05d}" for i in np.linspace(0, sensors - 1, sample).astype(int)]
+    store.locate(ids)
+    window = [client.memory_usage(store.window_key(s), samples=0) or 0 for s in ids]
+    state = [client.memory_usage(store.alert_key(s), samples=0) or 0 for s in ids]
     client.close()
     return {
         "window": round(float(np.mean(window)), 1),

@@ -688,14 +688,14 @@ class WindowStore:
         wanted_ids = list(dict.fromkeys(sensor_ids))
         found = {}
         with self._redis_errors(action):
-            self._locate(wanted_ids)
+            self.locate(wanted_ids)
             known = [sensor_id for sensor_id in wanted_ids if sensor_id in self._group_of]
             for group, wanted in self._by_group(known).items():
                 raws = self._redis.mget([f"{group}:{kind}:{sensor_id}" for sensor_id in wanted])
                 found |= {s: raw for s, raw in zip(wanted, raws, strict=True) if raw is not None}
         return found
 
-    def _locate(self, sensor_ids: list[str]) -> None:
+    def locate(self, sensor_ids: Iterable[str]) -> None:
         """Learn the partition of sensors this store appended no reading of from the keys
         Redis holds: one SCAN over the prefix, for tools and tests that read another
         process's state (the worker reads only sensors it appended)."""
