@@ -304,7 +304,7 @@ class OutputReader:
         """Read every output partition to its end.
 
         Exact once the workers have stopped: a stopped worker has every output acknowledged,
-        so nothing can arrive later. (``read_quietly`` only waits for a quiet spell.)
+        so nothing can arrive later.
         """
 
         def at_end(outputs: Outputs) -> bool:
@@ -312,18 +312,6 @@ class OutputReader:
             return bool(lag) and not any(lag.values())
 
         return self.read_until(at_end, timeout_s)
-
-    def read_quietly(self, quiet_s: float = 1.0) -> Outputs:
-        """Read until nothing has arrived for ``quiet_s``."""
-        last = [time.monotonic(), 0]
-
-        def quiet(outputs: Outputs) -> bool:
-            count = len(outputs.scores) + len(outputs.alerts) + len(outputs.dead_letters)
-            if count != last[1]:
-                last[:] = [time.monotonic(), count]
-            return time.monotonic() - last[0] > quiet_s
-
-        return self.read_until(quiet)
 
     def close(self) -> None:
         self._consumer.close()

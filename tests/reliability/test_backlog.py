@@ -1,8 +1,9 @@
 """A backlog of a million readings: worked off in bounded memory, lag rises then falls to 0.
 
 The worker runs as a subprocess so that its resident memory can be sampled from
-``/proc``; the readings arrive faster than it scores them, so the lag builds up while the
-producer runs and drains afterwards.
+``/proc``. The whole backlog is on the topic before the worker that works it off starts,
+so the lag starts at a million whatever the machine's speed; a first worker of the same
+settings, started and stopped on the empty topic, gives the idle memory.
 """
 
 from __future__ import annotations
@@ -89,6 +90,16 @@ class Sampler:
         self._thread.join()
 
 
+def idle_rss_mib(settings: Settings, log: Path) -> float | None:
+    """Resident memory of a worker that joined its group and has nothing to read."""
+    process = start_worker(settings, log)
+    try:
+        wait_for(lambda: readiness(settings.metrics_port) is True, 90, "the worker to join")
+        return rss_mib(process.pid)
+    finally:
+        stop_worker(process, log)
+
+
 def test_a_backlog_of_a_million_readings_is_worked_off_in_bounded_memory(
     tmp_path: Path,
     kafka_bootstrap: str,
@@ -106,16 +117,16 @@ def test_a_backlog_of_a_million_readings_is_worked_off_in_bounded_memory(
     ref = reference(plan, trained, version, STRIDE)
     settings = settings_for(model_store, kafka={"lag_interval_s": 1.0})
     settings = settings.model_copy(update={"stride": STRIDE})
+    port = settings.metrics_port
+    idle_mb = idle_rss_mib(settings, tmp_path / "idle-worker.log")
+    started = time.monotonic()
+    produce(kafka_bootstrap, topics.readings, plan)
+    produced_s = time.monotonic() - started
     log = tmp_path / "worker.log"
     process = start_worker(settings, log)
-    port = settings.metrics_port
     try:
-        wait_for(lambda: readiness(port) is True, 90, "the worker to join the group")
-        idle_mb = rss_mib(process.pid)
         with Sampler(process.pid, port) as sampler:
             started = time.monotonic()
-            produce(kafka_bootstrap, topics.readings, plan)
-            produced_s = time.monotonic() - started
             reader.read_until(lambda o: set(ref.scores) <= o.scored(), timeout_s=900)
             worked_off_s = time.monotonic() - started
             wait_for(lambda: total_lag(port) == 0, 30, "the lag to fall back to 0")
@@ -145,4 +156,4 @@ def test_a_backlog_of_a_million_readings_is_worked_off_in_bounded_memory(
         },
     )
     assert peak_mb - idle_mb < RSS_GROWTH_BOUND_MB, record
-    assert peak_lag > 0.1 * ref.readings, f"the lag never showed the backlog: {record}"
+    assert peak_lag > 0.5 * ref.readings, f"the lag never showed the backlog: {record}"
