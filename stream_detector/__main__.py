@@ -1,4 +1,4 @@
-"""Command line: ``python -m stream_detector run|config|alerts|alertmanager|loadgen|demo``."""
+"""Command line: ``python -m stream_detector run|config|state|alerts|alertmanager|loadgen|demo``."""
 
 from __future__ import annotations
 
@@ -45,6 +45,27 @@ def _run(args: argparse.Namespace) -> int:
 
 def _config(args: argparse.Namespace) -> int:
     print(json.dumps(_settings().masked_dump(), indent=2))
+    return 0
+
+
+def _state(args: argparse.Namespace) -> int:
+    """What the workers hold in Redis for some sensors: one JSON line per sensor."""
+    from stream_detector.windows import WindowStore
+
+    store = WindowStore.from_settings(_settings(), args.channels)
+    windows = store.fetch_windows(args.sensor)
+    states = store.get_alert_state(args.sensor)
+    for sensor_id in args.sensor:
+        window = windows.get(sensor_id)
+        held = None
+        if window is not None:
+            held = {
+                "start_ts_ms": window.start_ts_ms,
+                "end_ts_ms": window.end_ts_ms,
+                "values": window.values.tolist(),  # per channel, oldest reading first
+            }
+        line = {"sensor_id": sensor_id, "window": held, "alert_state": states.get(sensor_id)}
+        print(json.dumps(line, allow_nan=False), flush=True)
     return 0
 
 
@@ -124,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("run", help="the streaming worker, configured by DETECTOR_* variables")
     commands.add_parser("config", help="print the effective configuration (secrets masked)")
 
+    state = commands.add_parser(
+        "state", help="a sensor's current window and alert state in Redis, as JSON lines"
+    )
+    state.add_argument("sensor", nargs="+", help="sensor ids")
+    state.add_argument("--channels", type=int, default=1, help="the sensors' channel count")
+
     alerts = commands.add_parser("alerts", help="tail the alerts topic, one line per change")
     alerts.add_argument("--sensor", default="*", help="sensor id glob (default: all)")
     alerts.add_argument("--min-severity", help="lowest severity shown, e.g. major")
@@ -158,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {
         "run": _run,
         "config": _config,
+        "state": _state,
         "alerts": _alerts,
         "alertmanager": _alertmanager,
         "loadgen": _loadgen,

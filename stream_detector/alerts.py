@@ -2,7 +2,8 @@
 
 Per sensor, ``update`` folds one window score into a ``SensorAlertState`` and returns the
 new state with the ``AlertEvent`` objects it caused. The state round-trips through
-``to_json``/``from_json`` so that it can live in Redis (the Redis I/O is elsewhere).
+``to_dict``/``from_dict`` (JSON-ready data) so that it can live in Redis (the Redis I/O is
+elsewhere).
 
 The rules, with their parameters in ``AlertPolicy`` (``settings.alerts``):
 
@@ -34,7 +35,6 @@ The rules, with their parameters in ``AlertPolicy`` (``settings.alerts``):
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from bisect import bisect_right
 from collections.abc import Mapping, Sequence
@@ -242,21 +242,6 @@ class SensorAlertState:
             return _STATE_ADAPTER.validate_python(data)
         except ValidationError as exc:
             raise InvalidAlertState(f"unreadable alert state: {exc}") from None
-
-    def to_json(self) -> str:
-        """Compact JSON, for storage."""
-        return json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=False)
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> SensorAlertState:
-        """Inverse of ``to_json``; raise ``InvalidAlertState`` on anything else."""
-        try:
-            data = json.loads(text)
-        except (ValueError, RecursionError) as exc:
-            raise InvalidAlertState(f"alert state is not JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise InvalidAlertState("alert state is not a JSON object")
-        return cls.from_dict(data)
 
 
 _STATE_ADAPTER = TypeAdapter(SensorAlertState)

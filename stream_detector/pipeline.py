@@ -678,21 +678,6 @@ def open_pipeline(settings: Settings, metrics: Metrics) -> Pipeline:
         model_names=model_names,
         retried_systems=[error.__name__ for error in RETRYABLE],
     )
-    redis_url = settings.redis.url.get_secret_value()
-
-    def store_for(channels: int) -> WindowStore:
-        # Stores differ in channel count, so each keeps its own keys and offset guard.
-        prefix = settings.redis.key_prefix + ("" if channels == 1 else f"c{channels}")
-        return WindowStore(
-            redis_url,
-            window_length=settings.window_length,
-            channels=channels,
-            stride=settings.stride,
-            key_prefix=prefix,
-            ttl_s=settings.redis.sensor_ttl_s,
-            cluster=settings.redis.cluster,
-        )
-
     pipeline = Pipeline(
         settings,
         consumer=consumer,
@@ -700,7 +685,7 @@ def open_pipeline(settings: Settings, metrics: Metrics) -> Pipeline:
         registry=registry,
         scorer=Scorer(registry, device=device, mixed_precision=settings.mixed_precision),
         metrics=metrics,
-        store_factory=store_for,
+        store_factory=lambda channels: WindowStore.from_settings(settings, channels),
     )
     hooks.update(assign=pipeline.on_assign, revoke=pipeline.on_revoke)
     return pipeline

@@ -44,10 +44,10 @@ Policies:
   batch with its values (intermediate ones too, so a burst loses no scores), and
   resets the stride counter inside the same offset-guarded script, so a replay does
   not make a window due twice.
-- At-least-once scoring: every due window stays *pending* until ``acknowledge`` (or
-  ``mark_emitted``; call it after its outputs are published): its timestamps and values
-  wait in ``G:p:{sensor_id}``, a list that the acknowledgement empties, so it
-  exists only between a poll and its commit. If a replay after a crash skips a sensor's readings
+- At-least-once scoring: every due window stays *pending* until ``acknowledge`` (call
+  it after its outputs are published): its timestamps and values wait in
+  ``G:p:{sensor_id}``, a list that the acknowledgement empties, so it exists only
+  between a poll and its commit. If a replay after a crash skips a sensor's readings
   while windows are pending, ``append_batch`` returns all of them again, oldest first
   and with ``recovered=True``, before any window the replay makes due.
 
@@ -67,12 +67,15 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 import numpy as np
 import redis
 from redis.commands.core import Script
+
+if TYPE_CHECKING:
+    from stream_detector.config import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -349,7 +352,7 @@ class Window:
     values: np.ndarray  # (C, L) float32, oldest reading first
     start_ts_ms: int
     end_ts_ms: int
-    recovered: bool = False  # re-reported after a replay because it was never marked emitted
+    recovered: bool = False  # re-reported after a replay because it was never acknowledged
 
 
 @dataclass(frozen=True, slots=True)
@@ -432,6 +435,24 @@ class WindowStore:
         self._epochs: dict[str, bytes] = {}  # group -> the epoch marker this store has seen
         self._group_of: dict[str, str] = {}  # sensor -> group of its newest appended reading
 
+
+    @classmethod
+    def from_settings(cls, settings: Settings, channels: int = 1) -> WindowStore:
+        """The store of sensors with ``channels`` channels, as the worker configures it.
+
+        The worker keeps one store per channel count; each has its own keys and offset
+        guard (the prefix gains ``c<channels>`` beyond one channel).
+        """
+        prefix = settings.redis.key_prefix + ("" if channels == 1 else f"c{channels}")
+        return cls(
+            settings.redis.url.get_secret_value(),
+            window_length=settings.window_length,
+            channels=channels,
+            stride=settings.stride,
+            key_prefix=prefix,
+            ttl_s=settings.redis.sensor_ttl_s,
+            cluster=settings.redis.cluster,
+        )
     def group(self, topic: str, partition: int) -> str:
         """The hash tag shared by every key of one Kafka partition's sensors."""
         return f"{{{self.key_prefix}:{topic}:{partition}}}"
@@ -679,10 +700,6 @@ class WindowStore:
                 offsets[(topic, partition)] = None if found is None else int(found)
         return offsets
 
-    def mark_emitted(self, end_ts_by_sensor: Mapping[str, int]) -> None:
-        """Acknowledge that the windows ending at these timestamps were published."""
-        self.acknowledge({}, end_ts_by_sensor)
-
     def _read(self, kind: str, sensor_ids: Iterable[str], action: str) -> dict[str, bytes]:
         """The raw values of one kind of key (``w``, ``a``) of these sensors, where present."""
         wanted_ids = list(dict.fromkeys(sensor_ids))
@@ -735,10 +752,6 @@ class WindowStore:
             if isinstance(state, dict):
                 states[sensor_id] = state
         return states
-
-    def put_alert_state(self, states: Mapping[str, Mapping[str, Any]]) -> None:
-        """Store alert state per sensor as JSON with the store's TTL."""
-        self.acknowledge(states, {})
 
     def ping(self) -> bool:
         """Whether Redis answers (every primary, on a cluster)."""

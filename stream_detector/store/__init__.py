@@ -199,12 +199,6 @@ def list_versions(root: Path | str, model_name: str) -> list[str]:
     return sorted(backend.list_dirs(f"{model_rel(model_name)}/{VERSIONS_DIR}"))
 
 
-def list_models(root: Path | str) -> list[str]:
-    """Names of the models that have at least one version."""
-    backend = open_backend(root)
-    return sorted(name for name in backend.list_dirs("") if list_versions(root, name))
-
-
 def current_version(root: Path | str, model_name: str) -> str | None:
     """The version CURRENT points at, or None when the model has none."""
     data = open_backend(root).read(f"{model_rel(model_name)}/{CURRENT_FILE}")
@@ -345,13 +339,3 @@ def load_version(
     # The directory name is the version, whatever the copied config says.
     metadata = {**checkpoint.metadata, "version": version, "model_name": model_name}
     return Checkpoint(checkpoint.model, metadata, checkpoint.thresholds)
-
-
-def load_current(
-    root: Path | str, model_name: str, device: str | torch.device = "cpu"
-) -> Checkpoint:
-    """Load the version CURRENT points at."""
-    version = current_version(root, model_name)
-    if version is None:
-        raise ModelStoreError(f"{model_name} has no CURRENT version in {shown(root)}")
-    return load_version(root, model_name, version, device)

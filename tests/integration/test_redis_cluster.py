@@ -99,7 +99,7 @@ def test_appends_during_a_reshard_lose_nothing(
             step = 10
             while not done.is_set() or step < 30:
                 result = store.append_batch(readings(range(step, step + 1)))
-                store.mark_emitted({w.sensor_id: w.end_ts_ms for w in result.due})
+                store.acknowledge({}, {w.sensor_id: w.end_ts_ms for w in result.due})
                 step += 1
                 steps_written[0] = step
         except BaseException as error:  # reported by the main thread

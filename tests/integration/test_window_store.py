@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -12,6 +13,8 @@ import pytest
 import redis
 from redis.connection import Connection
 
+from stream_detector.__main__ import main
+from stream_detector.config import Settings
 from stream_detector.devtools.services import free_port
 from stream_detector.windows import RedisStateLost, WindowStore, WindowStoreError
 
@@ -108,7 +111,7 @@ def test_append_is_one_round_trip_and_returns_the_due_windows(
     # A store that appended nothing finds the sensors' partitions in Redis (tools, tests).
     assert make_store(window_length=4, channels=2).fetch_windows(["a"]).keys() == {"a"}
     with pytest.raises(WindowStoreError, match="no reading appended"):
-        make_store().mark_emitted({"a": T0_MS})
+        make_store().acknowledge({}, {"a": T0_MS})
     np.testing.assert_array_equal(fetched["a"].values, last_a.values)
     assert (fetched["a"].start_ts_ms, fetched["a"].end_ts_ms) == (T0_MS + 2000, T0_MS + 5000)
 
@@ -119,7 +122,7 @@ def test_replaying_applied_offsets_changes_nothing(
     store = make_store(window_length=4)
     batch = series("s1", 6)
     first = store.append_batch(batch)
-    store.mark_emitted({w.sensor_id: w.end_ts_ms for w in first.due})
+    store.acknowledge({}, {w.sensor_id: w.end_ts_ms for w in first.due})
     stored = redis_client.get(store.window_key("s1"))
 
     replay = store.append_batch(batch)
@@ -163,16 +166,16 @@ def test_a_window_not_marked_emitted_is_recovered_on_replay(
         np.testing.assert_array_equal(recovered.values, original.values)
         assert recovered.start_ts_ms == original.start_ts_ms
 
-    store.mark_emitted({"s1": T0_MS + 4000})
-    store.mark_emitted({"s1": T0_MS + 4000})  # idempotent
+    store.acknowledge({}, {"s1": T0_MS + 4000})
+    store.acknowledge({}, {"s1": T0_MS + 4000})  # idempotent
     assert store.append_batch(batch).due == []
 
     # Marking an older window does not acknowledge a newer pending one.
     newer = store.append_batch(series("s1", 7)[5:])
     assert [w.end_ts_ms for w in newer.due] == [T0_MS + 6000]
-    store.mark_emitted({"s1": T0_MS + 4000})
+    store.acknowledge({}, {"s1": T0_MS + 4000})
     assert [w.recovered for w in store.append_batch(series("s1", 7)).due] == [True]
-    store.mark_emitted({"s1": T0_MS + 6000})
+    store.acknowledge({}, {"s1": T0_MS + 6000})
     assert store.append_batch(series("s1", 7)).due == []
 
 
@@ -182,9 +185,9 @@ def test_pending_windows_leave_redis_once_marked_emitted(
     store = make_store(window_length=3, stride=1)
     first = store.append_batch(series("s1", 6))
     assert redis_client.llen(store.pending_key("s1")) == len(first.due) == 4
-    store.mark_emitted({"s1": first.due[1].end_ts_ms})
+    store.acknowledge({}, {"s1": first.due[1].end_ts_ms})
     assert redis_client.llen(store.pending_key("s1")) == 2
-    store.mark_emitted({"s1": first.due[-1].end_ts_ms})
+    store.acknowledge({}, {"s1": first.due[-1].end_ts_ms})
     assert not redis_client.exists(store.pending_key("s1"))
 
 
@@ -198,7 +201,7 @@ def test_stride_counts_readings_whatever_the_batching(
     for start in range(0, len(readings), batch_size):
         result = store.append_batch(readings[start : start + batch_size])
         ends += [w.end_ts_ms for w in result.due]
-        store.mark_emitted({w.sensor_id: w.end_ts_ms for w in result.due})
+        store.acknowledge({}, {w.sensor_id: w.end_ts_ms for w in result.due})
     assert ends == [T0_MS + i * 1000 for i in (2, 4, 6, 8)]
 
 
@@ -251,7 +254,7 @@ def test_window_and_alert_state_expire_and_writes_refresh_the_ttl(
     redis_client.expire(store.window_key("s1"), 5)
     store.append_batch(series("s1", 2)[1:])
     assert 95 <= redis_client.ttl(store.window_key("s1")) <= 100
-    store.put_alert_state({"s1": {"phase": "open"}})
+    store.acknowledge({"s1": {"phase": "open"}}, {})
     assert 95 <= redis_client.ttl(store.alert_key("s1")) <= 100
 
 
@@ -263,7 +266,7 @@ def test_alert_state_round_trip(
         [Reading(s, T0_MS, (0.0,), offset=i) for i, s in enumerate(["s1", "s2", "s3", "missing"])]
     )
     before = CountingConnection.sends
-    store.put_alert_state({"s1": {"phase": "open", "hits": [1, 0, 1]}, "s2": {"phase": "idle"}})
+    store.acknowledge({"s1": {"phase": "open", "hits": [1, 0, 1]}, "s2": {"phase": "idle"}}, {})
     assert CountingConnection.sends - before == 1
     redis_client.set(store.alert_key("s3"), b"{not json")
     before = CountingConnection.sends
@@ -283,14 +286,14 @@ def test_after_state_loss_writes_are_refused_until_the_loss_is_acknowledged(
     with pytest.raises(RedisStateLost):
         store.append_batch(series("s1", 3, start_offset=10)[2:])
     with pytest.raises(RedisStateLost):
-        store.put_alert_state({"s1": {"phase": "idle"}})
+        store.acknowledge({"s1": {"phase": "idle"}}, {})
     assert redis_client.keys(f"{{{key_prefix}:*}}:w:*") == []
     assert redis_client.keys(f"{{{key_prefix}:*}}:a:*") == []
 
     assert store.detect_state_loss()
     after = store.append_batch(series("s1", 3, start_offset=10)[2:])
     assert after.applied == 1 and after.due == []  # the window starts over
-    store.put_alert_state({"s1": {"phase": "idle"}})
+    store.acknowledge({"s1": {"phase": "idle"}}, {})
 
     other = make_store(window_length=2)
     other.append_batch(series("s2", 1, start_offset=20))
@@ -354,7 +357,7 @@ def test_irregular_timestamps_and_values_match_a_reference_model(
         if expected:
             last = next(w for w in result.due if w.end_ts_ms == expected[-1][2])
             np.testing.assert_array_equal(last.values, expected_values)
-        store.mark_emitted({w.sensor_id: w.end_ts_ms for w in result.due})
+        store.acknowledge({}, {w.sensor_id: w.end_ts_ms for w in result.due})
         for sensor, window in store.fetch_windows(sensors).items():
             assert (window.start_ts_ms, window.end_ts_ms) == (
                 reference[sensor][0].ts_ms,
@@ -412,9 +415,9 @@ def test_a_batch_over_several_partitions_is_one_round_trip_even_after_a_script_f
         ("s2", T0_MS + 2000),
     ]
     ends = {f"s{p}": T0_MS + 2000 for p in range(3)}
-    store.mark_emitted(ends)  # loads the acknowledging script
+    store.acknowledge({}, ends)  # loads the acknowledging script
     before = CountingConnection.sends
-    store.mark_emitted(ends)
+    store.acknowledge({}, ends)
     assert CountingConnection.sends - before == 1
 
 
@@ -437,3 +440,37 @@ def test_a_batch_that_fails_on_its_second_partition_loses_no_window_when_retried
         ("a", T0_MS + 2000, True),
         ("b", T0_MS + 1000, False),
     ]
+
+
+def test_the_state_command_shows_what_the_workers_hold(
+    redis_url: str,
+    key_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for name, value in {
+        "REDIS__URL": redis_url,
+        "REDIS__KEY_PREFIX": key_prefix,
+        "WINDOW_LENGTH": "4",
+        "STRIDE": "2",
+    }.items():
+        monkeypatch.setenv(f"DETECTOR_{name}", value)
+    for channels in (1, 2):  # each channel count has a store of its own
+        worker = WindowStore.from_settings(Settings(), channels)
+        short = series("short", 2, start_offset=10, channels=channels)
+        worker.append_batch(series("full", 6, channels=channels) + short)
+        worker.acknowledge({"full": {"phase": "open"}}, {})
+
+    assert main(["state", "full", "short", "never-seen", "--channels", "2"]) == 0
+
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["sensor_id"] for line in lines] == ["full", "short", "never-seen"]
+    full, short, unknown = lines
+    assert full["window"] == {
+        "start_ts_ms": T0_MS + 2000,
+        "end_ts_ms": T0_MS + 5000,
+        "values": [[2.0, 3.0, 4.0, 5.0], [102.0, 103.0, 104.0, 105.0]],
+    }
+    assert full["alert_state"] == {"phase": "open"}
+    assert short == {"sensor_id": "short", "window": None, "alert_state": None}
+    assert unknown == {"sensor_id": "never-seen", "window": None, "alert_state": None}

@@ -129,7 +129,7 @@ def test_a_pickle_planted_beside_the_weights_is_never_opened(
     marker = tmp_path / "executed"
     (directory / name).write_bytes(pickle.dumps(_Planted(marker)))
 
-    checkpoint = store.load_current(root, "default")
+    checkpoint = store.load_version(root, "default", directory.name)
 
     assert checkpoint.model is not None
     assert not marker.exists(), f"{name} was unpickled"
@@ -148,5 +148,5 @@ def test_weights_replaced_by_a_torch_pickle_are_refused_even_with_a_matching_sha
     (directory / CONFIG_FILE).write_text(json.dumps(config))
 
     with pytest.raises(CheckpointError, match="does not match its config"):
-        store.load_current(root, "default")
+        store.load_version(root, "default", directory.name)
     assert not marker.exists(), "the weights file was unpickled"
