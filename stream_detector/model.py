@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -551,6 +552,17 @@ class AnomalyLLM(nn.Module):
         device = self.term_centre.device
         batches = windows.split(256)
         return torch.cat([self.raw_terms(batch.to(device), names)[0] for batch in batches], dim=1)
+
+    def score_windows(self, windows: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Scores of many windows (N, C, L) in batches on the model's device, without
+        attribution: what the trainer's jobs and the evaluation harness score with. (N,)"""
+        device = self.student.prototypes.device
+        scores = [np.zeros(0, dtype=np.float32)]
+        for start in range(0, len(windows), batch_size):
+            batch = np.ascontiguousarray(windows[start : start + batch_size], dtype=np.float32)
+            score = self.score(torch.from_numpy(batch).to(device), attribution=False).score
+            scores.append(score.float().cpu().numpy())
+        return np.concatenate(scores)
 
     @torch.inference_mode()
     def score(self, x: torch.Tensor, attribution: bool = True) -> Scores:

@@ -435,7 +435,6 @@ class WindowStore:
         self._epochs: dict[str, bytes] = {}  # group -> the epoch marker this store has seen
         self._group_of: dict[str, str] = {}  # sensor -> group of its newest appended reading
 
-
     @classmethod
     def from_settings(cls, settings: Settings, channels: int = 1) -> WindowStore:
         """The store of sensors with ``channels`` channels, as the worker configures it.
@@ -453,6 +452,7 @@ class WindowStore:
             ttl_s=settings.redis.sensor_ttl_s,
             cluster=settings.redis.cluster,
         )
+
     def group(self, topic: str, partition: int) -> str:
         """The hash tag shared by every key of one Kafka partition's sensors."""
         return f"{{{self.key_prefix}:{topic}:{partition}}}"

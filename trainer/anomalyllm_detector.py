@@ -8,7 +8,6 @@ import math
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
 
 from stream_detector.config import AlertPolicy
 from stream_detector.model import SMOLLM2, AnomalyLLM, ModelConfig
@@ -175,7 +174,9 @@ class AnomalyLLMDetector:
         """``trainer``'s threshold: peaks over threshold on the held-back windows' scores."""
         fraction = profile(self.profile_name, seed=self.seed).validation_fraction
         held_back = windows[-max(1, int(len(windows) * fraction)) :]
-        return pot_threshold(self._scores(model, held_back), ThresholdConfig()).threshold
+        return pot_threshold(
+            model.score_windows(held_back, self.batch_size), ThresholdConfig()
+        ).threshold
 
     def training_windows(self, train: np.ndarray, length: int, memory_slots: int) -> np.ndarray:
         """The windows ``fit`` offers the model, in time order. (N, C, L)
@@ -201,15 +202,7 @@ class AnomalyLLMDetector:
         windows = sliding_windows(self._columns(series), self.model.config.window_length, stride)
         if self.refresh_every is not None:
             return self._refreshed_scores(windows, stride, self._columns(series))
-        return self._scores(self.model, windows)
-
-    def _scores(self, model: AnomalyLLM, windows: np.ndarray) -> np.ndarray:
-        """Scores of windows (N, C, L) by ``model``. (N,)"""
-        scores = [np.zeros(0, dtype=np.float32)]
-        for start in range(0, len(windows), self.batch_size):
-            batch = torch.from_numpy(windows[start : start + self.batch_size]).to(self.device)
-            scores.append(model.score(batch, attribution=False).score.float().cpu().numpy())
-        return np.concatenate(scores)
+        return self.model.score_windows(windows, self.batch_size)
 
     def _refreshed_scores(self, windows: np.ndarray, stride: int, series: np.ndarray) -> np.ndarray:
         """Window scores with a refresh every ``refresh_every`` rows (see the class). (N,)"""
@@ -222,7 +215,7 @@ class AnomalyLLMDetector:
         first = 0
         for cut in [*range(self.training_rows, len(series), self.refresh_every), len(series)]:
             last = int(np.searchsorted(ends, cut))  # windows ending before row `cut`
-            scores[first:last] = self._scores(model, windows[first:last])
+            scores[first:last] = model.score_windows(windows[first:last], self.batch_size)
             for end, score in zip(
                 ends[first:last].tolist(), scores[first:last].tolist(), strict=True
             ):

@@ -135,22 +135,10 @@ def _package_version() -> str:
 
 
 def score_windows(
-    models: Sequence[AnomalyLLM],
-    windows: np.ndarray,
-    device: torch.device,
-    *,
-    batch_size: int = 256,
+    models: Sequence[AnomalyLLM], windows: np.ndarray, device: torch.device
 ) -> list[np.ndarray]:
-    """Each model's scores of windows (N, C, L): ``AnomalyLLM.score``, as the worker runs it."""
-    out: list[list[np.ndarray]] = [[] for _ in models]
-    for model in models:
-        model.to(device).eval()
-    for start in range(0, len(windows), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(windows[start : start + batch_size]))
-        x = x.to(device)
-        for scores, model in zip(out, models, strict=True):
-            scores.append(model.score(x, attribution=False).score.float().cpu().numpy())
-    return [np.concatenate(s) if s else np.zeros(0, np.float32) for s in out]
+    """Each model's scores of windows (N, C, L), as the worker scores (``AnomalyLLM.score``)."""
+    return [model.to(device).eval().score_windows(windows) for model in models]
 
 
 def _scores_of(
