@@ -391,21 +391,8 @@ def _run_locked(
         current_checkpoint, incomparable = _load_current(options, current, device)
     window_length = _window_length(options, settings, current_checkpoint, incomparable)
     with phase("read", "reading data"):
-        data = _read_data(options, settings, window_length, now_ms, console)
-        splits = sources.split_windows(
-            data,
-            window_length,
-            settings.stride,
-            calibration_fraction=options.calibration_fraction,
-            holdout_fraction=options.holdout_fraction,
-            gap_factor=options.gap_factor,
-        )
+        data, splits = _read_splits(options, settings, window_length, now_ms, console)
     report["data"] = {**data.summary(), "windows": splits.summary()}
-    if not splits.summary()["calibration_windows"]:
-        raise JobError(
-            "no calibration windows: every sensor needs more than "
-            f"{window_length} consecutive readings in its recent data; read a longer period"
-        )
     incomparable = _channel_mismatch(options, current_checkpoint, data.channels) or incomparable
     model_config = (
         current_checkpoint.model.config
@@ -435,15 +422,10 @@ def _run_locked(
         **thresholds.summary(thresholds_json),
         "config": options.threshold_config.to_dict(),
     }
+    incomparable = incomparable or _window_mismatch(current_checkpoint, window_length)
     judged: list[tuple[AnomalyLLM, dict[str, Any] | None]] = [(candidate, thresholds_json)]
     if current_checkpoint is not None and incomparable is None:
-        current_length = current_checkpoint.model.config.window_length
-        if current_length != window_length:
-            incomparable = (
-                f"CURRENT's window length is {current_length}, the candidate's {window_length}"
-            )
-        else:
-            judged.append((current_checkpoint.model, current_checkpoint.thresholds))
+        judged.append((current_checkpoint.model, current_checkpoint.thresholds))
     with phase("gate", "comparing with CURRENT on held-back data"):
         candidate_eval, *others = _evaluate(judged, splits, data, settings, options, device)
     current_eval = others[0] if others else None
@@ -464,6 +446,37 @@ def _run_locked(
         _publish(options, settings, lock, report, candidate, thresholds_json, data, decision)
     _print_outcome(console, version, decision, candidate_eval, current_eval)
     return JobResult(EXIT_OK if decision.promote else EXIT_REFUSED, report)
+
+
+def _read_splits(
+    options: JobOptions, settings: Settings, window_length: int, now_ms: int, console: Console
+) -> tuple[sources.TrainingData, sources.Splits]:
+    """The job's data, windowed into train, calibration and hold-out splits."""
+    data = _read_data(options, settings, window_length, now_ms, console)
+    splits = sources.split_windows(
+        data,
+        window_length,
+        settings.stride,
+        calibration_fraction=options.calibration_fraction,
+        holdout_fraction=options.holdout_fraction,
+        gap_factor=options.gap_factor,
+    )
+    if not splits.summary()["calibration_windows"]:
+        raise JobError(
+            "no calibration windows: every sensor needs more than "
+            f"{window_length} consecutive readings in its recent data; read a longer period"
+        )
+    return data, splits
+
+
+def _window_mismatch(current_checkpoint: Checkpoint | None, window_length: int) -> str | None:
+    """Why CURRENT cannot be judged beside a candidate of ``window_length``, if it cannot."""
+    if current_checkpoint is None:
+        return None
+    current_length = current_checkpoint.model.config.window_length
+    if current_length == window_length:
+        return None
+    return f"CURRENT's window length is {current_length}, the candidate's {window_length}"
 
 
 def _window_length(
