@@ -114,8 +114,9 @@ class KafkaSettings(_Group):
     session_timeout_ms: int = Field(45_000, ge=1_000)
     max_poll_interval_ms: int = Field(300_000, ge=1_000)
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
-    # Records per poll. 500 favours throughput; 50 (with batch_deadline_ms=5) roughly
-    # halves the worker's latency at about a third less throughput (README, Speed).
+    # Records per poll, at most. A poll returns as soon as one record is there, with what
+    # has been fetched behind it; a poll short of this size means the worker has caught
+    # up, and it scores what it has queued without waiting for a batch to fill.
     poll_batch_size: int = Field(500, ge=1, le=100_000)
     poll_timeout_ms: int = Field(100, ge=0)
     # How often the consumer lag gauge is measured; a query that gets no answer turns
@@ -318,7 +319,8 @@ class Settings(BaseSettings):
     # Readings per window, and readings between two scorings of the same sensor.
     window_length: int = Field(128, ge=2, le=65_536)
     stride: int = Field(16, ge=1)
-    # Windows per GPU batch, and the longest a window waits for a batch to fill.
+    # Windows per GPU batch, and the longest a window waits for a batch to fill (only
+    # while the worker is behind: once it has caught up it scores at once).
     batch_size: int = Field(256, ge=1)
     batch_deadline_ms: int = Field(50, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"

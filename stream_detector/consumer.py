@@ -142,9 +142,19 @@ class ReadingConsumer:
             self._on_revoke_hook(self._names(partitions))
 
     def poll_batch(self, max_messages: int, timeout_s: float) -> list[ConsumedMessage]:
-        """Up to max_messages records, waiting at most timeout_s; may be empty."""
+        """Up to max_messages records, waiting at most timeout_s for the first; may be empty.
+
+        Returns as soon as one record is there, with every record already fetched behind it
+        (up to max_messages): a full batch under load, no wait to fill one when the worker
+        has caught up. (``Consumer.consume(n, timeout)`` would wait out the timeout unless n
+        records arrive.)
+        """
+        first = self._consumer.poll(timeout_s)
+        if first is None:
+            return []
+        rest = self._consumer.consume(max_messages - 1, 0) if max_messages > 1 else []
         batch = []
-        for message in self._consumer.consume(max_messages, timeout_s):
+        for message in [first, *rest]:
             error = message.error()
             if error is not None:
                 if error.fatal():

@@ -78,7 +78,7 @@ class Metrics:
         )
         self.end_to_end_seconds = Histogram(
             "detector_end_to_end_seconds",
-            "From a window's newest reading entering Kafka to its score being acknowledged",
+            "From a window's newest reading entering Kafka to the broker acknowledging its score",
             buckets=_LATENCY_BUCKETS_S,
             registry=r,
         )

@@ -67,8 +67,8 @@ class Outbox:
         """Every output since the last ``clear``."""
         return [output for output, _ in self._entries]
 
-    def send(self, output: Output) -> None:
-        """Produce ``output`` and keep it until it is acknowledged."""
+    def send(self, output: Output) -> Delivery:
+        """Produce ``output`` and keep it until it is acknowledged; its delivery report."""
         if self.publisher.transactional and not self._in_transaction:
             self.publisher.begin()
             self._in_transaction = True
@@ -84,6 +84,7 @@ class Outbox:
                 self.publisher.max_bytes(delivery.topic),
             )
         self._entries.append((output, delivery))
+        return delivery
 
     def acknowledge(self, offsets: tuple[list[TopicPartition], object] | None = None) -> None:
         """Return once the broker holds every output; raise ``PublishError`` if it does not.

@@ -49,7 +49,7 @@ from stream_detector.consumer import ConsumedMessage, ConsumerError, ReadingCons
 from stream_detector.failpoints import FailPoints
 from stream_detector.metrics import Metrics
 from stream_detector.outbox import DeadLetter, Outbox
-from stream_detector.publisher import Publisher, PublishError
+from stream_detector.publisher import Delivery, Publisher, PublishError
 from stream_detector.schemas import (
     REASON_CODES,
     AlertEvent,
@@ -64,6 +64,10 @@ from stream_detector.windows import RedisStateLost, WindowStore, WindowStoreErro
 logger = logging.getLogger(__name__)
 
 COMMIT_INTERVAL_S = 1.0
+# Outputs are made durable (a producer flush) and Redis acknowledged at most this often
+# when the worker keeps up: scores leave as soon as they are decided; only the
+# bookkeeping behind them waits, so a light load does not pay a flush per poll.
+ACKNOWLEDGE_INTERVAL_S = 0.1
 # Every reason code a dead letter can carry: the decoder's, and the worker's own (no model
 # for the sensor, too many sensors held, a window the model cannot take, an output that
 # its topic refused).
@@ -124,6 +128,7 @@ class Pipeline:
         self._lag_thread: threading.Thread | None = None
         self._offsets_stored = False  # stored with the consumer, not yet committed
         self._next_commit_s = 0.0
+        self._next_acknowledge_s = 0.0
         self.failpoints = FailPoints(settings.failpoints)
         # sensor -> (its partition, when last seen): the sensors this worker holds, oldest
         # first, bounded by limits.max_sensors_per_worker.
@@ -146,7 +151,8 @@ class Pipeline:
         self._acknowledged = False  # outputs are safe; Redis and offsets still to do
         self._states: dict[str, alerts.SensorAlertState] = {}  # not yet stored in Redis
         self._emitted: dict[str, int] = {}  # sensor -> newest published window end
-        self._latencies_ms: list[int] = []  # Kafka timestamps of published windows
+        # Kafka timestamp of each published window's newest reading, and its score's delivery.
+        self._latencies: list[tuple[int, Delivery]] = []
 
     # -- 1. ingest -------------------------------------------------------------------------
 
@@ -337,7 +343,7 @@ class Pipeline:
                 attribution=result.attribution,
             )
             states[window.sensor_id] = state
-            self._outbox.send(
+            delivery = self._outbox.send(
                 ScoreRecord(
                     sensor_id=window.sensor_id,
                     ts_ms=window.end_ts_ms,
@@ -356,7 +362,7 @@ class Pipeline:
                 window.end_ts_ms, self._emitted.get(window.sensor_id, 0)
             )
             if item.ingest_ts_ms is not None:
-                self._latencies_ms.append(item.ingest_ts_ms)
+                self._latencies.append((item.ingest_ts_ms, delivery))
         self._states.update(states)
         self._in_flight = []
 
@@ -386,13 +392,16 @@ class Pipeline:
         return not (self.batcher or self._in_flight or self._new or self._to_append)
 
     def commit_if_idle(self, force: bool = False) -> None:
-        """When idle, make the outputs durable, then store alert state and input offsets.
+        """When idle, make the outputs durable, then store alert state and input offsets
+        (at most every ``ACKNOWLEDGE_INTERVAL_S`` unless ``force``).
 
         Stored offsets are committed at most every ``COMMIT_INTERVAL_S`` (and always with
         ``force``, on revoke and on close): a crash replays at most that much input, which
         the windows' offset guard skips.
         """
-        if self.idle and self._uncommitted:
+        due = force or self._clock() >= self._next_acknowledge_s
+        if self.idle and self._uncommitted and due:
+            self._next_acknowledge_s = self._clock() + ACKNOWLEDGE_INTERVAL_S
             if not self._acknowledged:
                 self._acknowledge_outputs()
                 self.failpoints.hit("after_produce")
@@ -430,10 +439,12 @@ class Pipeline:
             self.broker_ok = False
             raise
         self._acknowledged, self.broker_ok = True, True
-        now_ms = time.time_ns() // 1_000_000
-        for ingest_ts_ms in self._latencies_ms:
-            self.metrics.end_to_end_seconds.observe(max(0, now_ms - ingest_ts_ms) / 1000)
-        self._latencies_ms = []
+        for ingest_ts_ms, delivery in self._latencies:
+            # A score produced again after a failure has a newer report: not observed.
+            if delivery.acknowledged_ms is not None:
+                latency_ms = max(0, delivery.acknowledged_ms - ingest_ts_ms)
+                self.metrics.end_to_end_seconds.observe(latency_ms / 1000)
+        self._latencies = []
         for output in self._outbox.outputs:
             if isinstance(output, AlertEvent):
                 self.metrics.alerts.labels(output.state, output.severity).inc()

@@ -21,6 +21,7 @@ import enum
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -124,6 +125,9 @@ class Delivery:
     cut_from: int | None = None  # the value's size before it was cut to fit, if it was
     acknowledged: bool = False
     error: KafkaError | None = None
+    # Wall clock (ms) when the acknowledgement was handed to the worker: within a poll
+    # of the broker's answer (delivery reports are served on each produce and flush).
+    acknowledged_ms: int | None = None
 
     @property
     def failure(self) -> Failure | None:
@@ -133,6 +137,7 @@ class Delivery:
     def report(self, error: KafkaError | None) -> None:
         """Record the broker's (or ``produce``'s) answer."""
         self.acknowledged, self.error = error is None, error
+        self.acknowledged_ms = time.time_ns() // 1_000_000 if error is None else None
 
 
 def _encode(record: BaseModel | Mapping[str, Any] | JsonRecord) -> tuple[bytes, bytes]:

@@ -48,7 +48,10 @@ def run(settings: Settings, stop: threading.Event) -> int:
                     )
                     poll_ok = True
                 pipeline.ingest(messages)  # decode, dead letters, windows (one Redis call)
-                pipeline.score_due()  # batcher -> scorer -> alerts -> publisher
+                # batcher -> scorer -> alerts -> publisher; a poll short of a full batch
+                # means the worker has caught up: nothing gains from waiting to fill one.
+                caught_up = len(messages) < settings.kafka.poll_batch_size
+                pipeline.score_due(flush_all=caught_up)
                 pipeline.commit_if_idle()  # acks, alert state, mark emitted, then offsets
                 health.set_detail("partitions", sorted(pipeline.partitions))
                 health.set_detail("last_state_rebuild", pipeline.last_rebuild)

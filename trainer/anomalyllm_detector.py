@@ -255,6 +255,19 @@ class AnomalyLLMDetector:
         step = self._offered_step(shifts, self.model.config.memory_slots)
         return np.concatenate([sliding_windows(piece, length, step) for piece in pieces])
 
+    def _stride(self, size: int) -> int:
+        """The scoring stride for a series of ``size`` rows."""
+        assert self.model is not None
+        total = size - self.model.config.window_length + 1
+        return min(MAX_SCORING_STRIDE, max(1, math.ceil(total / self.max_scored_windows)))
+
+    def decision_rows(self, size: int) -> np.ndarray:
+        """The rows where a scored window ends (causal mode): where the worker decides."""
+        if self.model is None:
+            raise RuntimeError("fit() must run before decision_rows()")
+        length = self.model.config.window_length
+        return np.arange(length - 1, size, self._stride(size))
+
     def score(self, series: np.ndarray) -> np.ndarray:
         if self.model is None:
             raise RuntimeError("fit() must run before score()")
@@ -262,7 +275,7 @@ class AnomalyLLMDetector:
         total = len(series) - length + 1
         if total < 1:
             return np.zeros(len(series), dtype=np.float32)
-        stride = min(MAX_SCORING_STRIDE, max(1, math.ceil(total / self.max_scored_windows)))
+        stride = self._stride(len(series))
         scores = self.window_scores(series, stride)
         starts = np.arange(len(scores)) * stride
         if self.causal:

@@ -37,11 +37,17 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
+from stream_detector.config import AlertPolicy
 from stream_detector.series_files import NAB_WINDOWS, read_csv, read_nab_windows
 from trainer import detectors
+from trainer.thresholds import AlertReplay
 
 PROBATION_FRACTION = 0.15
 PROBATION_MAX_ROWS = 750  # NAB caps the probationary period at 15% of 5000 rows
+# ``--decisions alerts``: the worker's alert policy replayed with rows one minute apart (as
+# the streaming refresh replay does), its running-quantile threshold at these levels.
+ROW_MS = 60_000
+QUANTILES = (0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999)
 
 
 @dataclass(frozen=True)
@@ -396,12 +402,18 @@ def load_reference_scores(reference_dir: Path, corpus: Sequence[NabSeries]) -> l
 
 @dataclass(frozen=True, eq=False)
 class DetectorRun:
-    """Anomaly likelihoods of a detector over the files it finished within the time budget."""
+    """Anomaly likelihoods of a detector over the files it finished within the time budget,
+    and what the worker's alert policy needs: the raw scores, the rows where a window ends
+    (every row for a per-reading detector) and the detector's own threshold, if it has one.
+    """
 
     corpus: list[NabSeries]
     likelihoods: list[np.ndarray]
     settings: dict[str, Any]
     complete: bool
+    raw: list[np.ndarray]
+    decision_rows: list[np.ndarray]
+    thresholds: list[float | None]
 
 
 def run_detector(
@@ -426,7 +438,7 @@ def run_detector(
     settings = detector.settings()
     started = time.monotonic()
     finished: list[NabSeries] = []
-    likelihoods = []
+    likelihoods, raws, decision_rows, thresholds = [], [], [], []
     for series in track(corpus, description=f"{name} on NAB"):
         if finished:
             if time_budget_s is not None and time.monotonic() - started > time_budget_s:
@@ -443,7 +455,84 @@ def run_detector(
             )
         finished.append(series)
         likelihoods.append(causal_rank(raw))
-    return DetectorRun(finished, likelihoods, settings, complete=len(finished) == len(corpus))
+        raws.append(raw)
+        rows = getattr(detector, "decision_rows", None)
+        decision_rows.append(np.arange(len(raw)) if rows is None else rows(len(raw)))
+        thresholds.append(getattr(detector, "threshold", None))
+    return DetectorRun(
+        finished,
+        likelihoods,
+        settings,
+        complete=len(finished) == len(corpus),
+        raw=raws,
+        decision_rows=decision_rows,
+        thresholds=thresholds,
+    )
+
+
+def alert_openings(
+    scores: np.ndarray, rows: np.ndarray, threshold: float | None, policy: AlertPolicy
+) -> np.ndarray:
+    """The rows ([T] bool) where the worker's alert policy opens an alert, fed the score of
+    each decision row (a window's last row) at ``threshold`` (None: its running quantile)."""
+    replay = AlertReplay(policy)
+    detected = np.zeros(len(scores), dtype=bool)
+    for row in rows.tolist():
+        events = replay.add(row * ROW_MS, float(scores[row]), threshold)
+        detected[row] = any(event.state == "open" for event in events)
+    return detected
+
+
+def score_openings(
+    detections: Sequence[np.ndarray], windows: Sequence[np.ndarray], profile: str
+) -> ProfileResult:
+    """The NAB result of binary detections per file under ``profile`` (no sweep)."""
+    as_scores = [detected.astype(np.float64) for detected in detections]
+    sweep = sweep_thresholds(as_scores, windows, PROFILES[profile])
+    return profile_result(sweep, profile, sweep.index_at(1.0))
+
+
+def decision_results(run: DetectorRun) -> dict[str, Any]:
+    """NAB scores of the alerts the worker's policy opens on the detector's raw scores.
+
+    Detections are the rows where an alert opens (confirmation, hysteresis, minimum
+    duration and cooldown as in the worker). ``quantile``: the worker's running-quantile
+    threshold (the sensor's own past scores, warmed up on the probationary part), at
+    every level of ``QUANTILES``, the best per profile as NAB picks a detector's threshold
+    (``by_level``: every level's scores). ``trained``: the detector's own threshold
+    (``trainer``'s peaks over threshold, for AnomalyLLM), no sweep.
+    """
+    windows = [series.windows for series in run.corpus]
+    by_level: dict[float, dict[str, ProfileResult]] = {}
+    for level in QUANTILES:
+        detections = []
+        for series, raw, rows in zip(run.corpus, run.raw, run.decision_rows, strict=True):
+            warmup = max(5, int(np.count_nonzero(rows < series.probation)))
+            policy = AlertPolicy(fallback_quantile=level, fallback_warmup_windows=warmup)
+            detections.append(alert_openings(raw, rows, None, policy))
+        by_level[level] = {
+            profile: score_openings(detections, windows, profile) for profile in PROFILES
+        }
+    best = {}
+    for profile in PROFILES:
+        level = max(by_level, key=lambda level: by_level[level][profile].raw_score)
+        best[profile] = {"level": level, **asdict(by_level[level][profile])}
+    results: dict[str, Any] = {
+        "quantile": best,
+        "by_level": {
+            str(level): {profile: result.score for profile, result in scores.items()}
+            for level, scores in by_level.items()
+        },
+    }
+    if all(threshold is not None for threshold in run.thresholds):
+        detections = [
+            alert_openings(raw, rows, threshold, AlertPolicy())
+            for raw, rows, threshold in zip(run.raw, run.decision_rows, run.thresholds, strict=True)
+        ]
+        results["trained"] = {
+            profile: asdict(score_openings(detections, windows, profile)) for profile in PROFILES
+        }
+    return results
 
 
 def _print_table(
@@ -471,6 +560,24 @@ def _print_table(
     console.print(table)
 
 
+def _print_decisions(console: Console, decisions: dict[str, Any]) -> None:
+    """Print the NAB scores of the alerts the worker's policy opened."""
+    table = Table(title="alerts the worker's policy opens (--decisions alerts)")
+    table.add_column("threshold", no_wrap=True)
+    for profile in PROFILES:
+        table.add_column(profile, justify="right")
+    best = decisions["quantile"]
+    levels = ", ".join(f"{best[profile]['level']}" for profile in PROFILES)
+    table.add_row(
+        f"running quantile (best level: {levels})",
+        *(f"{best[profile]['score']:.2f}" for profile in PROFILES),
+    )
+    if "trained" in decisions:
+        trained = decisions["trained"]
+        table.add_row("trainer's", *(f"{trained[profile]['score']:.2f}" for profile in PROFILES))
+    console.print(table)
+
+
 def run_nab_command(args: argparse.Namespace) -> int:
     """Handle ``python -m trainer nab``: score a detector on NAB and write a JSON summary."""
     console = Console()
@@ -492,6 +599,13 @@ def run_nab_command(args: argparse.Namespace) -> int:
                 run.complete,
             )
         results = score_corpus(scores, [series.windows for series in corpus])
+        decisions = None
+        if args.decisions == "alerts":
+            if args.reference is not None:
+                raise ValueError(
+                    "--decisions alerts needs a detector's raw scores, not --reference"
+                )
+            decisions = decision_results(run)
     # ValueError: NabDataError, DetectorContractError, an unknown detector, unscorable
     # input; ImportError: a registered detector whose dependencies are missing.
     except (ValueError, ImportError) as error:
@@ -509,6 +623,9 @@ def run_nab_command(args: argparse.Namespace) -> int:
             "not comparable to the scoreboard[/yellow]"
         )
 
+    if decisions is not None:
+        _print_decisions(console, decisions)
+
     summary = {profile: result.score for profile, result in results.items()}
     summary |= {
         "detector": detector_name,
@@ -517,6 +634,7 @@ def run_nab_command(args: argparse.Namespace) -> int:
         "files": [series.name for series in corpus],
         "complete": complete,
         "profiles": {profile: asdict(result) for profile, result in results.items()},
+        "decisions": decisions,
         "wall_time_s": time.monotonic() - started,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -557,6 +675,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         choices=detectors.PROFILES,
         default="default",
         help="detector settings preset (default: default)",
+    )
+    parser.add_argument(
+        "--decisions",
+        choices=("scores", "alerts"),
+        default="scores",
+        help="also score the alerts the worker's alert policy opens (alerts); "
+        "default: likelihoods only",
     )
     parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
     parser.set_defaults(handler=run_nab_command)

@@ -177,6 +177,21 @@ def test_undelivered_readings_raise_publish_error() -> None:
     producer.flush(1)  # the failure was reported once; nothing is pending
 
 
+def test_a_poll_returns_what_has_arrived_without_waiting_to_fill_the_batch(
+    kafka_bootstrap: str,
+    topic_factory: Callable[..., list[str]],
+    make_consumer: Callable[..., ReadingConsumer],
+) -> None:
+    (topic,) = topic_factory("readings", partitions=1)
+    produce_readings(kafka_bootstrap, topic, 5)
+    consumer = make_consumer([topic], f"group-{uuid.uuid4().hex[:10]}")
+    started, received = time.monotonic(), []
+    while len(received) < 5 and time.monotonic() - started < 120.0:
+        received += consumer.poll_batch(500, timeout_s=60.0)  # waits only for the first
+    assert time.monotonic() - started < 30.0  # a batch that waited to fill would take 60 s
+    assert [m.offset for m in received] == list(range(5))
+
+
 def test_close_commits_stored_offsets_and_unstored_messages_come_back(
     kafka_bootstrap: str,
     topic_factory: Callable[..., list[str]],

@@ -51,11 +51,23 @@ ANOMALIES = (
 
 
 def keys_per_master(cluster: EmbeddedRedisCluster, prefix: str) -> list[int]:
-    counts = []
-    for node in cluster.nodes:
-        with redis.Redis(host=node.host, port=node.port) as client:
-            counts.append(sum(1 for _ in client.scan_iter(match=f"{{{prefix}:*", count=1000)))
-    return counts
+    """Keys of the prefix on each master, once every scored window is acknowledged (the
+    workers acknowledge at most every ACKNOWLEDGE_INTERVAL_S; pending-window lists live
+    until then, and alert states are written then)."""
+
+    def keys() -> list[list[bytes]]:
+        found = []
+        for node in cluster.nodes:
+            with redis.Redis(host=node.host, port=node.port) as client:
+                found.append(list(client.scan_iter(match=f"{{{prefix}:*", count=1000)))
+        return found
+
+    wait_for(
+        lambda: not any(b"}:p:" in key for node_keys in keys() for key in node_keys),
+        30,
+        "every scored window to be acknowledged",
+    )
+    return [len(node_keys) for node_keys in keys()]
 
 
 def wait_for_partitions(workers: list[WorkerThread], counts: list[int]) -> None:

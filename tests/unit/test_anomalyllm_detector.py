@@ -105,3 +105,15 @@ def test_an_alert_open_longer_than_learn_after_is_read_after_that() -> None:
     # Left out: a window before the alert, its first 100 rows and a window after them.
     assert not np.any((rows >= 650 - 32) & (rows <= 650 + 100 + 32))
     assert {650 - 33, 650 + 100 + 33, 899} <= set(rows.tolist())
+
+
+def test_decisions_fall_on_the_rows_where_a_scored_window_ends() -> None:
+    series = np.sin(np.arange(3000) / 5)[:, None]
+    detector = _refreshing_detector(series[:400], every=None)
+    detector.max_scored_windows = 500  # a stride of 6 rows
+    rows = detector.decision_rows(len(series))
+    assert rows[0] == 31 and set(np.diff(rows).tolist()) == {6}
+    scores = detector.score(series)
+    # Causal scores change only where a window ends: at a decision row.
+    changed = np.flatnonzero(np.diff(scores)) + 1
+    assert set(changed.tolist()) <= set(rows.tolist())

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from stream_detector.config import AlertPolicy
 from trainer import detectors, nab
 from trainer.__main__ import main
 
@@ -230,6 +231,40 @@ def test_runner_fits_on_probation_only_and_finds_the_spike(fit_log: list[np.ndar
     assert all(train.shape[1] == 1 for train in fit_log)
     results = nab.score_corpus(run.likelihoods, [series.windows for series in corpus])
     assert all(result.detected_windows == 2 for result in results.values())
+
+
+def test_an_alert_opens_where_the_policy_confirms_it_and_only_once() -> None:
+    scores = np.zeros(100)
+    scores[40:60] = 5.0  # one long excursion above the threshold
+    rows = np.arange(0, 100, 2)  # a window ends every second row
+    detected = nab.alert_openings(scores, rows, 1.0, AlertPolicy())
+    # 3 of 5 windows above: the third hot window, row 44, opens the alert; it stays open.
+    assert np.flatnonzero(detected).tolist() == [44]
+
+
+def test_openings_score_as_nab_scores_those_rows() -> None:
+    windows = [np.array([[50, 70]]), np.array([[20, 30]])]
+    detections = [np.zeros(100, dtype=bool), np.zeros(100, dtype=bool)]
+    detections[0][[30, 55]] = True  # a false positive, then a hit
+    result = nab.score_openings(detections, windows, "standard")
+    cost = nab.PROFILES["standard"]
+    raw = sum(nab.score_detections(d, w, cost) for d, w in zip(detections, windows, strict=True))
+    assert result.raw_score == pytest.approx(raw)
+    assert (result.detected_windows, result.false_positives) == (1, 1)
+
+
+def test_the_worker_policy_decides_on_a_detectors_own_and_quantile_thresholds(
+    fit_log: list[np.ndarray],
+) -> None:
+    corpus = [toy_series("a/one.csv", 400, spike=300, windows=np.array([[290, 330]]))]
+    corpus[0].values[300:306] = 10.0  # long enough for 3-of-5 confirmation
+    run = nab.run_detector(corpus, "toy")
+    decisions = nab.decision_results(run)
+    assert set(decisions["by_level"]) == {str(level) for level in nab.QUANTILES}
+    best = decisions["quantile"]["standard"]
+    assert best["level"] in nab.QUANTILES
+    assert (best["detected_windows"], best["false_positives"]) == (1, 0)
+    assert "trained" not in decisions  # the toy detector has no threshold of its own
 
 
 def test_runner_refuses_non_causal_detectors(fit_log: list[np.ndarray]) -> None:
