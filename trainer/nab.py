@@ -48,6 +48,12 @@ PROBATION_MAX_ROWS = 750  # NAB caps the probationary period at 15% of 5000 rows
 # the streaming refresh replay does), its running-quantile threshold at these levels.
 ROW_MS = 60_000
 QUANTILES = (0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999)
+# The alert policies replayed: the worker's default, and one that opens on the first
+# window above the threshold (the same hysteresis, minimum duration and cooldown).
+DECISION_POLICIES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "first_window": {"confirm_k": 1, "confirm_n": 1},
+}
 
 
 @dataclass(frozen=True)
@@ -492,8 +498,8 @@ def score_openings(
     return profile_result(sweep, profile, sweep.index_at(1.0))
 
 
-def decision_results(run: DetectorRun) -> dict[str, Any]:
-    """NAB scores of the alerts the worker's policy opens on the detector's raw scores.
+def decision_results(run: DetectorRun, policy: AlertPolicy) -> dict[str, Any]:
+    """NAB scores of the alerts ``policy`` opens on the detector's raw scores.
 
     Detections are the rows where an alert opens (confirmation, hysteresis, minimum
     duration and cooldown as in the worker). ``quantile``: the worker's running-quantile
@@ -508,8 +514,10 @@ def decision_results(run: DetectorRun) -> dict[str, Any]:
         detections = []
         for series, raw, rows in zip(run.corpus, run.raw, run.decision_rows, strict=True):
             warmup = max(5, int(np.count_nonzero(rows < series.probation)))
-            policy = AlertPolicy(fallback_quantile=level, fallback_warmup_windows=warmup)
-            detections.append(alert_openings(raw, rows, None, policy))
+            at_level = policy.model_copy(
+                update={"fallback_quantile": level, "fallback_warmup_windows": warmup}
+            )
+            detections.append(alert_openings(raw, rows, None, at_level))
         by_level[level] = {
             profile: score_openings(detections, windows, profile) for profile in PROFILES
         }
@@ -518,6 +526,7 @@ def decision_results(run: DetectorRun) -> dict[str, Any]:
         level = max(by_level, key=lambda level: by_level[level][profile].raw_score)
         best[profile] = {"level": level, **asdict(by_level[level][profile])}
     results: dict[str, Any] = {
+        "policy": policy.model_dump(),
         "quantile": best,
         "by_level": {
             str(level): {profile: result.score for profile, result in scores.items()}
@@ -526,7 +535,7 @@ def decision_results(run: DetectorRun) -> dict[str, Any]:
     }
     if all(threshold is not None for threshold in run.thresholds):
         detections = [
-            alert_openings(raw, rows, threshold, AlertPolicy())
+            alert_openings(raw, rows, threshold, policy)
             for raw, rows, threshold in zip(run.raw, run.decision_rows, run.thresholds, strict=True)
         ]
         results["trained"] = {
@@ -560,22 +569,37 @@ def _print_table(
     console.print(table)
 
 
-def _print_decisions(console: Console, decisions: dict[str, Any]) -> None:
-    """Print the NAB scores of the alerts the worker's policy opened."""
+def _print_decisions(console: Console, decisions: dict[str, dict[str, Any]]) -> None:
+    """Print the NAB scores of the alerts the worker's policies opened."""
     table = Table(title="alerts the worker's policy opens (--decisions alerts)")
+    table.add_column("policy", no_wrap=True)
     table.add_column("threshold", no_wrap=True)
     for profile in PROFILES:
         table.add_column(profile, justify="right")
-    best = decisions["quantile"]
-    levels = ", ".join(f"{best[profile]['level']}" for profile in PROFILES)
-    table.add_row(
-        f"running quantile (best level: {levels})",
-        *(f"{best[profile]['score']:.2f}" for profile in PROFILES),
-    )
-    if "trained" in decisions:
-        trained = decisions["trained"]
-        table.add_row("trainer's", *(f"{trained[profile]['score']:.2f}" for profile in PROFILES))
+    for name, results in decisions.items():
+        best = results["quantile"]
+        levels = ", ".join(f"{best[profile]['level']}" for profile in PROFILES)
+        table.add_row(
+            name,
+            f"running quantile ({levels})",
+            *(f"{best[profile]['score']:.2f}" for profile in PROFILES),
+        )
+        if "trained" in results:
+            trained = results["trained"]
+            scores = (f"{trained[profile]['score']:.2f}" for profile in PROFILES)
+            table.add_row(name, "trainer's", *scores)
     console.print(table)
+
+
+def _save_scores(path: Path, run: DetectorRun) -> None:
+    """Each file's raw scores and decision rows, as .npz (for re-scoring other policies)."""
+    arrays: dict[str, np.ndarray] = {}
+    for index, (raw, rows) in enumerate(zip(run.raw, run.decision_rows, strict=True)):
+        arrays[f"raw_{index}"], arrays[f"rows_{index}"] = raw, rows
+    names = np.array([series.name for series in run.corpus])
+    thresholds = np.array([np.nan if t is None else t for t in run.thresholds])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, names=names, thresholds=thresholds, **arrays)
 
 
 def run_nab_command(args: argparse.Namespace) -> int:
@@ -605,7 +629,12 @@ def run_nab_command(args: argparse.Namespace) -> int:
                 raise ValueError(
                     "--decisions alerts needs a detector's raw scores, not --reference"
                 )
-            decisions = decision_results(run)
+            decisions = {
+                name: decision_results(run, AlertPolicy(**overrides))
+                for name, overrides in DECISION_POLICIES.items()
+            }
+            if args.save_scores is not None:
+                _save_scores(args.save_scores, run)
     # ValueError: NabDataError, DetectorContractError, an unknown detector, unscorable
     # input; ImportError: a registered detector whose dependencies are missing.
     except (ValueError, ImportError) as error:
@@ -682,6 +711,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default="scores",
         help="also score the alerts the worker's alert policy opens (alerts); "
         "default: likelihoods only",
+    )
+    parser.add_argument(
+        "--save-scores", type=Path, help="with --decisions alerts: raw scores as .npz here"
     )
     parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
     parser.set_defaults(handler=run_nab_command)

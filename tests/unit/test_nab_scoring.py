@@ -259,7 +259,7 @@ def test_the_worker_policy_decides_on_a_detectors_own_and_quantile_thresholds(
     corpus = [toy_series("a/one.csv", 400, spike=300, windows=np.array([[290, 330]]))]
     corpus[0].values[300:306] = 10.0  # long enough for 3-of-5 confirmation
     run = nab.run_detector(corpus, "toy")
-    decisions = nab.decision_results(run)
+    decisions = nab.decision_results(run, AlertPolicy())
     assert set(decisions["by_level"]) == {str(level) for level in nab.QUANTILES}
     best = decisions["quantile"]["standard"]
     assert best["level"] in nab.QUANTILES
