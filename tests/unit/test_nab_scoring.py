@@ -333,6 +333,22 @@ def test_cli_runs_a_detector_and_writes_the_three_profiles(
     assert "reward_low_FN_rate" in capsys.readouterr().out
 
 
+def test_cli_scores_the_alerts_of_each_policy_and_keeps_the_raw_scores(
+    tmp_path: Path, fit_log: list[np.ndarray]
+) -> None:
+    write_mini_nab(tmp_path)
+    out, saved = tmp_path / "toy.json", tmp_path / "toy.npz"
+    arguments = ["nab", "--data", str(tmp_path), "--detector", "toy", "--out", str(out)]
+    assert main([*arguments, "--decisions", "alerts", "--save-scores", str(saved)]) == 0
+    decisions = json.loads(out.read_text())["decisions"]
+    assert set(decisions) == set(nab.DECISION_POLICIES)
+    assert decisions["first_window"]["policy"]["confirm_k"] == 1
+    assert all(math.isfinite(decisions["default"]["quantile"][p]["score"]) for p in nab.PROFILES)
+    with np.load(saved) as arrays:
+        assert len(arrays["names"]) == len(arrays["thresholds"]) >= 1
+        assert arrays["raw_0"].shape == arrays["rows_0"].shape
+
+
 def test_cli_reports_bad_input_without_a_traceback(
     tmp_path: Path, fit_log: list[np.ndarray], capsys: pytest.CaptureFixture[str]
 ) -> None:
