@@ -145,16 +145,22 @@ class ReadingConsumer:
         """Up to max_messages records, waiting at most timeout_s for the first; may be empty.
 
         Returns as soon as one record is there, with every record already fetched behind it
-        (up to max_messages): a full batch under load, no wait to fill one when the worker
-        has caught up. (``Consumer.consume(n, timeout)`` would wait out the timeout unless n
-        records arrive.)
+        (up to max_messages): a full batch under load, a short one only when nothing more
+        has been fetched (the worker has caught up), and no wait to fill one.
+        (``Consumer.consume(n, timeout)`` would wait out the timeout unless n records arrive.)
         """
         first = self._consumer.poll(timeout_s)
         if first is None:
             return []
-        rest = self._consumer.consume(max_messages - 1, 0) if max_messages > 1 else []
+        fetched = [first]
+        while len(fetched) < max_messages:
+            # Without waiting; each call may stop at the end of one partition's fetch.
+            more = self._consumer.consume(max_messages - len(fetched), 0)
+            if not more:
+                break
+            fetched += more
         batch = []
-        for message in [first, *rest]:
+        for message in fetched:
             error = message.error()
             if error is not None:
                 if error.fatal():
