@@ -14,6 +14,10 @@ per row, `trainer.nab.causal_rank`, and NAB's three profiles.
 ``--tail-readings stride`` makes the tail term weigh the newest ``stride`` readings of each
 window (the readings that arrived since the previous scored window) instead of only the
 newest one (``1``, the model's default).
+
+``--decisions`` also scores the variants of ``DECISION_VARIANTS`` the way the product
+decides (`trainer.nab.decision_results`: the alerts the worker's default policy opens,
+its running-quantile threshold swept as NAB sweeps a detector's threshold).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.score_ablation import FLOORS, SUBSETS, NormalTerms, fused, raw_terms
+from stream_detector.config import AlertPolicy
 from stream_detector.model import DEFAULT_SCORE_TERMS
 from trainer.anomalyllm_detector import (
     MAX_SCORING_STRIDE,
@@ -38,10 +43,21 @@ from trainer.anomalyllm_detector import (
     choose_window_length,
 )
 from trainer.detectors import get_detector
-from trainer.nab import causal_rank, load_corpus, score_corpus
+from trainer.nab import DetectorRun, causal_rank, decision_results, load_corpus, score_corpus
 from trainer.train import sliding_windows
 
 DEFAULT_KEY = f"{'+'.join(DEFAULT_SCORE_TERMS)}|errors"
+# Scored by the worker's alert policy too (--decisions): the default, each of its terms
+# off, the tail term on, and the best likelihood subset of the earlier ablation.
+DECISION_VARIANTS = (
+    DEFAULT_KEY,
+    "memory+level+scale|errors",
+    "discrepancy+level+scale|errors",
+    "discrepancy+memory+scale|errors",
+    "discrepancy+memory+level|errors",
+    "discrepancy+memory+level+scale+tail|errors",
+    "discrepancy+level|errors",
+)
 
 
 def main() -> None:
@@ -50,12 +66,14 @@ def main() -> None:
     parser.add_argument("--files", nargs="+", help="glob patterns (default: every file)")
     parser.add_argument("--profile", default="quick")
     parser.add_argument("--tail-readings", choices=("1", "stride"), default="1")
+    parser.add_argument("--decisions", action="store_true", help="see the module docstring")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     started = time.perf_counter()
     corpus = load_corpus(args.data, args.files)
     variants = list(itertools.product(SUBSETS, FLOORS))
     points: dict[str, list[np.ndarray]] = {f"{'+'.join(t)}|{f}": [] for t, f in variants}
+    decision_rows: list[np.ndarray] = []
     for position, series in enumerate(corpus, start=1):
         values = series.values[:, None]  # [T, 1]
         detector = get_detector("anomalyllm", args.profile, streaming=True)
@@ -70,6 +88,7 @@ def main() -> None:
         assert detector.model.config.window_length == length
         raw = raw_terms(detector.model, sliding_windows(values, length, stride))
         ends = np.arange(raw.shape[1]) * stride + length - 1
+        decision_rows.append(ends)
         scalings = {floor: normal.scaled(raw, "extreme", floor) for floor in FLOORS}
         for terms, floor in variants:
             score = fused(scalings[floor], terms)
@@ -83,6 +102,15 @@ def main() -> None:
         profiles = score_corpus([causal_rank(score) for score in scores], windows)
         results[key] = {name: round(result.score, 2) for name, result in profiles.items()}
     ranked = dict(sorted(results.items(), key=lambda item: -item[1]["standard"]))
+    decisions = {}
+    if args.decisions:
+        for key in DECISION_VARIANTS:
+            run = DetectorRun(
+                corpus, [], {}, True, points[key], decision_rows, [None] * len(corpus)
+            )
+            best = decision_results(run, AlertPolicy())["quantile"]
+            decisions[key] = {name: round(best[name]["score"], 2) for name in best}
+            print("decisions", key, decisions[key], flush=True)
     result = {
         "benchmark": "nab score ablation (one fit per file, variants of the score)",
         "profile": args.profile,
@@ -91,6 +119,7 @@ def main() -> None:
         "key": "terms|unit floor",
         "tail_readings": args.tail_readings,
         "scores": ranked,
+        "decisions_default_policy_running_quantile": decisions,
         "wall_s": round(time.perf_counter() - started, 1),
     }
     print(json.dumps(dict(list(ranked.items())[:15]), indent=1))
