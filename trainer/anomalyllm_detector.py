@@ -12,7 +12,7 @@ import numpy as np
 from stream_detector.config import AlertPolicy
 from stream_detector.model import SMOLLM2, AnomalyLLM, ModelConfig
 from trainer.detectors import dominant_period
-from trainer.thresholds import AlertReplay, ThresholdConfig, pot_threshold
+from trainer.thresholds import REPLAY_ROW_MS, AlertReplay, ThresholdConfig, pot_threshold
 from trainer.train import TrainResult, fit, profile, refresh, sliding_windows
 
 PATCHES_PER_WINDOW = 8
@@ -20,9 +20,6 @@ MIN_WINDOW, MAX_WINDOW = 32, 512
 DEFAULT_WINDOW = 128  # when the training data has no dominant period
 # The finest scoring stride used: well inside the UCR rule's ±100 points.
 MAX_SCORING_STRIDE = 16
-# Streaming refresh (`AnomalyLLMDetector.refresh_every`) replays the worker's alert policy
-# on a clock of one row a minute.
-ROW_MS = 60_000
 
 
 def choose_window_length(train: np.ndarray) -> int:
@@ -219,11 +216,13 @@ class AnomalyLLMDetector:
             for end, score in zip(
                 ends[first:last].tolist(), scores[first:last].tolist(), strict=True
             ):
-                replay.add(end * ROW_MS, score, threshold)
+                replay.add(end * REPLAY_ROW_MS, score, threshold)
             first = last
             if cut == len(series) or cut == self.training_rows:
                 continue
-            recent = self._refresh_windows(series, cut, replay.spans(open_until_ms=cut * ROW_MS))
+            recent = self._refresh_windows(
+                series, cut, replay.spans(open_until_ms=cut * REPLAY_ROW_MS)
+            )
             if len(recent) >= 2 * model.config.prototypes:
                 fraction = profile(self.profile_name).validation_fraction
                 refresh(model, recent, fraction, memory_only=self.refresh_memory_only)
@@ -240,7 +239,10 @@ class AnomalyLLMDetector:
         start = max(0, cut - (self.refresh_span or self.training_rows))
         normal = np.ones(cut - start, dtype=bool)
         for begin_ms, end_ms in alerts:
-            first, last = begin_ms // ROW_MS - length - start, end_ms // ROW_MS + length - start
+            first, last = (
+                begin_ms // REPLAY_ROW_MS - length - start,
+                end_ms // REPLAY_ROW_MS + length - start,
+            )
             if self.refresh_learn_after is not None:
                 last = min(last, first + 2 * length + self.refresh_learn_after)
             normal[max(first, 0) : max(last + 1, 0)] = False

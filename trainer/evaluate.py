@@ -57,7 +57,7 @@ from trainer.data import (
     load_ucr,
 )
 from trainer.detectors import PROFILES, Detector, get_detector
-from trainer.thresholds import AlertReplay, ThresholdConfig, pot_threshold
+from trainer.thresholds import REPLAY_ROW_MS, AlertReplay, ThresholdConfig, pot_threshold
 
 UCR_MARGIN = 100
 THRESHOLD_METHODS = ("quantile", "pot")
@@ -65,8 +65,6 @@ MSL_COLUMNS = ("telemetry", "all")
 # How predicted events are formed: runs of scores above the threshold, or the alerts the
 # worker's alert policy raises (`alert_mask`).
 MSL_DECISIONS = ("threshold", "alerts")
-# MSL's rows carry no timestamps; the alert policy (cooldown in ms) reads one a minute.
-MSL_ROW_MS = 60_000
 HOLDOUT_FRACTION = 0.25
 THRESHOLD_SWEEP_SIZE = 1000
 
@@ -396,17 +394,17 @@ def alert_mask(scores: np.ndarray, threshold: float, policy: AlertPolicy) -> np.
     """The rows inside the alerts the worker's alert policy raises on ``scores``.
 
     Each row's score is fed to `stream_detector.alerts.update` as the window ending at
-    that row (``MSL_ROW_MS`` apart), so confirmation, hysteresis, minimum
+    that row (``REPLAY_ROW_MS`` apart), so confirmation, hysteresis, minimum
     duration and cooldown apply as in the worker. An alert covers the rows from its
     ``start_ts_ms`` to its last hot window; one still open at the end, up to its last
     hot window so far.
     """
     replay = AlertReplay(policy)
     for row, score in enumerate(scores.tolist()):
-        replay.add(row * MSL_ROW_MS, score, threshold)
+        replay.add(row * REPLAY_ROW_MS, score, threshold)
     mask = np.zeros(scores.size, dtype=bool)
     for start, end in replay.spans():
-        mask[start // MSL_ROW_MS : end // MSL_ROW_MS + 1] = True
+        mask[start // REPLAY_ROW_MS : end // REPLAY_ROW_MS + 1] = True
     return mask
 
 

@@ -40,13 +40,11 @@ from rich.table import Table
 from stream_detector.config import AlertPolicy
 from stream_detector.series_files import NAB_WINDOWS, read_csv, read_nab_windows
 from trainer import detectors
-from trainer.thresholds import AlertReplay
+from trainer.thresholds import REPLAY_ROW_MS, AlertReplay
 
 PROBATION_FRACTION = 0.15
 PROBATION_MAX_ROWS = 750  # NAB caps the probationary period at 15% of 5000 rows
-# ``--decisions alerts``: the worker's alert policy replayed with rows one minute apart (as
-# the streaming refresh replay does), its running-quantile threshold at these levels.
-ROW_MS = 60_000
+# ``--decisions alerts``: the worker's running-quantile threshold at these levels.
 QUANTILES = (0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999)
 # The alert policies replayed: the worker's default, and one that opens on the first
 # window above the threshold (the same hysteresis, minimum duration and cooldown).
@@ -484,7 +482,7 @@ def alert_openings(
     replay = AlertReplay(policy)
     detected = np.zeros(len(scores), dtype=bool)
     for row in rows.tolist():
-        events = replay.add(row * ROW_MS, float(scores[row]), threshold)
+        events = replay.add(row * REPLAY_ROW_MS, float(scores[row]), threshold)
         detected[row] = any(event.state == "open" for event in events)
     return detected
 

@@ -39,6 +39,9 @@ from stream_detector.config import AlertPolicy
 from stream_detector.schemas import AlertEvent
 
 _DAY_MS = 86_400_000
+# The clock of a replay over rows without timestamps (the evaluation corpora): one row a
+# minute, so the policy's times (cooldown in ms) mean the same in every harness.
+REPLAY_ROW_MS = 60_000
 _SMALLEST_THRESHOLD = 1e-9  # thresholds.json needs a positive threshold
 
 
