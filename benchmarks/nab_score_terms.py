@@ -11,9 +11,10 @@ per row, `trainer.nab.causal_rank`, and NAB's three profiles.
     python benchmarks/nab_score_terms.py --data ../shared/data/nab --profile quick \\
         --out benchmarks/results/nab_score_terms.json
 
-``--tail-readings stride`` makes the tail term weigh the newest ``stride`` readings of each
-window (the readings that arrived since the previous scored window) instead of only the
-newest one (``1``, the model's default).
+``--tail-readings stride`` makes the tail and point terms weigh the newest ``stride``
+readings of each window (the readings that arrived since the previous scored window)
+instead of the harness's newest 16 (``16``: the worker's default stride, at most the
+window length - 1).
 
 ``--decisions`` also scores the variants of ``DECISION_VARIANTS`` the way the product
 decides (`trainer.nab.decision_results`: the alerts the worker's default policy opens,
@@ -48,7 +49,7 @@ from trainer.train import sliding_windows
 
 DEFAULT_KEY = f"{'+'.join(DEFAULT_SCORE_TERMS)}|errors"
 # Scored by the worker's alert policy too (--decisions): the default, each of its terms
-# off, the tail term on, and the best likelihood subset of the earlier ablation.
+# off, the tail or the point term on, and the best likelihood subset of an earlier ablation.
 DECISION_VARIANTS = (
     DEFAULT_KEY,
     "memory+level+scale|errors",
@@ -56,6 +57,7 @@ DECISION_VARIANTS = (
     "discrepancy+memory+scale|errors",
     "discrepancy+memory+level|errors",
     "discrepancy+memory+level+scale+tail|errors",
+    "discrepancy+memory+level+scale+point|errors",
     "discrepancy+level|errors",
 )
 
@@ -65,7 +67,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--files", nargs="+", help="glob patterns (default: every file)")
     parser.add_argument("--profile", default="quick")
-    parser.add_argument("--tail-readings", choices=("1", "stride"), default="1")
+    parser.add_argument("--tail-readings", choices=("16", "stride"), default="16")
     parser.add_argument("--decisions", action="store_true", help="see the module docstring")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -86,7 +88,7 @@ def main() -> None:
         detector.fit(train)
         normal = NormalTerms.of(detector, train)
         assert detector.model.config.window_length == length
-        raw = raw_terms(detector.model, sliding_windows(values, length, stride))
+        raw = raw_terms(detector.model, sliding_windows(values, length, stride))[0]
         ends = np.arange(raw.shape[1]) * stride + length - 1
         decision_rows.append(ends)
         scalings = {floor: normal.scaled(raw, "extreme", floor) for floor in FLOORS}

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from stream_detector.model import _TWO_SIDED, SCORE_TERMS, spread_floor
+from stream_detector.model import _MODEL_FREE, _TWO_SIDED, SCORE_TERMS, spread_floor
 from trainer.anomalyllm_detector import AnomalyLLMDetector
 from trainer.train import MAX_CALIBRATION_WINDOWS, _thin
 
@@ -28,14 +28,16 @@ SUBSETS = [
 ]
 
 
-def raw_terms(model, windows: np.ndarray, names=SCORE_TERMS) -> np.ndarray:
-    """The model's raw terms of windows (N, 1, L), single channel. (T, N)"""
+def raw_terms(model, windows: np.ndarray, names=SCORE_TERMS) -> tuple[np.ndarray, np.ndarray]:
+    """The model's raw terms of windows (N, 1, L), single channel, and where in the window
+    each lies. (T, N) and (T, N)"""
     with torch.inference_mode():
         parts = [
-            model.raw_terms(torch.from_numpy(windows[start : start + 256]), names)[0][:, :, 0]
+            model.raw_terms(torch.from_numpy(windows[start : start + 256]), names)
             for start in range(0, len(windows), 256)
         ]
-    return torch.cat(parts, dim=1).numpy()
+    values = torch.cat([part.values[:, :, 0] for part in parts], dim=1).numpy()
+    return values, torch.cat([part.offsets[:, :, 0] for part in parts], dim=1).numpy()
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ class NormalTerms:
     """A fitted model's terms on the normal windows its score was calibrated on."""
 
     held: np.ndarray  # (T, H) every term on the held-back windows
-    normal: np.ndarray  # (2, N) level and scale on the memory-bank windows
+    normal: np.ndarray  # (F, N) the model-free terms (level, scale, point) on the bank's
     floor: np.ndarray  # (T,) each term's smallest unit (`spread_floor`)
 
     @classmethod
@@ -58,8 +60,8 @@ class NormalTerms:
             train, model.config.window_length, model.config.memory_slots
         )
         held_back = max(1, int(len(windows) * 0.2))
-        held = raw_terms(model, _thin(windows[-held_back:], MAX_CALIBRATION_WINDOWS))
-        normal = raw_terms(model, windows[:-held_back], ("level", "scale"))
+        held = raw_terms(model, _thin(windows[-held_back:], MAX_CALIBRATION_WINDOWS))[0]
+        normal = raw_terms(model, windows[:-held_back], _MODEL_FREE)[0]
         floor = spread_floor(
             SCORE_TERMS,
             torch.from_numpy(windows[:-held_back]),
@@ -77,8 +79,8 @@ class NormalTerms:
         for index, name in enumerate(SCORE_TERMS):
             two_sided = name in _TWO_SIDED
             reference = self.held[index]
-            if two_sided:
-                reference = np.concatenate([reference, self.normal[_TWO_SIDED.index(name)]])
+            if name in _MODEL_FREE:
+                reference = np.concatenate([reference, self.normal[_MODEL_FREE.index(name)]])
             median = np.median(reference)
             if scaling == "robust-z":
                 centre, unit = median, 1.4826 * np.median(np.abs(reference - median))
@@ -99,3 +101,10 @@ class NormalTerms:
 def fused(z: np.ndarray, terms: tuple[str, ...]) -> np.ndarray:
     """The fused score of scaled terms ``z`` (T, N): the largest of ``terms``, at least 0."""
     return z[[SCORE_TERMS.index(name) for name in terms]].max(axis=0).clip(min=0)
+
+
+def fused_peak(z: np.ndarray, offsets: np.ndarray, terms: tuple[str, ...]) -> np.ndarray:
+    """Where in each window the largest of ``terms`` lies (`Scores.peak_offset`). (N,)"""
+    rows = [SCORE_TERMS.index(name) for name in terms]
+    largest = z[rows].argmax(axis=0)
+    return offsets[rows][largest, np.arange(z.shape[1])]

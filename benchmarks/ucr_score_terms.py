@@ -6,14 +6,15 @@ for the normal windows it was calibrated on, then re-scores the series under eac
 variant and judges it by the UCR rule. The variants share the fitted networks and
 memory bank, so they differ only in:
 
-- which terms are fused (every subset of discrepancy, memory, level, scale, tail);
+- which terms are fused (every subset of discrepancy, memory, level, scale, tail, point);
 - how a term is put on the common scale: ``extreme`` (the model's: 1 is the most extreme
   normal window) or ``robust-z`` (median and 1.4826 MAD, the previous default);
 - the smallest unit a term may have: ``errors`` (the model's: three sampling errors of a
   window, `stream_detector.model.spread_floor`) or ``relative`` (1e-3 of the term's
   centre, the previous floor);
-- how window scores become point scores: ``centre`` (the model's harness rule: the
-  window centred nearest) or ``mean`` (the mean over covering windows, the previous rule);
+- how window scores become point scores: ``peak`` (the harness's rule: the window whose
+  peak, ``Scores.peak_offset``, lies nearest; a window's centre unless a point or tail
+  term won) or ``mean`` (the mean over covering windows, an earlier rule);
 - the alert path's k-of-n confirmation applied to the score (the k-th largest of the
   last n windows), off (1 of 1) or the worker's default (3 of 5).
 
@@ -38,17 +39,25 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.score_ablation import FLOORS, SCALINGS, SUBSETS, NormalTerms, fused, raw_terms
+from benchmarks.score_ablation import (
+    FLOORS,
+    SCALINGS,
+    SUBSETS,
+    NormalTerms,
+    fused,
+    fused_peak,
+    raw_terms,
+)
 from stream_detector.model import DEFAULT_SCORE_TERMS
-from trainer.anomalyllm_detector import MAX_SCORING_STRIDE, _nearest_centre_score
+from trainer.anomalyllm_detector import MAX_SCORING_STRIDE, _nearest_peak_score
 from trainer.data import load_ucr
 from trainer.detectors import get_detector
 from trainer.evaluate import evaluate_ucr_series, select_ucr, ucr_hit, ucr_location
 from trainer.train import sliding_windows
 
-MAPPINGS = ("centre", "mean")
+MAPPINGS = ("peak", "mean")
 CONFIRMATIONS = ((1, 1), (3, 5))
-DEFAULT_KEY = f"{'+'.join(DEFAULT_SCORE_TERMS)}|extreme|errors|centre|1of1"
+DEFAULT_KEY = f"{'+'.join(DEFAULT_SCORE_TERMS)}|extreme|errors|peak|1of1"
 
 
 def confirmed(scores: np.ndarray, k: int, n: int) -> np.ndarray:
@@ -60,12 +69,19 @@ def confirmed(scores: np.ndarray, k: int, n: int) -> np.ndarray:
 
 
 def point_scores(
-    scores: np.ndarray, length: int, stride: int, size: int, mapping: str, lag: int
+    scores: np.ndarray,
+    peaks: np.ndarray,
+    length: int,
+    stride: int,
+    size: int,
+    mapping: str,
+    lag: int,
 ) -> np.ndarray:
-    """Window scores (window i starts at i * stride) as one score per point."""
+    """Window scores (window i starts at i * stride, peaks at ``peaks[i]`` from its start)
+    as one score per point."""
     starts = np.arange(len(scores)) * stride - lag * stride
-    if mapping == "centre":
-        return _nearest_centre_score(scores, starts + length // 2, size)
+    if mapping == "peak":
+        return _nearest_peak_score(scores, starts + peaks, size)
     total, count = np.zeros(size + 1), np.zeros(size + 1)
     first, last = np.clip(starts, 0, size), np.clip(starts + length, 0, size)
     np.add.at(total, first, scores)
@@ -102,17 +118,18 @@ def main() -> None:
         normal = NormalTerms.of(detector, train)
         total = len(series.values) - length + 1
         stride = min(MAX_SCORING_STRIDE, max(1, -(-total // detector.max_scored_windows)))
-        raw = raw_terms(model, sliding_windows(series.values, length, stride))
+        raw, offsets = raw_terms(model, sliding_windows(series.values, length, stride))
         hits = {}
         scalings = {
             (scaling, floor): normal.scaled(raw, scaling, floor)
             for scaling, floor in itertools.product(SCALINGS, FLOORS)
         }
         for terms, scaling, floor, mapping, (k, n) in variants:
-            score = fused(scalings[scaling, floor], terms)
+            z = scalings[scaling, floor]
+            score, peaks = fused(z, terms), fused_peak(z, offsets, terms)
             lag = (n - 1) // 2
             points = point_scores(
-                confirmed(score, k, n), length, stride, len(series.values), mapping, lag
+                confirmed(score, k, n), peaks, length, stride, len(series.values), mapping, lag
             )
             location = ucr_location(points, series.train_end)
             key = f"{'+'.join(terms)}|{scaling}|{floor}|{mapping}|{k}of{n}"

@@ -24,7 +24,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -49,8 +49,10 @@ _EPS = 1e-5
 # What a score can fuse (``ModelConfig.score_terms``): the teacher-student discrepancy (the
 # paper's score), the distance to the nearest normal training window in a memory bank
 # (shape), how far the window's mean and spread lie outside their normal range, and how
-# far its latest reading lies from the rest of the window (the newest point's surprise).
-SCORE_TERMS = ("discrepancy", "memory", "level", "scale", "tail")
+# far its latest reading lies from the rest of the window (the newest point's surprise), and
+# how far one of its newest readings lies from the midpoint of its two neighbours (a spike
+# or a step too short to change a window's shape, level or spread).
+SCORE_TERMS = ("discrepancy", "memory", "level", "scale", "tail", "point")
 # The product's default (see the README's ablation for each term's share).
 DEFAULT_SCORE_TERMS = ("discrepancy", "memory", "level", "scale")
 # A term's unit is never below this many sampling errors (`spread_floor`).
@@ -58,6 +60,9 @@ _FLOOR_ERRORS = 3.0
 # Terms where both directions are unusual (a drop as much as a rise); they count only
 # beyond the range seen on normal windows, so a drift within it costs nothing.
 _TWO_SIDED = ("level", "scale")
+# Terms no network or memory bank was fitted for: every normal window shows their normal
+# range, the bank's as well as the held-back ones.
+_MODEL_FREE = ("level", "scale", "point")
 # The most memory-bank values kept, whatever the channels and window length (32 MiB).
 _MAX_MEMORY_VALUES = 8 * 1024 * 1024
 # Normal windows kept in the memory bank by default: the budget above, for one channel
@@ -97,8 +102,8 @@ class ModelConfig:
     score_terms: tuple[str, ...] = DEFAULT_SCORE_TERMS
     # Normal windows in the bank of the "memory" term, at most (``memory_slots``).
     memory_size: int = DEFAULT_MEMORY_SIZE
-    # The newest readings the "tail" term weighs against the rest of the window: the
-    # scoring stride, so that every reading is the newest of one scored window.
+    # The newest readings the "tail" and "point" terms look at: the scoring stride, so
+    # that every reading is among the newest of one scored window.
     tail_readings: int = 1
     # The truncated backbone's own Hugging Face config; filled in when the backbone
     # is loaded so a checkpoint can rebuild it without the original weights.
@@ -143,6 +148,8 @@ class ModelConfig:
             raise ValueError("the 'memory' score term needs memory_size >= 1")
         if not 1 <= self.tail_readings < self.window_length:
             raise ValueError("tail_readings must be at least 1 and shorter than the window")
+        if "point" in self.score_terms and self.window_length < 3:
+            raise ValueError("the 'point' score term needs windows of at least 3 readings")
 
     @property
     def fused(self) -> bool:
@@ -165,6 +172,24 @@ class Scores:
     score: torch.Tensor  # (B,) the (fused) anomaly score, high = anomalous
     nearest_prototype: torch.Tensor  # (B, C) index of the nearest prototype per channel
     attribution: torch.Tensor  # (B, C) share of the score per channel, rows sum to 1
+    # (B,) where in the window the score's cause lies: the reading a "point" or "tail"
+    # term picked out, else the window's centre (a term of the whole window).
+    peak_offset: torch.Tensor
+
+
+class RawTerms(NamedTuple):
+    """What `AnomalyLLM.raw_terms` returns: each term before it is put on the common scale."""
+
+    values: torch.Tensor  # (T, B, C)
+    offsets: torch.Tensor  # (T, B, C) where in the window each term's value lies
+    nearest_prototype: torch.Tensor  # (B, C)
+
+
+class WindowScores(NamedTuple):
+    """What `AnomalyLLM.score_windows` returns for N windows."""
+
+    score: np.ndarray  # (N,) float32
+    peak_offset: np.ndarray  # (N,) int64, as in `Scores`
 
 
 def instance_norm(x: torch.Tensor) -> torch.Tensor:
@@ -459,34 +484,51 @@ class AnomalyLLM(nn.Module):
         c, z, index = self(x)
         return torch.linalg.vector_norm(c.float() - z.float(), dim=-1), index  # (B,), (B, C)
 
-    def raw_terms(
-        self, x: torch.Tensor, names: tuple[str, ...] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Score terms per channel (T, B, C) and prototype indices (B, C).
-
-        All configured terms, or only ``names`` (in that order) when given.
-        """
-        channels = x.shape[1]
-        terms = []
+    def raw_terms(self, x: torch.Tensor, names: tuple[str, ...] | None = None) -> RawTerms:
+        """Score terms per channel (T, B, C), where each lies in the window, and the nearest
+        prototypes. All configured terms, or only ``names`` (in that order) when given."""
+        batch, channels, length = x.shape
+        centre = torch.full((batch, channels), length // 2, dtype=torch.long, device=x.device)
+        terms, offsets = [], []
         index = None
         for name in names or self.config.score_terms:
+            offset = centre
             if name == "discrepancy":
                 distance, index = self.distance(x)
-                terms.append(distance.unsqueeze(1).expand(-1, channels))
+                term = distance.unsqueeze(1).expand(-1, channels)
             elif name == "memory":
-                terms.append(self._memory_distance(x))
+                term = self._memory_distance(x)
             elif name == "level":
-                terms.append(x.float().mean(dim=-1))
+                term = x.float().mean(dim=-1)
             elif name == "scale":
-                terms.append(torch.log(x.float().std(dim=-1, unbiased=False) + _EPS))
-            else:  # tail: the newest readings' largest deviation from the rest
+                term = torch.log(x.float().std(dim=-1, unbiased=False) + _EPS)
+            elif name == "tail":  # the newest readings' largest deviation from the rest
                 newest = self.config.tail_readings
                 head = x[..., :-newest].float()
                 deviation = (x[..., -newest:].float() - head.mean(dim=-1, keepdim=True)).abs()
-                terms.append(deviation.amax(dim=-1) / (head.std(dim=-1, unbiased=False) + _EPS))
+                term, position = deviation.max(dim=-1)
+                term = term / (head.std(dim=-1, unbiased=False) + _EPS)
+                offset = position + (length - newest)
+            else:  # point: a newest reading's distance from the midpoint of its neighbours
+                term, offset = self._point_residual(x)
+            terms.append(term)
+            offsets.append(offset)
         if index is None:
             index = self.student.nearest(self.normalise(x))
-        return torch.stack(terms), index
+        return RawTerms(torch.stack(terms), torch.stack(offsets), index)
+
+    def _point_residual(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The largest |x_i - (x_(i-1) + x_(i+1)) / 2| over the newest ``tail_readings``
+        readings that have both neighbours, in the channel's units, and its position i.
+
+        The newest reading has no right neighbour yet: it counts in the next window, so at
+        a scoring stride of ``tail_readings`` every reading is judged exactly once. (B, C)
+        """
+        x = x.float()
+        residual = (x[..., 1:-1] - (x[..., :-2] + x[..., 2:]) / 2).abs()  # (B, C, L - 2)
+        first = max(0, residual.shape[-1] - self.config.tail_readings)
+        term, position = residual[..., first:].max(dim=-1)
+        return term, position + first + 1
 
     def _memory_distance(self, x: torch.Tensor) -> torch.Tensor:
         """Distance to the nearest memory window, both instance-normalised. (B, C)"""
@@ -497,14 +539,22 @@ class AnomalyLLM(nn.Module):
         length = x.shape[-1]
         return torch.sqrt((2 * (length - nearest_dot)).clamp(min=0) / length)  # (B, C)
 
-    def fused_score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The score of windows (B,) and the nearest prototype per channel (B, C)."""
+    def fused_score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The score of windows (B,), the nearest prototype per channel (B, C), and where
+        in the window the largest term lies (B,)."""
         if not self.config.fused:
-            return self.distance(x)
-        raw, index = self.raw_terms(x)  # (T, B, C)
-        z = (raw - self.term_centre.unsqueeze(1)) / self.term_spread.unsqueeze(1)
-        z = torch.where(self.two_sided, z.abs(), z)
-        return z.amax(dim=(0, 2)).clamp(min=0), index
+            distance, index = self.distance(x)
+            centre = torch.full_like(distance, x.shape[-1] // 2, dtype=torch.long)
+            return distance, index, centre
+        raw = self.raw_terms(x)
+        z = (raw.values - self.term_centre.unsqueeze(1)) / self.term_spread.unsqueeze(1)
+        z = torch.where(self.two_sided, z.abs(), z)  # (T, B, C)
+        terms, batch, channels = z.shape
+        flat = z.permute(1, 0, 2).reshape(batch, terms * channels)
+        score, largest = flat.max(dim=1)
+        offsets = raw.offsets.permute(1, 0, 2).reshape(batch, terms * channels)
+        peak = offsets.gather(1, largest.unsqueeze(1)).squeeze(1)
+        return score.clamp(min=0), raw.nearest_prototype, peak
 
     @torch.inference_mode()
     def calibrate(self, memory_windows: torch.Tensor, held_back: torch.Tensor) -> None:
@@ -513,26 +563,30 @@ class AnomalyLLM(nn.Module):
         ``memory_windows`` (N, C, L) are normal training windows, thinned evenly to
         ``memory_slots``; ``held_back`` (H, C, L) are normal windows the model and the bank
         never saw. On the common scale 0 is typical and 1 is the most extreme normal
-        window: a one-sided term (discrepancy, memory) is measured from its median on the
-        held-back windows in units of their largest excess over it; a two-sided term
-        (level, scale) from the middle of its range on all these normal windows, in units
-        of half that range. So a term with heavy tails on normal data counts for less,
-        and the fused score (the largest term) above 1 means beyond anything normal.
+        window: a one-sided term (discrepancy, memory, point) is measured from its median
+        in units of the largest excess over it; a two-sided term (level, scale) from the
+        middle of its range, in units of half that range. The normal windows are the
+        held-back ones, and for a term that nothing was fitted for (level, scale, point)
+        the bank's windows too. So a term with heavy tails on normal data counts for
+        less, and the fused score (the largest term) above 1 means beyond anything normal.
         """
         if not self.config.fused:
             return
         self.fill_memory(memory_windows)
-        held = self._terms_of(held_back, self.config.score_terms)  # (T, H, C)
+        names = self.config.score_terms
+        held = self._terms_of(held_back, names)  # (T, H, C)
         centre = held.median(dim=1).values
         spread = held.amax(dim=1) - centre
-        sided = self.two_sided.view(-1)
-        if sided.any():
-            names = tuple(name for name in self.config.score_terms if name in _TWO_SIDED)
-            normal = torch.cat([held[sided], self._terms_of(memory_windows, names)], dim=1)
-            low, high = normal.amin(dim=1), normal.amax(dim=1)
-            centre[sided], spread[sided] = (low + high) / 2, (high - low) / 2
+        free = torch.tensor([name in _MODEL_FREE for name in names], device=held.device)
+        if free.any():
+            free_names = tuple(name for name in names if name in _MODEL_FREE)
+            normal = torch.cat([held[free], self._terms_of(memory_windows, free_names)], dim=1)
+            low, high, middle = normal.amin(dim=1), normal.amax(dim=1), normal.median(dim=1).values
+            sided = self.two_sided.view(-1, 1)[free]
+            centre[free] = torch.where(sided, (low + high) / 2, middle)
+            spread[free] = torch.where(sided, (high - low) / 2, high - middle)
         self.term_centre.copy_(centre)
-        floor = spread_floor(self.config.score_terms, memory_windows, centre)
+        floor = spread_floor(names, memory_windows, centre)
         self.term_spread.copy_(torch.maximum(spread, floor))
 
     @torch.inference_mode()
@@ -551,18 +605,20 @@ class AnomalyLLM(nn.Module):
         """The named score terms of windows (N, C, L), in batches. (T, N, C)"""
         device = self.term_centre.device
         batches = windows.split(256)
-        return torch.cat([self.raw_terms(batch.to(device), names)[0] for batch in batches], dim=1)
+        terms = [self.raw_terms(batch.to(device), names).values for batch in batches]
+        return torch.cat(terms, dim=1)
 
-    def score_windows(self, windows: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    def score_windows(self, windows: np.ndarray, batch_size: int = 256) -> WindowScores:
         """Scores of many windows (N, C, L) in batches on the model's device, without
-        attribution: what the trainer's jobs and the evaluation harness score with. (N,)"""
+        attribution: what the trainer's jobs and the evaluation harness score with."""
         device = self.student.prototypes.device
-        scores = [np.zeros(0, dtype=np.float32)]
+        scores, offsets = [np.zeros(0, dtype=np.float32)], [np.zeros(0, dtype=np.int64)]
         for start in range(0, len(windows), batch_size):
             batch = np.ascontiguousarray(windows[start : start + batch_size], dtype=np.float32)
-            score = self.score(torch.from_numpy(batch).to(device), attribution=False).score
-            scores.append(score.float().cpu().numpy())
-        return np.concatenate(scores)
+            scored = self.score(torch.from_numpy(batch).to(device), attribution=False)
+            scores.append(scored.score.float().cpu().numpy())
+            offsets.append(scored.peak_offset.cpu().numpy())
+        return WindowScores(np.concatenate(scores), np.concatenate(offsets))
 
     @torch.inference_mode()
     def score(self, x: torch.Tensor, attribution: bool = True) -> Scores:
@@ -572,16 +628,16 @@ class AnomalyLLM(nn.Module):
         replaced by a flat line at its mean, normalised so each row sums to one
         (uniform when no channel changes it); with a single channel it is 1.
         """
-        score, index = self.fused_score(x)
+        score, index, peak = self.fused_score(x)
         batch, channels, _ = x.shape
         if not attribution or channels == 1:
-            return Scores(score, index, torch.ones(batch, channels, device=x.device))
+            return Scores(score, index, torch.ones(batch, channels, device=x.device), peak)
         # (C, B, C, L): copy c has channel c flattened to its window mean.
         occluded = x.unsqueeze(0).repeat(channels, 1, 1, 1)
         eye = torch.arange(channels, device=x.device)
         occluded[eye, :, eye] = x.mean(dim=-1).transpose(0, 1).unsqueeze(-1)
-        occluded_score, _ = self.fused_score(occluded.reshape(channels * batch, channels, -1))
+        occluded_score = self.fused_score(occluded.reshape(channels * batch, channels, -1))[0]
         change = (score.unsqueeze(0) - occluded_score.view(channels, batch)).abs().T  # (B, C)
         total = change.sum(dim=1, keepdim=True)
         share = torch.where(total > 0, change / total.clamp(min=1e-12), 1.0 / channels)
-        return Scores(score, index, share)
+        return Scores(score, index, share, peak)

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from stream_detector.config import AlertPolicy
-from stream_detector.model import SMOLLM2, AnomalyLLM, ModelConfig
+from stream_detector.model import SMOLLM2, AnomalyLLM, ModelConfig, WindowScores
 from trainer.detectors import dominant_period
 from trainer.thresholds import REPLAY_ROW_MS, AlertReplay, ThresholdConfig, pot_threshold
 from trainer.train import TrainResult, fit, profile, refresh, sliding_windows
@@ -42,8 +42,11 @@ class AnomalyLLMDetector:
 
     The model is the product's default (``ModelConfig``: the fused score); the subclasses
     below are the ablations. Windows are scored every ``MAX_SCORING_STRIDE`` points or
-    closer. Non-causal mode (UCR, MSL) gives each point the score of the window centred
-    nearest to it, so a peak lands where the unusual stretch is; causal mode (NAB,
+    closer, and the "tail" and "point" terms look at the newest ``MAX_SCORING_STRIDE``
+    readings of a window, as ``trainer fit`` sets them to the worker's stride. Non-causal
+    mode (UCR, MSL) gives each point the score of the window whose peak
+    (``Scores.peak_offset``: the reading a point term picked out, else the window's centre)
+    lies nearest to it, so a peak lands where the unusual stretch is; causal mode (NAB,
     streaming) gives each point the score of the latest window that ends at or before it,
     as the worker does.
 
@@ -128,6 +131,9 @@ class AnomalyLLMDetector:
             "normalisation": model_config.normalisation,
             "score_terms": list(model_config.score_terms),
             "memory_size": model_config.memory_size if model_config.fused else 0,
+            "tail_readings": self.model_settings.get(
+                "tail_readings", f"min({MAX_SCORING_STRIDE}, window_length - 1)"
+            ),
             "max_scored_windows": self.max_scored_windows,
             "max_scoring_stride": MAX_SCORING_STRIDE,
             "refresh_every": self.refresh_every,
@@ -157,7 +163,7 @@ class AnomalyLLMDetector:
             patch_stride=patch,
             backbone=self.backbone,
             backbone_layers=self.backbone_layers,
-            **self.model_settings,
+            **{"tail_readings": min(MAX_SCORING_STRIDE, length - 1), **self.model_settings},
         )
         train_config = profile(self.profile_name, seed=self.seed)
         windows = self.training_windows(train, length, model_config.memory_slots)
@@ -172,7 +178,7 @@ class AnomalyLLMDetector:
         fraction = profile(self.profile_name, seed=self.seed).validation_fraction
         held_back = windows[-max(1, int(len(windows) * fraction)) :]
         return pot_threshold(
-            model.score_windows(held_back, self.batch_size), ThresholdConfig()
+            model.score_windows(held_back, self.batch_size).score, ThresholdConfig()
         ).threshold
 
     def training_windows(self, train: np.ndarray, length: int, memory_slots: int) -> np.ndarray:
@@ -192,8 +198,8 @@ class AnomalyLLMDetector:
         max_train_windows = profile(self.profile_name, seed=self.seed).max_train_windows
         return max(1, shifts // max(memory_slots, max_train_windows * 2))
 
-    def window_scores(self, series: np.ndarray, stride: int) -> np.ndarray:
-        """Scores of windows starting at 0, stride, 2*stride, ... (N,)"""
+    def window_scores(self, series: np.ndarray, stride: int) -> WindowScores:
+        """Scores of windows starting at 0, stride, 2*stride, ..."""
         if self.model is None:
             raise RuntimeError("fit() must run before score()")
         windows = sliding_windows(self._columns(series), self.model.config.window_length, stride)
@@ -201,18 +207,23 @@ class AnomalyLLMDetector:
             return self._refreshed_scores(windows, stride, self._columns(series))
         return self.model.score_windows(windows, self.batch_size)
 
-    def _refreshed_scores(self, windows: np.ndarray, stride: int, series: np.ndarray) -> np.ndarray:
-        """Window scores with a refresh every ``refresh_every`` rows (see the class). (N,)"""
+    def _refreshed_scores(
+        self, windows: np.ndarray, stride: int, series: np.ndarray
+    ) -> WindowScores:
+        """Window scores with a refresh every ``refresh_every`` rows (see the class)."""
         assert self.model is not None and self.threshold is not None
         model, threshold = copy.deepcopy(self.model), self.threshold
         length = model.config.window_length
         ends = np.arange(len(windows)) * stride + length - 1
         replay = AlertReplay(AlertPolicy())
         scores = np.zeros(len(windows), dtype=np.float32)
+        offsets = np.zeros(len(windows), dtype=np.int64)
         first = 0
         for cut in [*range(self.training_rows, len(series), self.refresh_every), len(series)]:
             last = int(np.searchsorted(ends, cut))  # windows ending before row `cut`
-            scores[first:last] = model.score_windows(windows[first:last], self.batch_size)
+            scores[first:last], offsets[first:last] = model.score_windows(
+                windows[first:last], self.batch_size
+            )
             for end, score in zip(
                 ends[first:last].tolist(), scores[first:last].tolist(), strict=True
             ):
@@ -227,7 +238,7 @@ class AnomalyLLMDetector:
                 fraction = profile(self.profile_name).validation_fraction
                 refresh(model, recent, fraction, memory_only=self.refresh_memory_only)
                 threshold = self._threshold(model, recent)
-        return scores
+        return WindowScores(scores, offsets)
 
     def _refresh_windows(
         self, series: np.ndarray, cut: int, alerts: list[tuple[int, int]]
@@ -278,11 +289,11 @@ class AnomalyLLMDetector:
         if total < 1:
             return np.zeros(len(series), dtype=np.float32)
         stride = self._stride(len(series))
-        scores = self.window_scores(series, stride)
-        starts = np.arange(len(scores)) * stride
+        scored = self.window_scores(series, stride)
+        starts = np.arange(len(scored.score)) * stride
         if self.causal:
-            return _latest_window_score(scores, starts + length - 1, len(series))
-        return _nearest_centre_score(scores, starts + length // 2, len(series))
+            return _latest_window_score(scored.score, starts + length - 1, len(series))
+        return _nearest_peak_score(scored.score, starts + scored.peak_offset, len(series))
 
 
 class AnomalyLLMPaperDetector(AnomalyLLMDetector):
@@ -309,9 +320,15 @@ def _latest_window_score(scores: np.ndarray, ends: np.ndarray, size: int) -> np.
     return np.where(index >= 0, scores[np.clip(index, 0, None)], 0.0).astype(np.float32)
 
 
-def _nearest_centre_score(scores: np.ndarray, centres: np.ndarray, size: int) -> np.ndarray:
-    """Each point gets the score of the window whose centre lies nearest to it."""
-    if len(centres) == 1:
+def _nearest_peak_score(scores: np.ndarray, peaks: np.ndarray, size: int) -> np.ndarray:
+    """Each point gets the score of the window whose peak (`Scores.peak_offset`, from the
+    window's start) lies nearest to it; where several windows peak at one point, the
+    highest. Windows scored on whole-window terms peak at their centres."""
+    order = np.lexsort((-scores, peaks))  # by peak, the highest score first
+    peaks, scores = peaks[order], scores[order]
+    first = np.concatenate([[True], peaks[1:] != peaks[:-1]])
+    peaks, scores = peaks[first], scores[first]
+    if len(peaks) == 1:
         return np.full(size, scores[0], dtype=np.float32)
-    midpoints = (centres[:-1] + centres[1:]) / 2
+    midpoints = (peaks[:-1] + peaks[1:]) / 2
     return scores[np.searchsorted(midpoints, np.arange(size))].astype(np.float32)

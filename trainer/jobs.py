@@ -138,7 +138,7 @@ def score_windows(
     models: Sequence[AnomalyLLM], windows: np.ndarray, device: torch.device
 ) -> list[np.ndarray]:
     """Each model's scores of windows (N, C, L), as the worker scores (``AnomalyLLM.score``)."""
-    return [model.to(device).eval().score_windows(windows) for model in models]
+    return [model.to(device).eval().score_windows(windows).score for model in models]
 
 
 def _scores_of(
@@ -213,7 +213,7 @@ def _model_config(
     base = {
         "backbone": options.backbone,
         "backbone_layers": options.backbone_layers,
-        # Where the tail term is configured, it weighs every reading since the worker's
+        # The tail and point terms weigh every reading since the worker's
         # previous scoring of the sensor (DETECTOR_STRIDE).
         "tail_readings": min(stride, window_length - 1),
     }

@@ -132,7 +132,7 @@ def test_the_memory_term_is_the_distance_to_the_nearest_normal_window(
     fused_model: AnomalyLLM,
 ) -> None:
     bank_window = instance_norm(fused_model.memory[:, 7].unsqueeze(0))  # already normal
-    raw, _ = fused_model.raw_terms(bank_window * 2.0 + 5.0)  # same shape, other level
+    raw = fused_model.raw_terms(bank_window * 2.0 + 5.0).values  # same shape, other level
     memory = raw[FUSED.index("memory")]
     assert float(memory.max()) < 0.02  # 0 but for instance_norm's epsilon
 
@@ -141,7 +141,7 @@ def test_fused_terms_put_the_most_extreme_normal_window_at_one(
     fused_model: AnomalyLLM,
 ) -> None:
     held_back = sine_windows(100, phase_step=0.41)  # what the fixture calibrated on
-    raw, _ = fused_model.raw_terms(held_back)
+    raw = fused_model.raw_terms(held_back).values
     z = (raw - fused_model.term_centre.unsqueeze(1)) / fused_model.term_spread.unsqueeze(1)
     one_sided = [FUSED.index("discrepancy"), FUSED.index("memory")]
     two_sided = [FUSED.index("level"), FUSED.index("scale")]
@@ -166,11 +166,11 @@ def test_the_tail_term_is_how_far_the_latest_reading_lies_from_the_rest_of_its_w
     model = tiny_model(score_terms=("tail",)).eval()
     head = torch.tensor([0.0, 1.0] * 15 + [0.0])  # 31 points: mean 15/31
     window = torch.cat([head, torch.tensor([4.0])]).view(1, 1, 32)
-    raw, _ = model.raw_terms(window)
+    raw = model.raw_terms(window).values
     expected = (4.0 - head.mean()) / head.std(unbiased=False)
     assert float(raw[0, 0, 0]) == pytest.approx(float(expected), rel=1e-4)
     steady = torch.cat([head, torch.tensor([0.0])]).view(1, 1, 32)
-    assert float(model.raw_terms(steady)[0][0, 0, 0]) < float(raw[0, 0, 0]) / 5
+    assert float(model.raw_terms(steady).values[0, 0, 0]) < float(raw[0, 0, 0]) / 5
 
 
 def test_the_tail_term_weighs_each_of_the_newest_tail_readings() -> None:
@@ -182,10 +182,37 @@ def test_the_tail_term_weighs_each_of_the_newest_tail_readings() -> None:
     newest_four = tiny_model(score_terms=("tail",), tail_readings=4).eval()
     head = window[0, 0, :-4]
     expected = float((4.0 - head.mean()) / head.std(unbiased=False))
-    assert float(newest_four.raw_terms(window)[0][0, 0, 0]) == pytest.approx(expected, rel=1e-4)
-    assert float(newest_only.raw_terms(window)[0][0, 0, 0]) < expected / 3
+    assert float(newest_four.raw_terms(window).values[0, 0, 0]) == pytest.approx(expected, rel=1e-4)
+    assert float(newest_only.raw_terms(window).values[0, 0, 0]) < expected / 3
     with pytest.raises(ValueError, match="tail_readings"):
         tiny_config(tail_readings=32).validate()
+
+
+def test_the_point_term_finds_a_spike_among_the_newest_readings_and_where_it_is() -> None:
+    model = tiny_model(score_terms=("point",), tail_readings=4).eval()
+    window = torch.linspace(0.0, 3.1, 32).view(1, 1, 32)  # a ramp: every residual is 0
+    spiked = window.clone()
+    spiked[0, 0, -3] += 2.0  # the midpoint of its neighbours is 2.0 below it
+    raw = model.raw_terms(torch.cat([window, spiked]))
+    assert raw.values[0, 0, 0] == pytest.approx(0.0, abs=1e-5)
+    assert raw.values[0, 1, 0] == pytest.approx(2.0, rel=1e-4)
+    assert int(raw.offsets[0, 1, 0]) == 29
+    # Older than the newest four readings: the window scored four readings earlier saw it.
+    early = window.clone()
+    early[0, 0, 20] += 2.0
+    assert float(model.raw_terms(early).values[0, 0, 0]) < 0.1
+
+
+def test_a_score_peaks_where_its_largest_term_lies(fused_model: AnomalyLLM) -> None:
+    point = tiny_model(score_terms=(*FUSED, "point"), tail_readings=4).eval()
+    normal = sine_windows(200)
+    point.calibrate(normal, sine_windows(100, phase_step=0.41))
+    spiked = normal[:1].clone()
+    spiked[0, 0, -2] += 10.0
+    assert point.score(spiked).peak_offset.tolist() == [30]
+    shifted = normal[:1] + 3.0  # only the level term: a term of the whole window
+    assert point.score(shifted).peak_offset.tolist() == [16]
+    assert fused_model.score(shifted).peak_offset.tolist() == [16]
 
 
 def test_a_newest_spike_raises_the_score_of_a_model_with_the_tail_term() -> None:
