@@ -48,10 +48,11 @@ from trainer.nab import DetectorRun, causal_rank, decision_results, load_corpus,
 from trainer.train import sliding_windows
 
 DEFAULT_KEY = f"{'+'.join(DEFAULT_SCORE_TERMS)}|errors"
-# Scored by the worker's alert policy too (--decisions): the default, each of its terms
-# off, the tail or the point term on, and the best likelihood subset of an earlier ablation.
+# Scored by the worker's alert policy too (--decisions): the default before the point
+# term, each of its terms off, the tail or the point term on, and the best likelihood
+# subset of an earlier ablation.
 DECISION_VARIANTS = (
-    DEFAULT_KEY,
+    "discrepancy+memory+level+scale|errors",
     "memory+level+scale|errors",
     "discrepancy+level+scale|errors",
     "discrepancy+memory+scale|errors",

@@ -54,7 +54,7 @@ _EPS = 1e-5
 # or a step too short to change a window's shape, level or spread).
 SCORE_TERMS = ("discrepancy", "memory", "level", "scale", "tail", "point")
 # The product's default (see the README's ablation for each term's share).
-DEFAULT_SCORE_TERMS = ("discrepancy", "memory", "level", "scale")
+DEFAULT_SCORE_TERMS = ("discrepancy", "memory", "level", "scale", "point")
 # A term's unit is never below this many sampling errors (`spread_floor`).
 _FLOOR_ERRORS = 3.0
 # Terms where both directions are unusual (a drop as much as a rise); they count only
@@ -102,9 +102,10 @@ class ModelConfig:
     score_terms: tuple[str, ...] = DEFAULT_SCORE_TERMS
     # Normal windows in the bank of the "memory" term, at most (``memory_slots``).
     memory_size: int = DEFAULT_MEMORY_SIZE
-    # The newest readings the "tail" and "point" terms look at: the scoring stride, so
-    # that every reading is among the newest of one scored window.
-    tail_readings: int = 1
+    # The newest readings the "tail" and "point" terms look at: the scoring stride
+    # (``DETECTOR_STRIDE``, 16 by default), so that every reading is among the newest of
+    # one scored window.
+    tail_readings: int = 16
     # The truncated backbone's own Hugging Face config; filled in when the backbone
     # is loaded so a checkpoint can rebuild it without the original weights.
     backbone_config: dict[str, Any] = field(default_factory=dict)

@@ -10,7 +10,7 @@ from stream_detector.model import AnomalyLLM, ModelConfig, instance_norm
 
 pytestmark = pytest.mark.unit
 
-FUSED = ("discrepancy", "memory", "level", "scale")
+FUSED = ("discrepancy", "memory", "level", "scale", "point")
 PAPER = ("discrepancy",)
 
 
@@ -151,6 +151,8 @@ def test_fused_terms_put_the_most_extreme_normal_window_at_one(
     assert torch.allclose(maxima, torch.ones_like(maxima), atol=1e-4)
     # Two-sided terms: every normal window lies within the range, [-1, 1].
     assert float(z[two_sided].abs().max()) <= 1 + 1e-4
+    # The point term is calibrated on the bank's windows too: at most 1 on these.
+    assert float(z[FUSED.index("point")].max()) <= 1 + 1e-4
     assert fused_model.score(held_back).score.max() <= 1 + 1e-4
 
 
@@ -163,7 +165,7 @@ def test_the_memory_bank_keeps_within_its_budget() -> None:
 
 
 def test_the_tail_term_is_how_far_the_latest_reading_lies_from_the_rest_of_its_window() -> None:
-    model = tiny_model(score_terms=("tail",)).eval()
+    model = tiny_model(score_terms=("tail",), tail_readings=1).eval()
     head = torch.tensor([0.0, 1.0] * 15 + [0.0])  # 31 points: mean 15/31
     window = torch.cat([head, torch.tensor([4.0])]).view(1, 1, 32)
     raw = model.raw_terms(window).values
@@ -178,7 +180,7 @@ def test_the_tail_term_weighs_each_of_the_newest_tail_readings() -> None:
     # 4 readings holds it, the newest reading alone does not.
     window = torch.tensor([0.0, 1.0] * 16).view(1, 1, 32)
     window[0, 0, -3] = 4.0
-    newest_only = tiny_model(score_terms=("tail",)).eval()
+    newest_only = tiny_model(score_terms=("tail",), tail_readings=1).eval()
     newest_four = tiny_model(score_terms=("tail",), tail_readings=4).eval()
     head = window[0, 0, :-4]
     expected = float((4.0 - head.mean()) / head.std(unbiased=False))
@@ -204,15 +206,14 @@ def test_the_point_term_finds_a_spike_among_the_newest_readings_and_where_it_is(
 
 
 def test_a_score_peaks_where_its_largest_term_lies(fused_model: AnomalyLLM) -> None:
-    point = tiny_model(score_terms=(*FUSED, "point"), tail_readings=4).eval()
-    normal = sine_windows(200)
-    point.calibrate(normal, sine_windows(100, phase_step=0.41))
-    spiked = normal[:1].clone()
+    normal = sine_windows(1)
+    spiked = normal.clone()
     spiked[0, 0, -2] += 10.0
-    assert point.score(spiked).peak_offset.tolist() == [30]
-    shifted = normal[:1] + 3.0  # only the level term: a term of the whole window
-    assert point.score(shifted).peak_offset.tolist() == [16]
+    assert fused_model.score(spiked).peak_offset.tolist() == [30]
+    shifted = normal + 3.0  # only the level term: a term of the whole window
     assert fused_model.score(shifted).peak_offset.tolist() == [16]
+    paper = tiny_model(score_terms=PAPER).eval()
+    assert paper.score(shifted).peak_offset.tolist() == [16]
 
 
 def test_a_newest_spike_raises_the_score_of_a_model_with_the_tail_term() -> None:
