@@ -2,8 +2,8 @@
 
 Per sensor, ``update`` folds one window score into a ``SensorAlertState`` and returns the
 new state with the ``AlertEvent`` objects it caused. The state round-trips through
-``to_dict``/``from_dict`` (JSON-ready data) so that it can live in Redis (the Redis I/O is
-elsewhere).
+``to_dict``/``from_dict`` (compact JSON-ready data) so that it can live in Redis (the Redis
+I/O is elsewhere).
 
 The rules, with their parameters in ``AlertPolicy`` (``settings.alerts``):
 
@@ -232,15 +232,18 @@ class SensorAlertState:
     sketch: QuantileSketch | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready data."""
-        return _STATE_ADAPTER.dump_python(self, mode="json")
+        """JSON-ready data without the sensor id (the Redis key holds it) and without the
+        fields at their defaults: a quiet sensor's state is a few dozen bytes."""
+        return _STATE_ADAPTER.dump_python(
+            self, mode="json", exclude={"sensor_id"}, exclude_defaults=True
+        )
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> SensorAlertState:
+    def from_dict(cls, sensor_id: str, data: Mapping[str, Any]) -> SensorAlertState:
         """Inverse of ``to_dict``; raise ``InvalidAlertState`` on anything else."""
         try:
-            return _STATE_ADAPTER.validate_python(data)
-        except ValidationError as exc:
+            return _STATE_ADAPTER.validate_python({**data, "sensor_id": sensor_id})
+        except (TypeError, ValidationError) as exc:
             raise InvalidAlertState(f"unreadable alert state: {exc}") from None
 
 

@@ -645,7 +645,7 @@ class Pipeline:
 def _state_from(sensor_id: str, stored: dict[str, Any] | None) -> alerts.SensorAlertState:
     if stored is not None:
         try:
-            return alerts.SensorAlertState.from_dict(stored)
+            return alerts.SensorAlertState.from_dict(sensor_id, stored)
         except alerts.InvalidAlertState as error:
             logger.warning("starting sensor %r from a fresh alert state: %s", sensor_id, error)
     return alerts.SensorAlertState(sensor_id)

@@ -175,7 +175,8 @@ def test_replayed_scores_produce_no_duplicate_events() -> None:
 
 def stored_and_read_back(state: SensorAlertState) -> SensorAlertState:
     """The state as the window store writes it to Redis (JSON) and the worker reads it."""
-    return SensorAlertState.from_dict(json.loads(json.dumps(state.to_dict(), allow_nan=False)))
+    stored = json.dumps(state.to_dict(), allow_nan=False)
+    return SensorAlertState.from_dict(state.sensor_id, json.loads(stored))
 
 
 def test_replay_from_an_older_state_reproduces_the_same_events() -> None:
@@ -208,10 +209,16 @@ def test_state_round_trips_through_json_at_every_step() -> None:
         assert stored_and_read_back(state) == state
 
 
-@pytest.mark.parametrize("stored", [{"sensor_id": "s", "history": "lots"}, {}, {"x": 1}])
+@pytest.mark.parametrize("stored", [{"history": "lots"}, {"last_ts_ms": "soon"}, ["history"]])
 def test_unreadable_state_is_a_specific_error(stored: dict) -> None:
     with pytest.raises(InvalidAlertState):
-        SensorAlertState.from_dict(stored)
+        SensorAlertState.from_dict("s", stored)
+
+
+def test_a_quiet_sensors_stored_state_holds_only_what_differs_from_a_fresh_one() -> None:
+    state, _ = feed([0.5] * 3, policy())
+    assert state.to_dict() == {"last_ts_ms": 3 * STEP_MS, "threshold": 1.0}
+    assert SensorAlertState.from_dict("s", {}) == SensorAlertState("s")
 
 
 def test_non_finite_scores_decide_nothing() -> None:
