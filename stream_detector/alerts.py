@@ -29,6 +29,8 @@ The rules, with their parameters in ``AlertPolicy`` (``settings.alerts``):
   ``fallback_quantile`` of the sensor's own scores (``QuantileSketch``). Scores of an
   open alert never enter it, and a breach enters only once it has left the last
   ``confirm_n`` windows without opening an alert, so an anomaly does not raise its own bar.
+- Adaptive fitted threshold (``adapt_fitted_threshold``): the same sketch runs beside a
+  fitted threshold, and once warmed up the threshold is the larger of the two.
 - Non-finite scores are skipped (they advance ``last_ts_ms`` and decide nothing).
 """
 
@@ -288,14 +290,16 @@ def update(
         return state, []
     if not math.isfinite(score):
         return replace(state, last_ts_ms=ts_ms), []
-    use_sketch = threshold is None
+    fitted = threshold
+    use_sketch = fitted is None or policy.adapt_fitted_threshold
     sketch = state.sketch
     if use_sketch:
         if sketch is None or sketch.quantile != policy.fallback_quantile:
             sketch = QuantileSketch(policy.fallback_quantile)
         if sketch.count >= policy.fallback_warmup_windows:
-            threshold = sketch.estimate()
-        elif state.open_alert is not None:
+            estimate = sketch.estimate()
+            threshold = estimate if fitted is None or estimate is None else max(fitted, estimate)
+        elif state.open_alert is not None and fitted is None:
             threshold = state.open_alert.threshold
         # Scores of an open alert never enter the sketch, so an anomaly does not raise its
         # own bar; a breach enters only once it leaves the confirmation window unconfirmed.

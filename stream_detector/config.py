@@ -212,9 +212,14 @@ class AlertPolicy(_Group):
     of the sensor's own scores, kept in its alert state (no alert until
     ``fallback_warmup_windows`` scores were seen; scores that belong to an alert are kept
     out of the estimate); ``"fixed"`` uses ``fallback_threshold`` for every sensor.
+
+    ``adapt_fitted_threshold``: a fitted threshold is a floor, and the same running
+    quantile raises it once it has warmed up (the threshold is the larger of the two), so
+    a sensor whose ordinary behaviour has moved past its training data stops paging.
     """
 
     threshold_fallback: Literal["quantile", "fixed"] = "quantile"
+    adapt_fitted_threshold: bool = False
     fallback_quantile: float = Field(0.995, gt=0.5, lt=1.0)
     fallback_warmup_windows: int = Field(200, ge=5)
     fallback_threshold: float | None = Field(None, gt=0)

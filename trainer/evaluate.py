@@ -65,6 +65,11 @@ MSL_COLUMNS = ("telemetry", "all")
 # How predicted events are formed: runs of scores above the threshold, or the alerts the
 # worker's alert policy raises (`alert_mask`).
 MSL_DECISIONS = ("threshold", "alerts")
+# With ``decisions="alerts"`` the same scores are also decided under these variants of the
+# worker's default policy (``AlertPolicy`` settings), reported beside the default.
+MSL_POLICY_VARIANTS: dict[str, dict[str, Any]] = {
+    "adapt_fitted_threshold": {"adapt_fitted_threshold": True}
+}
 HOLDOUT_FRACTION = 0.25
 THRESHOLD_SWEEP_SIZE = 1000
 
@@ -523,6 +528,12 @@ def evaluate_msl_channel(
         return record, scores
     if decisions == "alerts":
         counts = detection_counts(alert_mask(scores, threshold, AlertPolicy()), channel.anomalies)
+        record["policy_variants"] = {
+            name: detection_counts(
+                alert_mask(scores, threshold, AlertPolicy(**changes)), channel.anomalies
+            ).as_dict()
+            for name, changes in MSL_POLICY_VARIANTS.items()
+        }
     else:
         counts = event_counts(scores, threshold, channel.anomalies)
     record |= {"threshold": threshold, **counts.as_dict()}
@@ -585,13 +596,7 @@ def run_msl(
             log(f"[{position}/{len(channels)}] {channel_name}: " + ", ".join(outcomes))
     detectors = {}
     for name in detector_names:
-        total = sum(
-            (
-                EventCounts(**{key.name: row[key.name] for key in fields(EventCounts)})
-                for row in records[name]
-            ),
-            EventCounts(),
-        )
+        total = _summed_counts(records[name])
         summary: dict[str, Any] = {
             "label_free": total.as_dict(),
             "oracle_best_f1": None,
@@ -600,6 +605,13 @@ def run_msl(
             "score_s": _rounded(sum(row.get("score_s", 0.0) for row in records[name])),
             "calibration_s": _rounded(sum(row.get("calibration_s", 0.0) for row in records[name])),
         }
+        if decisions == "alerts":
+            summary["label_free_policy_variants"] = {
+                variant: _summed_counts(
+                    [row.get("policy_variants", {}).get(variant, row) for row in records[name]]
+                ).as_dict()
+                for variant in MSL_POLICY_VARIANTS
+            }
         if scores[name]:
             threshold, best = pooled_best_threshold(scores[name], labels[name])
             summary["oracle_best_f1"] = {"threshold": threshold, **best.as_dict()}
@@ -656,6 +668,14 @@ def run_msl(
     }
 
 
+def _summed_counts(rows: Sequence[dict[str, Any]]) -> EventCounts:
+    """The event counts of channel records (or their policy variants), summed."""
+    return sum(
+        (EventCounts(**{key.name: row[key.name] for key in fields(EventCounts)}) for row in rows),
+        EventCounts(),
+    )
+
+
 def _msl_table(result: dict[str, Any]) -> Table:
     names = list(result["detectors"])
     table = Table(title="NASA MSL, event-level F1 (no point adjustment)")
@@ -683,6 +703,16 @@ def _msl_table(result: dict[str, Any]) -> Table:
             else f"{best['precision']:.2f}/{best['recall']:.2f}/{best['f1']:.3f}"
         )
     table.add_row("summed, label-free threshold", "", *label_free)
+    for variant in MSL_POLICY_VARIANTS:
+        cells = []
+        for name in names:
+            counts = result["detectors"][name].get("label_free_policy_variants", {}).get(variant)
+            cells.append(
+                "-"
+                if counts is None
+                else f"{counts['precision']:.2f}/{counts['recall']:.2f}/{counts['f1']:.3f}"
+            )
+        table.add_row(f"summed, policy with {variant}", "", *cells)
     table.add_row("ORACLE best-F1 (test labels)", "", *oracle)
     return table
 

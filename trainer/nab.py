@@ -504,7 +504,9 @@ def decision_results(run: DetectorRun, policy: AlertPolicy) -> dict[str, Any]:
     threshold (the sensor's own past scores, warmed up on the probationary part), at
     every level of ``QUANTILES``, the best per profile as NAB picks a detector's threshold
     (``by_level``: every level's scores). ``trained``: the detector's own threshold
-    (``trainer``'s peaks over threshold, for AnomalyLLM), no sweep.
+    (``trainer``'s peaks over threshold, for AnomalyLLM), no sweep; ``trained_adaptive``:
+    the same with ``adapt_fitted_threshold`` (the running quantile at the policy's level,
+    warmed up on the probationary part, raises it).
     """
     windows = [series.windows for series in run.corpus]
     by_level: dict[float, dict[str, ProfileResult]] = {}
@@ -537,6 +539,18 @@ def decision_results(run: DetectorRun, policy: AlertPolicy) -> dict[str, Any]:
             for raw, rows, threshold in zip(run.raw, run.decision_rows, run.thresholds, strict=True)
         ]
         results["trained"] = {
+            profile: asdict(score_openings(detections, windows, profile)) for profile in PROFILES
+        }
+        detections = []
+        for series, raw, rows, threshold in zip(
+            run.corpus, run.raw, run.decision_rows, run.thresholds, strict=True
+        ):
+            warmup = max(5, int(np.count_nonzero(rows < series.probation)))
+            adaptive = policy.model_copy(
+                update={"adapt_fitted_threshold": True, "fallback_warmup_windows": warmup}
+            )
+            detections.append(alert_openings(raw, rows, threshold, adaptive))
+        results["trained_adaptive"] = {
             profile: asdict(score_openings(detections, windows, profile)) for profile in PROFILES
         }
     return results
@@ -586,6 +600,9 @@ def _print_decisions(console: Console, decisions: dict[str, dict[str, Any]]) -> 
             trained = results["trained"]
             scores = (f"{trained[profile]['score']:.2f}" for profile in PROFILES)
             table.add_row(name, "trainer's", *scores)
+            adaptive = results["trained_adaptive"]
+            scores = (f"{adaptive[profile]['score']:.2f}" for profile in PROFILES)
+            table.add_row(name, "trainer's, adaptive", *scores)
     console.print(table)
 
 

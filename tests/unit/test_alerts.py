@@ -290,6 +290,32 @@ def test_quantile_fallback_warms_up_then_alerts_on_outliers() -> None:
     assert state.threshold is not None and 1.1 < state.threshold < 1.5
 
 
+def test_adaptive_fitted_threshold_is_a_floor_the_running_quantile_raises() -> None:
+    rng = random.Random(5)
+    noisier = [abs(rng.gauss(1.5, 0.5)) for _ in range(600)]  # now often above the fitted 2.0
+    fixed, fixed_events = feed(noisier, policy(), threshold=2.0)
+    assert fixed.threshold == 2.0
+
+    adaptive_policy = policy(adapt_fitted_threshold=True, fallback_warmup_windows=50)
+    adaptive, events = feed(noisier, adaptive_policy, threshold=2.0)
+    assert adaptive.threshold is not None and adaptive.threshold > 2.5
+    assert states(fixed_events).count("open") >= 3
+    assert events == []  # the sensor's ordinary noise no longer pages
+
+    _, events = feed(
+        [50.0] * 3,
+        adaptive_policy,
+        threshold=2.0,
+        state=adaptive,
+        first_ts_ms=(len(noisier) + 1) * STEP_MS,
+    )
+    assert states(events) == ["open"]
+
+    quiet = [rng.gauss(1.0, 0.1) for _ in range(300)]  # below the floor: the floor holds
+    floored, _ = feed(quiet, adaptive_policy, threshold=2.0)
+    assert floored.threshold == 2.0
+
+
 def test_unconfirmed_breaches_enter_the_quantile_only_after_leaving_the_window() -> None:
     alert_policy = policy(fallback_quantile=0.9, fallback_warmup_windows=20)
     descending = [2.0 - 0.1 * i for i in range(10)]
