@@ -11,6 +11,9 @@ The rules, with their parameters in ``AlertPolicy`` (``settings.alerts``):
   windows scored above the threshold. Only a confirmed alert is ever published; its
   ``start_ts_ms`` is the first above-threshold window of the run that led to it (a run
   ends when ``confirm_n`` windows in a row stay at or below the threshold).
+- Severe windows (``open_at_once_from``): a window in that severity band or a higher one
+  opens an alert at once (a spike that one window sees, as the point term judges each
+  reading in one window only, cannot be confirmed by the next ones).
 - Updates: while open, an ``update`` is emitted when the peak has grown by
   ``update_peak_increase`` (relative) since the last event, or when the severity band
   rises; so at most logarithmically many updates per alert, not one per window.
@@ -346,7 +349,8 @@ def _while_closed(
     elif history == 0:
         start_ts_ms = peak = None
     cooling = state.cooldown_until_ms is not None and window.ts_ms < state.cooldown_until_ms
-    if history.bit_count() < policy.confirm_k or cooling or start_ts_ms is None or peak is None:
+    confirmed = history.bit_count() >= policy.confirm_k or _opens_at_once(window, threshold, policy)
+    if not confirmed or cooling or start_ts_ms is None or peak is None:
         new_state = replace(
             state,
             history=history,
@@ -420,6 +424,14 @@ def _while_open(
     )
     event = _event(state.sensor_id, alert, "update", threshold, window.ts_ms)
     return replace(state, open_alert=alert), [event]
+
+
+def _opens_at_once(window: Peak, threshold: float, policy: AlertPolicy) -> bool:
+    """Whether the window's severity needs no confirmation (``open_at_once_from``)."""
+    if policy.open_at_once_from is None or window.score <= threshold:
+        return False
+    rank = _band_rank(severity_for(_ratio(window.score, threshold), policy), policy)
+    return rank >= _band_rank(policy.open_at_once_from, policy)
 
 
 def _ratio(score: float, threshold: float) -> float:

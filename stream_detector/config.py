@@ -226,6 +226,9 @@ class AlertPolicy(_Group):
     # Open when at least confirm_k of the last confirm_n windows are above the threshold.
     confirm_k: int = Field(3, ge=1, le=64)
     confirm_n: int = Field(5, ge=1, le=64)
+    # A window of this severity band or higher opens an alert at once, unconfirmed
+    # (None: every alert waits for the confirmation).
+    open_at_once_from: str | None = None
     # Resolve after confirm_k consecutive windows below threshold * hysteresis_ratio ...
     hysteresis_ratio: float = Field(0.8, gt=0, le=1.0)
     # ... and never before the alert has been open for this many windows.
@@ -256,6 +259,10 @@ class AlertPolicy(_Group):
         if self.confirm_k > self.confirm_n:
             raise ValueError(
                 f"alerts.confirm_k ({self.confirm_k}) must not exceed confirm_n ({self.confirm_n})"
+            )
+        if self.open_at_once_from is not None and self.open_at_once_from not in self.severity_bands:
+            raise ValueError(
+                f"alerts.open_at_once_from ({self.open_at_once_from!r}) is not a severity band"
             )
         if self.threshold_fallback == "fixed" and self.fallback_threshold is None:
             raise ValueError("alerts.threshold_fallback='fixed' needs alerts.fallback_threshold")

@@ -87,6 +87,20 @@ def test_k_of_n_opens_only_when_k_of_the_last_n_windows_breach() -> None:
     assert state.open_alert is not None
 
 
+def test_a_window_in_the_open_at_once_band_needs_no_confirmation() -> None:
+    at_once = policy(open_at_once_from="critical")
+    _, events = feed([QUIET, 3.9, QUIET, QUIET, QUIET, QUIET], at_once)
+    assert events == []  # major: still waits for 3 of 5
+    _, events = feed([QUIET, 4.5, QUIET, QUIET], at_once)
+    assert states(events) == ["open"]
+    assert events[0].event_ts_ms == events[0].start_ts_ms == 2 * STEP_MS
+    assert events[0].severity == "critical"
+    _, events = feed([QUIET, 4.5, QUIET, QUIET], policy())
+    assert events == []
+    with pytest.raises(ValueError, match="not a severity band"):
+        policy(open_at_once_from="fatal")
+
+
 def test_sustained_breach_is_one_alert_not_one_event_per_window() -> None:
     _, events = feed([3.0] * 50, policy())
     assert states(events) == ["open"]

@@ -1,0 +1,244 @@
+"""Candidate score terms and window scales on UCR series, without training a network.
+
+The default score's memory, level, scale and point terms read no network, so they can be
+tried on many series in minutes: this script builds the default model's bank and
+calibration (`trainer.train.calibrate_score`, as `trainer fit` does) on a tiny random
+backbone, leaves the discrepancy out (it is the one term a network gives, and on the UCR
+development set the default without it finds 28 of 42, one more than with it), and scores
+each series under these variants, judged by the UCR rule:
+
+- ``baseline``: memory, level, scale and point, as the model fuses them;
+- ``scales``: the same at half and at twice the window as well (one bank and calibration
+  per length; each point takes the largest of the scales' scores);
+- ``left_join``: the memory term also matches the series' own earlier windows (those
+  ending before the scored one starts), as a streaming bank that learnt every window
+  it saw would;
+- ``roughness``: a two-sided term, the log spread of the window's first differences (raw
+  units), normal range from the bank and held-back windows like level and scale;
+- ``relative_roughness``: the same, divided by the window's spread (a shape statistic);
+- ``difference_memory``: the memory term on first differences (one-sided, its unit from
+  the held-back windows as the memory term's);
+- ``difference_memory_only``: that term instead of the memory term.
+
+Each point takes the score of the window whose peak lies nearest
+(`trainer.anomalyllm_detector`), as the harness does. It ran before any of these was
+built; none is in the default (README, "Candidate terms").
+
+    python benchmarks/ucr_candidate_terms.py --data ../shared/data/ucr --ids 1 9 14 ... 250 \\
+        --out benchmarks/results/ucr_candidate_terms_dev.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stream_detector.devtools.tiny import tiny_config
+from stream_detector.model import AnomalyLLM, instance_norm
+from trainer.anomalyllm_detector import (
+    MAX_SCORING_STRIDE,
+    PATCHES_PER_WINDOW,
+    AnomalyLLMDetector,
+    _nearest_peak_score,
+    choose_window_length,
+)
+from trainer.data import load_ucr
+from trainer.evaluate import select_ucr, ucr_hit, ucr_location
+from trainer.train import calibrate_score, profile, sliding_windows
+
+TERMS = ("memory", "level", "scale", "point")
+SCALES = (0.5, 1.0, 2.0)
+MAX_SCORED_WINDOWS = 1024  # the quick profile's, as in the harness
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "baseline": (),
+    "scales": ("scales",),
+    "left_join": ("left_join",),
+    "roughness": ("roughness",),
+    "relative_roughness": ("relative_roughness",),
+    "difference_memory": ("difference_memory",),
+    "difference_memory_only": ("difference_memory", "-memory"),
+}
+
+
+class Scored:
+    """One window length's calibrated terms (T, N), their peaks, and what built them."""
+
+    def __init__(self, values: np.ndarray, train_end: int, length: int) -> None:
+        config = tiny_config(
+            window_length=length,
+            patch_length=length // PATCHES_PER_WINDOW,
+            patch_stride=length // PATCHES_PER_WINDOW,
+            score_terms=TERMS,
+            tail_readings=min(MAX_SCORING_STRIDE, length - 1),
+        )
+        torch.manual_seed(0)
+        self.model = AnomalyLLM.from_config(config).eval()
+        train = values[:train_end]
+        offered = AnomalyLLMDetector(profile_name="quick").training_windows(
+            train, length, config.memory_slots
+        )
+        fraction = profile("quick").validation_fraction
+        calibrate_score(self.model, offered, fraction)
+        held = max(1, int(len(offered) * fraction))
+        self.bank, self.held = offered[:-held], offered[-held:]
+        self.length = length
+        total = len(values) - length + 1
+        self.stride = min(MAX_SCORING_STRIDE, max(1, math.ceil(total / MAX_SCORED_WINDOWS)))
+        self.windows = sliding_windows(values, length, self.stride)
+        with torch.inference_mode():
+            raw = self.model.raw_terms(torch.from_numpy(self.windows))
+            centre = self.model.term_centre.unsqueeze(1)
+            z = (raw.values - centre) / self.model.term_spread.unsqueeze(1)
+            z = torch.where(self.model.two_sided, z.abs(), z)
+        self.raw = raw.values[:, :, 0].numpy()
+        self.z = z[:, :, 0].numpy()
+        self.peaks = raw.offsets[:, :, 0].numpy()
+
+    def points(self, z: np.ndarray, peaks: np.ndarray, size: int) -> np.ndarray:
+        """Fused window scores as one score per point (each window's at its peak)."""
+        largest = z.argmax(axis=0)
+        score = np.clip(z.max(axis=0), 0, None)
+        starts = np.arange(z.shape[1]) * self.stride
+        return _nearest_peak_score(score, starts + peaks[largest, np.arange(z.shape[1])], size)
+
+    def left_join_memory(self) -> np.ndarray:
+        """The memory term's unit-scaled value with the series' earlier windows in the bank."""
+        rows = instance_norm(torch.from_numpy(self.windows[:, 0, :]).float().unsqueeze(1))[:, 0]
+        dots = (rows @ rows.T).numpy()
+        starts = np.arange(len(self.windows)) * self.stride
+        earlier = np.searchsorted(starts, starts - self.length, side="right")
+        distance = np.full(len(self.windows), np.inf)
+        for index, count in enumerate(earlier.tolist()):
+            if count:
+                nearest = dots[index, :count].max()
+                distance[index] = math.sqrt(max(0.0, 2 * (self.length - nearest)) / self.length)
+        row = TERMS.index("memory")
+        centre, unit = self.model.term_centre[row, 0].item(), self.model.term_spread[row, 0].item()
+        return (np.minimum(self.raw[row], distance) - centre) / unit
+
+    def roughness(self, relative: bool) -> np.ndarray:
+        """Log spread of first differences, from the middle of its normal range in units of
+        half the range (at least three sampling errors, as the scale term)."""
+
+        def of(windows: np.ndarray) -> np.ndarray:
+            values = windows[:, 0, :].astype(np.float64)
+            spread = np.log(np.diff(values, axis=1).std(axis=1) + 1e-8)
+            return spread - np.log(values.std(axis=1) + 1e-8) if relative else spread
+
+        normal = np.concatenate([of(self.bank), of(self.held)])
+        low, high = normal.min(), normal.max()
+        unit = max((high - low) / 2, 3 / math.sqrt(2 * self.length))
+        return np.abs(of(self.windows) - (low + high) / 2) / unit
+
+    def difference_memory(self) -> np.ndarray:
+        """Distance of the window's z-normalised first differences to the nearest bank
+        window's, from the held-back windows' median in units of their largest excess."""
+
+        def normalised(windows: np.ndarray) -> np.ndarray:
+            steps = np.diff(windows[:, 0, :].astype(np.float32), axis=1)
+            return (steps - steps.mean(1, keepdims=True)) / (steps.std(1, keepdims=True) + 1e-5)
+
+        bank = normalised(self.bank)
+
+        def distance(windows: np.ndarray) -> np.ndarray:
+            rows = normalised(windows)
+            nearest = np.concatenate(
+                [(rows[i : i + 512] @ bank.T).max(axis=1) for i in range(0, len(rows), 512)]
+            )
+            size = rows.shape[1]
+            return np.sqrt(np.clip(2 * (size - nearest), 0, None) / size)
+
+        held = distance(self.held)
+        middle = np.median(held)
+        return (distance(self.windows) - middle) / max(held.max() - middle, 1e-3)
+
+
+def scaled_length(base: int, factor: float, train_rows: int) -> int:
+    """``base`` times ``factor``, a multiple of the patch count, within the harness's limits."""
+    length = math.ceil(base * factor / PATCHES_PER_WINDOW) * PATCHES_PER_WINDOW
+    half = train_rows // 2 // PATCHES_PER_WINDOW * PATCHES_PER_WINDOW
+    return max(min(length, 512, half), 2 * PATCHES_PER_WINDOW)
+
+
+def series_hits(values: np.ndarray, train_end: int, begin: int, end: int) -> dict[str, bool]:
+    base = choose_window_length(values[:train_end])
+    scored = {
+        factor: Scored(values, train_end, scaled_length(base, factor, train_end))
+        for factor in SCALES
+    }
+    one = scored[1.0]
+    centre = np.full(one.z.shape[1], one.length // 2)
+    extra = {
+        "left_join": one.left_join_memory(),
+        "roughness": one.roughness(relative=False),
+        "relative_roughness": one.roughness(relative=True),
+        "difference_memory": one.difference_memory(),
+    }
+    size = len(values)
+    hits = {}
+    for name, changes in VARIANTS.items():
+        z, peaks = one.z.copy(), one.peaks
+        if "left_join" in changes:
+            z[TERMS.index("memory")] = extra["left_join"]
+        if "-memory" in changes:
+            keep = [row for row, term in enumerate(TERMS) if term != "memory"]
+            z, peaks = z[keep], peaks[keep]
+        added = [key for key in changes if key in ("roughness", "relative_roughness")]
+        added += ["difference_memory"] if "difference_memory" in changes else []
+        if added:
+            z = np.vstack([z, *(extra[key][None] for key in added)])
+            peaks = np.vstack([peaks, *(centre[None] for _ in added)])
+        points = one.points(z, peaks, size)
+        if "scales" in changes:
+            others = (scored[f].points(scored[f].z, scored[f].peaks, size) for f in (0.5, 2.0))
+            points = np.maximum.reduce([points, *others])
+        hits[name] = ucr_hit(ucr_location(points, train_end), begin, end)
+    return hits
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--ids", nargs="+", required=True)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    records = []
+    for entry in select_ucr(args.data, args.ids):
+        series = load_ucr(entry.path)
+        values = series.values.astype(np.float32).reshape(len(series.values), -1)
+        hits = series_hits(values, series.train_end, series.anomaly_begin, series.anomaly_end)
+        records.append({"id": series.id, "hits": hits})
+        print(series.id, " ".join(name for name, hit in hits.items() if hit), flush=True)
+    baseline = [record["id"] for record in records if record["hits"]["baseline"]]
+    result = {
+        "benchmark": "ucr candidate terms (network-free: memory, level, scale, point and more)",
+        "series": len(records),
+        "hits": {name: sum(r["hits"][name] for r in records) for name in VARIANTS},
+        "changes_against_baseline": {
+            name: {
+                "gained": [r["id"] for r in records if r["hits"][name] and r["id"] not in baseline],
+                "lost": [r["id"] for r in records if not r["hits"][name] and r["id"] in baseline],
+            }
+            for name in VARIANTS
+            if name != "baseline"
+        },
+        "wall_s": round(time.perf_counter() - started, 1),
+        "records": records,
+    }
+    print(json.dumps(result["hits"], indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
