@@ -32,9 +32,9 @@ from stream_detector.config import AlertPolicy
 from trainer.nab import PROFILES, DetectorRun, decision_results, load_corpus
 
 POLICIES: dict[str, dict[str, Any]] = {
-    "default": {},
-    "a critical window opens at once": {"open_at_once_from": "critical"},
-    "a major window opens at once": {"open_at_once_from": "major"},
+    "every alert confirmed (3 of 5)": {"open_at_once_ratio": None},
+    "a window at 4x the threshold opens at once": {"open_at_once_ratio": 4.0},
+    "a window at 2x the threshold opens at once (the default)": {"open_at_once_ratio": 2.0},
 }
 
 

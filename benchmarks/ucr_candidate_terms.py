@@ -18,7 +18,13 @@ each series under these variants, judged by the UCR rule:
 - ``relative_roughness``: the same, divided by the window's spread (a shape statistic);
 - ``difference_memory``: the memory term on first differences (one-sided, its unit from
   the held-back windows as the memory term's);
-- ``difference_memory_only``: that term instead of the memory term.
+- ``difference_memory_only``: that term instead of the memory term;
+- ``tail_probability``: the four terms fused on another common scale: each window's
+  surprisal -log10 P(a normal window is at least as extreme), from the term's normal
+  windows (the empirical distribution, and above its 90th percentile a generalised Pareto
+  tail fitted to the excesses, as `trainer.thresholds` fits the score's tail), so a term
+  whose normal values have a heavy tail and a term calibrated on more windows are put on
+  one footing.
 
 Each point takes the score of the window whose peak lies nearest
 (`trainer.anomalyllm_detector`), as the harness does. It ran before any of these was
@@ -39,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.stats import genpareto
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -66,7 +73,10 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "relative_roughness": ("relative_roughness",),
     "difference_memory": ("difference_memory",),
     "difference_memory_only": ("difference_memory", "-memory"),
+    "tail_probability": ("tail_probability",),
 }
+MAX_SURPRISAL = 300.0
+TAIL_FROM = 0.9  # the quantile of the normal values above which the Pareto tail is fitted
 
 
 class Scored:
@@ -102,6 +112,14 @@ class Scored:
         self.raw = raw.values[:, :, 0].numpy()
         self.z = z[:, :, 0].numpy()
         self.peaks = raw.offsets[:, :, 0].numpy()
+        with torch.inference_mode():
+            held_raw = self.model.raw_terms(torch.from_numpy(self.held)).values[:, :, 0].numpy()
+            bank_raw = self.model.raw_terms(torch.from_numpy(self.bank)).values[:, :, 0].numpy()
+        # The normal windows each term is calibrated on (`AnomalyLLM.calibrate`).
+        self.normal = [
+            np.concatenate([held_raw[row], bank_raw[row]]) if term != "memory" else held_raw[row]
+            for row, term in enumerate(TERMS)
+        ]
 
     def points(self, z: np.ndarray, peaks: np.ndarray, size: int) -> np.ndarray:
         """Fused window scores as one score per point (each window's at its peak)."""
@@ -161,6 +179,35 @@ class Scored:
         middle = np.median(held)
         return (distance(self.windows) - middle) / max(held.max() - middle, 1e-3)
 
+    def surprisal(self) -> np.ndarray:
+        """-log10 of each term's normal tail probability at every scored window (at most
+        ``MAX_SURPRISAL``; ties there are broken by the term's unit-scaled value). (T, N)"""
+        rows = []
+        for row, normal in enumerate(self.normal):
+            two_sided = bool(self.model.two_sided[row].item())
+            middle = (normal.min() + normal.max()) / 2 if two_sided else np.median(normal)
+            reference = np.sort(np.abs(normal - middle) if two_sided else normal - middle)
+            values = np.abs(self.raw[row] - middle) if two_sided else self.raw[row] - middle
+            surprisal = np.minimum(-log10_tail_probability(reference, values), MAX_SURPRISAL)
+            rows.append(surprisal + 1e-3 * np.clip(self.z[row], 0, None))
+        return np.stack(rows)
+
+
+def log10_tail_probability(reference: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """log10 P(a normal value >= each of ``values``): empirical up to the ``TAIL_FROM``
+    quantile of the sorted normal ``reference``, a generalised Pareto tail above it."""
+    size = len(reference)
+    empirical = np.log10((size - np.searchsorted(reference, values, side="left") + 1) / (size + 1))
+    start = reference[int(TAIL_FROM * (size - 1))]
+    excesses = reference[reference > start] - start
+    if len(excesses) < 10 or excesses.max() <= 0:
+        return empirical
+    shape, _, scale = genpareto.fit(excesses, floc=0)
+    with np.errstate(divide="ignore"):
+        log_sf = genpareto.logsf(np.maximum(values - start, 0), shape, 0, scale)
+    tail = math.log10(1 - TAIL_FROM) + log_sf / math.log(10)
+    return np.where(values > start, np.maximum(tail, -MAX_SURPRISAL), empirical)
+
 
 def scaled_length(base: int, factor: float, train_rows: int) -> int:
     """``base`` times ``factor``, a multiple of the patch count, within the harness's limits."""
@@ -197,6 +244,8 @@ def series_hits(values: np.ndarray, train_end: int, begin: int, end: int) -> dic
         if added:
             z = np.vstack([z, *(extra[key][None] for key in added)])
             peaks = np.vstack([peaks, *(centre[None] for _ in added)])
+        if "tail_probability" in changes:
+            z = one.surprisal()
         points = one.points(z, peaks, size)
         if "scales" in changes:
             others = (scored[f].points(scored[f].z, scored[f].peaks, size) for f in (0.5, 2.0))

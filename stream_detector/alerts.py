@@ -11,9 +11,9 @@ The rules, with their parameters in ``AlertPolicy`` (``settings.alerts``):
   windows scored above the threshold. Only a confirmed alert is ever published; its
   ``start_ts_ms`` is the first above-threshold window of the run that led to it (a run
   ends when ``confirm_n`` windows in a row stay at or below the threshold).
-- Severe windows (``open_at_once_from``): a window in that severity band or a higher one
-  opens an alert at once (a spike that one window sees, as the point term judges each
-  reading in one window only, cannot be confirmed by the next ones).
+- Severe windows (``open_at_once_ratio``): a window scoring at least that multiple of the
+  threshold opens an alert at once (a spike that one window sees, as the point term
+  judges each reading in one window only, cannot be confirmed by the next ones).
 - Updates: while open, an ``update`` is emitted when the peak has grown by
   ``update_peak_increase`` (relative) since the last event, or when the severity band
   rises; so at most logarithmically many updates per alert, not one per window.
@@ -33,7 +33,9 @@ The rules, with their parameters in ``AlertPolicy`` (``settings.alerts``):
   open alert never enter it, and a breach enters only once it has left the last
   ``confirm_n`` windows without opening an alert, so an anomaly does not raise its own bar.
 - Adaptive fitted threshold (``adapt_fitted_threshold``): the same sketch runs beside a
-  fitted threshold, and once warmed up the threshold is the larger of the two.
+  fitted threshold, and once warmed up the threshold is the larger of the two. A new
+  fitted threshold (a new model version or a refresh: scores on another scale) starts a
+  new sketch.
 - Non-finite scores are skipped (they advance ``last_ts_ms`` and decide nothing).
 """
 
@@ -152,6 +154,9 @@ class QuantileSketch:
     count: int = 0
     heights: tuple[float, ...] = ()
     positions: tuple[int, ...] = ()
+    # The fitted threshold it runs beside (``adapt_fitted_threshold``), None for the
+    # fallback: another fitted threshold means a model whose scores have another scale.
+    floor: float | None = None
 
     def add(self, x: float) -> QuantileSketch:
         """Return the sketch with ``x`` observed."""
@@ -297,8 +302,8 @@ def update(
     use_sketch = fitted is None or policy.adapt_fitted_threshold
     sketch = state.sketch
     if use_sketch:
-        if sketch is None or sketch.quantile != policy.fallback_quantile:
-            sketch = QuantileSketch(policy.fallback_quantile)
+        if sketch is None or (sketch.quantile, sketch.floor) != (policy.fallback_quantile, fitted):
+            sketch = QuantileSketch(policy.fallback_quantile, floor=fitted)
         if sketch.count >= policy.fallback_warmup_windows:
             estimate = sketch.estimate()
             threshold = estimate if fitted is None or estimate is None else max(fitted, estimate)
@@ -427,11 +432,9 @@ def _while_open(
 
 
 def _opens_at_once(window: Peak, threshold: float, policy: AlertPolicy) -> bool:
-    """Whether the window's severity needs no confirmation (``open_at_once_from``)."""
-    if policy.open_at_once_from is None or window.score <= threshold:
-        return False
-    rank = _band_rank(severity_for(_ratio(window.score, threshold), policy), policy)
-    return rank >= _band_rank(policy.open_at_once_from, policy)
+    """Whether the window is severe enough to need no confirmation (``open_at_once_ratio``)."""
+    ratio = policy.open_at_once_ratio
+    return ratio is not None and window.score > threshold and window.score >= ratio * threshold
 
 
 def _ratio(score: float, threshold: float) -> float:

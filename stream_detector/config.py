@@ -219,16 +219,17 @@ class AlertPolicy(_Group):
     """
 
     threshold_fallback: Literal["quantile", "fixed"] = "quantile"
-    adapt_fitted_threshold: bool = False
+    adapt_fitted_threshold: bool = True
     fallback_quantile: float = Field(0.995, gt=0.5, lt=1.0)
     fallback_warmup_windows: int = Field(200, ge=5)
     fallback_threshold: float | None = Field(None, gt=0)
     # Open when at least confirm_k of the last confirm_n windows are above the threshold.
     confirm_k: int = Field(3, ge=1, le=64)
     confirm_n: int = Field(5, ge=1, le=64)
-    # A window of this severity band or higher opens an alert at once, unconfirmed
-    # (None: every alert waits for the confirmation).
-    open_at_once_from: str | None = None
+    # A window scoring at least this multiple of the threshold (the "major" band's) opens
+    # an alert at once, unconfirmed; a spike seen by one window cannot be confirmed by the
+    # next ones (None: every alert waits for the confirmation).
+    open_at_once_ratio: float | None = Field(2.0, ge=1.0)
     # Resolve after confirm_k consecutive windows below threshold * hysteresis_ratio ...
     hysteresis_ratio: float = Field(0.8, gt=0, le=1.0)
     # ... and never before the alert has been open for this many windows.
@@ -259,10 +260,6 @@ class AlertPolicy(_Group):
         if self.confirm_k > self.confirm_n:
             raise ValueError(
                 f"alerts.confirm_k ({self.confirm_k}) must not exceed confirm_n ({self.confirm_n})"
-            )
-        if self.open_at_once_from is not None and self.open_at_once_from not in self.severity_bands:
-            raise ValueError(
-                f"alerts.open_at_once_from ({self.open_at_once_from!r}) is not a severity band"
             )
         if self.threshold_fallback == "fixed" and self.fallback_threshold is None:
             raise ValueError("alerts.threshold_fallback='fixed' needs alerts.fallback_threshold")

@@ -68,7 +68,9 @@ MSL_DECISIONS = ("threshold", "alerts")
 # With ``decisions="alerts"`` the same scores are also decided under these variants of the
 # worker's default policy (``AlertPolicy`` settings), reported beside the default.
 MSL_POLICY_VARIANTS: dict[str, dict[str, Any]] = {
-    "adapt_fitted_threshold": {"adapt_fitted_threshold": True}
+    "fixed threshold": {"adapt_fitted_threshold": False},
+    "every alert confirmed": {"open_at_once_ratio": None},
+    "neither (stop 23's policy)": {"adapt_fitted_threshold": False, "open_at_once_ratio": None},
 }
 HOLDOUT_FRACTION = 0.25
 THRESHOLD_SWEEP_SIZE = 1000

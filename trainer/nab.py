@@ -504,7 +504,7 @@ def decision_results(run: DetectorRun, policy: AlertPolicy) -> dict[str, Any]:
     threshold (the sensor's own past scores, warmed up on the probationary part), at
     every level of ``QUANTILES``, the best per profile as NAB picks a detector's threshold
     (``by_level``: every level's scores). ``trained``: the detector's own threshold
-    (``trainer``'s peaks over threshold, for AnomalyLLM), no sweep; ``trained_adaptive``:
+    (``trainer``'s peaks over threshold, for AnomalyLLM), fixed, no sweep; ``trained_adaptive``:
     the same with ``adapt_fitted_threshold`` (the running quantile at the policy's level,
     warmed up on the probationary part, raises it).
     """
@@ -534,8 +534,9 @@ def decision_results(run: DetectorRun, policy: AlertPolicy) -> dict[str, Any]:
         },
     }
     if all(threshold is not None for threshold in run.thresholds):
+        fixed = policy.model_copy(update={"adapt_fitted_threshold": False})
         detections = [
-            alert_openings(raw, rows, threshold, policy)
+            alert_openings(raw, rows, threshold, fixed)
             for raw, rows, threshold in zip(run.raw, run.decision_rows, run.thresholds, strict=True)
         ]
         results["trained"] = {
@@ -599,7 +600,7 @@ def _print_decisions(console: Console, decisions: dict[str, dict[str, Any]]) -> 
         if "trained" in results:
             trained = results["trained"]
             scores = (f"{trained[profile]['score']:.2f}" for profile in PROFILES)
-            table.add_row(name, "trainer's", *scores)
+            table.add_row(name, "trainer's, fixed", *scores)
             adaptive = results["trained_adaptive"]
             scores = (f"{adaptive[profile]['score']:.2f}" for profile in PROFILES)
             table.add_row(name, "trainer's, adaptive", *scores)

@@ -35,6 +35,7 @@ def policy(**changes: object) -> AlertPolicy:
         "cooldown_ms": 0,
         "update_peak_increase": 0.25,
         "severity_bands": {"warning": 1.0, "major": 2.0, "critical": 4.0},
+        "open_at_once_ratio": None,
     }
     base.update(changes)
     return AlertPolicy(**base)
@@ -87,18 +88,16 @@ def test_k_of_n_opens_only_when_k_of_the_last_n_windows_breach() -> None:
     assert state.open_alert is not None
 
 
-def test_a_window_in_the_open_at_once_band_needs_no_confirmation() -> None:
-    at_once = policy(open_at_once_from="critical")
+def test_a_window_at_the_open_at_once_ratio_needs_no_confirmation() -> None:
+    at_once = policy(open_at_once_ratio=4.0)
     _, events = feed([QUIET, 3.9, QUIET, QUIET, QUIET, QUIET], at_once)
-    assert events == []  # major: still waits for 3 of 5
+    assert events == []  # under 4x the threshold: still waits for 3 of 5
     _, events = feed([QUIET, 4.5, QUIET, QUIET], at_once)
     assert states(events) == ["open"]
     assert events[0].event_ts_ms == events[0].start_ts_ms == 2 * STEP_MS
     assert events[0].severity == "critical"
-    _, events = feed([QUIET, 4.5, QUIET, QUIET], policy())
+    _, events = feed([QUIET, 4.5, QUIET, QUIET], policy(open_at_once_ratio=None))
     assert events == []
-    with pytest.raises(ValueError, match="not a severity band"):
-        policy(open_at_once_from="fatal")
 
 
 def test_sustained_breach_is_one_alert_not_one_event_per_window() -> None:
@@ -230,8 +229,10 @@ def test_unreadable_state_is_a_specific_error(stored: dict) -> None:
 
 
 def test_a_quiet_sensors_stored_state_holds_only_what_differs_from_a_fresh_one() -> None:
-    state, _ = feed([0.5] * 3, policy())
+    state, _ = feed([0.5] * 3, policy(adapt_fitted_threshold=False))
     assert state.to_dict() == {"last_ts_ms": 3 * STEP_MS, "threshold": 1.0}
+    adaptive, _ = feed([0.5] * 3, policy())  # the running quantile beside the fitted one
+    assert set(adaptive.to_dict()) == {"last_ts_ms", "threshold", "sketch"}
     assert SensorAlertState.from_dict("s", {}) == SensorAlertState("s")
 
 
@@ -307,7 +308,7 @@ def test_quantile_fallback_warms_up_then_alerts_on_outliers() -> None:
 def test_adaptive_fitted_threshold_is_a_floor_the_running_quantile_raises() -> None:
     rng = random.Random(5)
     noisier = [abs(rng.gauss(1.5, 0.5)) for _ in range(600)]  # now often above the fitted 2.0
-    fixed, fixed_events = feed(noisier, policy(), threshold=2.0)
+    fixed, fixed_events = feed(noisier, policy(adapt_fitted_threshold=False), threshold=2.0)
     assert fixed.threshold == 2.0
 
     adaptive_policy = policy(adapt_fitted_threshold=True, fallback_warmup_windows=50)
@@ -324,6 +325,12 @@ def test_adaptive_fitted_threshold_is_a_floor_the_running_quantile_raises() -> N
         first_ts_ms=(len(noisier) + 1) * STEP_MS,
     )
     assert states(events) == ["open"]
+
+    refitted, _ = feed(  # another model's threshold: its scores have another scale
+        [1.0], adaptive_policy, threshold=4.0, state=adaptive, first_ts_ms=700 * STEP_MS
+    )
+    assert refitted.sketch is not None and refitted.sketch.count == 1
+    assert refitted.threshold == 4.0
 
     quiet = [rng.gauss(1.0, 0.1) for _ in range(300)]  # below the floor: the floor holds
     floored, _ = feed(quiet, adaptive_policy, threshold=2.0)

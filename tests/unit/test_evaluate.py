@@ -270,12 +270,14 @@ def test_ucr_command_writes_json_and_fails_cleanly(
 
 def test_the_alert_policy_turns_blips_into_nothing_and_a_run_into_one_alert() -> None:
     scores = np.zeros(100)
-    scores[10] = 5.0  # one window above: never confirmed (3 of 5)
-    scores[40:43] = 5.0  # confirmed; open 5 windows at least, then 3 calm ones resolve it
-    scores[45] = 5.0  # within the open alert: extends it
+    scores[10] = 1.5  # one window above: never confirmed (3 of 5)
+    scores[40:43] = 1.5  # confirmed; open 5 windows at least, then 3 calm ones resolve it
+    scores[45] = 1.5  # within the open alert: extends it
     mask = alert_mask(scores, 1.0, AlertPolicy())
     assert evaluate.find_events(mask) == [(40, 45)]
     assert not alert_mask(scores, 10.0, AlertPolicy()).any()
+    scores[10] = 2.5  # twice the threshold and more: opens at once (``open_at_once_ratio``)
+    assert evaluate.find_events(alert_mask(scores, 1.0, AlertPolicy()))[0][0] == 10
 
 
 def test_an_alert_still_open_at_the_end_counts_up_to_its_last_hot_window() -> None:
@@ -292,8 +294,11 @@ def test_run_msl_with_alert_decisions_counts_alerts_not_threshold_runs(
 
     result = run_msl(folder, ["A-1"], ["magnitude"], decisions="alerts")
 
-    # The lone spikes at rows 10 and 42 are single windows: the policy confirms neither.
-    assert result["detectors"]["magnitude"]["label_free"]["events"] == 0
+    # The lone spikes at rows 10 and 42 are single windows far above the threshold: the
+    # default policy opens each at once; one that confirms every alert opens neither.
+    summary = result["detectors"]["magnitude"]
+    assert summary["label_free"]["events"] == 2
+    assert summary["label_free_policy_variants"]["every alert confirmed"]["events"] == 0
     assert result["decisions"] == "alerts"
     assert "AlertPolicy" in result["metric"]
     with pytest.raises(ValueError, match="decisions"):

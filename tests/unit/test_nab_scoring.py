@@ -235,11 +235,13 @@ def test_runner_fits_on_probation_only_and_finds_the_spike(fit_log: list[np.ndar
 
 def test_an_alert_opens_where_the_policy_confirms_it_and_only_once() -> None:
     scores = np.zeros(100)
-    scores[40:60] = 5.0  # one long excursion above the threshold
+    scores[40:60] = 1.5  # one long excursion above the threshold
     rows = np.arange(0, 100, 2)  # a window ends every second row
     detected = nab.alert_openings(scores, rows, 1.0, AlertPolicy())
     # 3 of 5 windows above: the third hot window, row 44, opens the alert; it stays open.
     assert np.flatnonzero(detected).tolist() == [44]
+    scores[40:60] = 5.0  # at twice the threshold or more the first hot window opens it
+    assert np.flatnonzero(nab.alert_openings(scores, rows, 1.0, AlertPolicy())).tolist() == [40]
 
 
 def test_openings_score_as_nab_scores_those_rows() -> None:
