@@ -60,6 +60,11 @@ DECISION_VARIANTS = (
     "discrepancy+memory+level+scale+tail|errors",
     "discrepancy+memory+level+scale+point|errors",
     "discrepancy+level|errors",
+    "memory+level+scale+point|errors",
+    "discrepancy+level+scale+point|errors",
+    "discrepancy+memory+scale+point|errors",
+    "discrepancy+memory+level+point|errors",
+    "point|errors",
 )
 
 
