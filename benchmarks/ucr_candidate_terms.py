@@ -49,8 +49,9 @@ from scipy.stats import genpareto
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.score_ablation import raw_terms
 from stream_detector.devtools.tiny import tiny_config
-from stream_detector.model import AnomalyLLM, instance_norm
+from stream_detector.model import _MODEL_FREE, AnomalyLLM, instance_norm
 from trainer.anomalyllm_detector import (
     MAX_SCORING_STRIDE,
     PATCHES_PER_WINDOW,
@@ -104,20 +105,17 @@ class Scored:
         total = len(values) - length + 1
         self.stride = min(MAX_SCORING_STRIDE, max(1, math.ceil(total / MAX_SCORED_WINDOWS)))
         self.windows = sliding_windows(values, length, self.stride)
+        self.raw, self.peaks = raw_terms(self.model, self.windows, TERMS)  # (T, N) each
         with torch.inference_mode():
-            raw = self.model.raw_terms(torch.from_numpy(self.windows))
-            centre = self.model.term_centre.unsqueeze(1)
-            z = (raw.values - centre) / self.model.term_spread.unsqueeze(1)
-            z = torch.where(self.model.two_sided, z.abs(), z)
-        self.raw = raw.values[:, :, 0].numpy()
+            z = self.model.scaled_terms(torch.from_numpy(self.raw).unsqueeze(-1))
         self.z = z[:, :, 0].numpy()
-        self.peaks = raw.offsets[:, :, 0].numpy()
-        with torch.inference_mode():
-            held_raw = self.model.raw_terms(torch.from_numpy(self.held)).values[:, :, 0].numpy()
-            bank_raw = self.model.raw_terms(torch.from_numpy(self.bank)).values[:, :, 0].numpy()
-        # The normal windows each term is calibrated on (`AnomalyLLM.calibrate`).
+        # The normal windows each term is calibrated on (`AnomalyLLM.calibrate`): the
+        # held-back ones, and the bank's too for the terms nothing was fitted for.
+        held = raw_terms(self.model, self.held, TERMS)[0]
+        free = tuple(term for term in TERMS if term in _MODEL_FREE)
+        bank = raw_terms(self.model, self.bank, free)[0]
         self.normal = [
-            np.concatenate([held_raw[row], bank_raw[row]]) if term != "memory" else held_raw[row]
+            np.concatenate([held[row], bank[free.index(term)]]) if term in free else held[row]
             for row, term in enumerate(TERMS)
         ]
 

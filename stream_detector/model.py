@@ -540,6 +540,12 @@ class AnomalyLLM(nn.Module):
         length = x.shape[-1]
         return torch.sqrt((2 * (length - nearest_dot)).clamp(min=0) / length)  # (B, C)
 
+    def scaled_terms(self, values: torch.Tensor) -> torch.Tensor:
+        """Raw terms (T, B, C) on the common scale `calibrate` set: 0 typical, 1 the most
+        extreme normal window (two-sided terms by their distance from the middle)."""
+        z = (values - self.term_centre.unsqueeze(1)) / self.term_spread.unsqueeze(1)
+        return torch.where(self.two_sided, z.abs(), z)
+
     def fused_score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The score of windows (B,), the nearest prototype per channel (B, C), and where
         in the window the largest term lies (B,)."""
@@ -548,8 +554,7 @@ class AnomalyLLM(nn.Module):
             centre = torch.full_like(distance, x.shape[-1] // 2, dtype=torch.long)
             return distance, index, centre
         raw = self.raw_terms(x)
-        z = (raw.values - self.term_centre.unsqueeze(1)) / self.term_spread.unsqueeze(1)
-        z = torch.where(self.two_sided, z.abs(), z)  # (T, B, C)
+        z = self.scaled_terms(raw.values)
         terms, batch, channels = z.shape
         flat = z.permute(1, 0, 2).reshape(batch, terms * channels)
         score, largest = flat.max(dim=1)

@@ -509,11 +509,14 @@ def decision_results(run: DetectorRun, policy: AlertPolicy) -> dict[str, Any]:
     warmed up on the probationary part, raises it).
     """
     windows = [series.windows for series in run.corpus]
+    warmups = [  # decision rows in the probationary part: what warms the running quantile
+        max(5, int(np.count_nonzero(rows < series.probation)))
+        for series, rows in zip(run.corpus, run.decision_rows, strict=True)
+    ]
     by_level: dict[float, dict[str, ProfileResult]] = {}
     for level in QUANTILES:
         detections = []
-        for series, raw, rows in zip(run.corpus, run.raw, run.decision_rows, strict=True):
-            warmup = max(5, int(np.count_nonzero(rows < series.probation)))
+        for raw, rows, warmup in zip(run.raw, run.decision_rows, warmups, strict=True):
             at_level = policy.model_copy(
                 update={"fallback_quantile": level, "fallback_warmup_windows": warmup}
             )
@@ -543,10 +546,9 @@ def decision_results(run: DetectorRun, policy: AlertPolicy) -> dict[str, Any]:
             profile: asdict(score_openings(detections, windows, profile)) for profile in PROFILES
         }
         detections = []
-        for series, raw, rows, threshold in zip(
-            run.corpus, run.raw, run.decision_rows, run.thresholds, strict=True
+        for raw, rows, threshold, warmup in zip(
+            run.raw, run.decision_rows, run.thresholds, warmups, strict=True
         ):
-            warmup = max(5, int(np.count_nonzero(rows < series.probation)))
             adaptive = policy.model_copy(
                 update={"adapt_fitted_threshold": True, "fallback_warmup_windows": warmup}
             )
