@@ -18,7 +18,9 @@ window length - 1).
 
 ``--decisions`` also scores the variants of ``DECISION_VARIANTS`` the way the product
 decides (`trainer.nab.decision_results`: the alerts the worker's default policy opens,
-its running-quantile threshold swept as NAB sweeps a detector's threshold).
+its running-quantile threshold swept as NAB sweeps a detector's threshold);
+``--decision-variants`` names other keys. The unit floors ``level-sigmaK`` keep the
+level term's unit at least K times the channel's spread (`score_ablation.LEVEL_FLOORS`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.score_ablation import FLOORS, SUBSETS, NormalTerms, fused, raw_terms
+from benchmarks.score_ablation import FLOORS, LEVEL_FLOORS, SUBSETS, NormalTerms, fused, raw_terms
 from stream_detector.config import AlertPolicy
 from stream_detector.model import DEFAULT_SCORE_TERMS
 from trainer.anomalyllm_detector import (
@@ -75,11 +77,18 @@ def main() -> None:
     parser.add_argument("--profile", default="quick")
     parser.add_argument("--tail-readings", choices=("16", "stride"), default="16")
     parser.add_argument("--decisions", action="store_true", help="see the module docstring")
+    parser.add_argument(
+        "--decision-variants",
+        nargs="+",
+        default=DECISION_VARIANTS,
+        help="'terms|unit floor' keys to decide (default: DECISION_VARIANTS)",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     started = time.perf_counter()
     corpus = load_corpus(args.data, args.files)
-    variants = list(itertools.product(SUBSETS, FLOORS))
+    floors = FLOORS + LEVEL_FLOORS
+    variants = list(itertools.product(SUBSETS, floors))
     points: dict[str, list[np.ndarray]] = {f"{'+'.join(t)}|{f}": [] for t, f in variants}
     decision_rows: list[np.ndarray] = []
     for position, series in enumerate(corpus, start=1):
@@ -97,7 +106,7 @@ def main() -> None:
         raw = raw_terms(detector.model, sliding_windows(values, length, stride))[0]
         ends = np.arange(raw.shape[1]) * stride + length - 1
         decision_rows.append(ends)
-        scalings = {floor: normal.scaled(raw, "extreme", floor) for floor in FLOORS}
+        scalings = {floor: normal.scaled(raw, "extreme", floor) for floor in floors}
         for terms, floor in variants:
             score = fused(scalings[floor], terms)
             points[f"{'+'.join(terms)}|{floor}"].append(
@@ -112,7 +121,7 @@ def main() -> None:
     ranked = dict(sorted(results.items(), key=lambda item: -item[1]["standard"]))
     decisions = {}
     if args.decisions:
-        for key in DECISION_VARIANTS:
+        for key in args.decision_variants:
             run = DetectorRun(
                 corpus, [], {}, True, points[key], decision_rows, [None] * len(corpus)
             )

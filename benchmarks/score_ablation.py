@@ -21,6 +21,9 @@ from trainer.train import MAX_CALIBRATION_WINDOWS, _thin
 
 SCALINGS = ("extreme", "robust-z")
 FLOORS = ("errors", "relative")
+# The model's floors with the level term's unit also at least k times the channel's spread
+# over the normal windows (k = 1, 2, 3): a level change must be large, not only new.
+LEVEL_FLOORS = ("level-sigma1", "level-sigma2", "level-sigma3")
 SUBSETS = [
     terms
     for size in range(1, len(SCORE_TERMS) + 1)
@@ -47,6 +50,7 @@ class NormalTerms:
     held: np.ndarray  # (T, H) every term on the held-back windows
     normal: np.ndarray  # (F, N) the model-free terms (level, scale, point) on the bank's
     floor: np.ndarray  # (T,) each term's smallest unit (`spread_floor`)
+    sigma: float  # the channel's spread over the bank's windows (`spread_floor`'s sigma)
 
     @classmethod
     def of(cls, detector: AnomalyLLMDetector, train: np.ndarray) -> NormalTerms:
@@ -67,13 +71,14 @@ class NormalTerms:
             torch.from_numpy(windows[:-held_back]),
             torch.from_numpy(np.median(held, axis=1)[:, None]),
         )[:, 0].numpy()
-        return cls(held, normal, floor)
+        return cls(held, normal, floor, float(windows[:-held_back].std()))
 
     def scaled(self, raw: np.ndarray, scaling: str, floor: str) -> np.ndarray:
         """Each term of ``raw`` (T, N) on a common scale.
 
         ``floor="errors"`` keeps each unit at least `spread_floor`'s (the model's rule);
-        ``"relative"`` only at 1e-3 of the term's centre (the previous rule).
+        ``"relative"`` only at 1e-3 of the term's centre (the previous rule);
+        ``"level-sigmaK"`` as ``errors`` with the level term's unit at least K sigma.
         """
         out = np.empty_like(raw)
         for index, name in enumerate(SCORE_TERMS):
@@ -90,8 +95,10 @@ class NormalTerms:
             else:
                 centre, unit = median, reference.max() - median
             unit = max(unit, 1e-3 * max(abs(centre), 1.0))
-            if floor == "errors":
+            if floor != "relative":
                 unit = max(unit, self.floor[index])
+            if floor.startswith("level-sigma") and name == "level":
+                unit = max(unit, int(floor.removeprefix("level-sigma")) * self.sigma)
             out[index] = (raw[index] - centre) / unit
             if two_sided:
                 out[index] = np.abs(out[index])
