@@ -11,6 +11,10 @@ One run, one broker, one machine:
 4. ``latency``: readings produced at 50% (and 25%) of the measured end-to-end capacity,
    stamped with the wall clock; reading-to-score latency is the time until its score
    record is read back from the scores topic. The load generator runs on the same CPUs.
+   ``relay_latency`` is the floor of that path: after the worker has stopped, a plain
+   pass-through process with the worker's consumer and producer settings reads the same
+   paced readings and publishes one record per ``stride`` readings of a sensor at once
+   (no Redis, no model), measured the same way.
 5. ``redis_bytes_per_sensor``: MEMORY USAGE of a sensor's window and alert state.
 
 Usage: ``python benchmarks/e2e_throughput.py [--sensors 1000] [--model tiny|smollm2]``;
@@ -41,10 +45,17 @@ from typing import Any
 import numpy as np
 import redis
 import torch
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, Producer
 
 from stream_detector import store
-from stream_detector.config import KafkaTopics, ModelSettings, RedisSettings, Settings
+from stream_detector.config import (
+    KafkaTopics,
+    ModelSettings,
+    RedisSettings,
+    Settings,
+    kafka_consumer_config,
+    kafka_producer_config,
+)
 from stream_detector.consumer import ReadingConsumer
 from stream_detector.devtools.services import EmbeddedKafka, EmbeddedRedis, create_topics, free_port
 from stream_detector.devtools.tiny import tiny_config
@@ -217,14 +228,15 @@ def paced_readings(bootstrap: str, topic: str, sensors: int, rate: float, second
 
 
 def latency_at(
-    settings: Settings, sensors: int, rate: float, seconds: float
+    settings: Settings, sensors: int, rate: float, seconds: float, output: str | None = None
 ) -> dict[str, float | int]:
-    """Reading-to-score latency (ms) with readings produced at ``rate`` per second."""
+    """Reading-to-score latency (ms) with readings produced at ``rate`` per second, read
+    back from the scores topic (or ``output``)."""
     topics = settings.kafka.topics
     reader = ReadingConsumer(
         settings.kafka.bootstrap_servers,
         f"bench-latency-{uuid.uuid4().hex[:8]}",
-        [topics.scores],
+        [output or topics.scores],
         config={
             **settings.kafka.extra,
             "auto.offset.reset": "latest",
@@ -266,6 +278,68 @@ def latency_at(
         "p50_ms": round(float(np.percentile(values, 50)), 1) if len(values) else None,
         "p99_ms": round(float(np.percentile(values, 99)), 1) if len(values) else None,
     }
+
+
+def relay(
+    consumer_config: dict[str, Any],
+    producer_config: dict[str, Any],
+    source: str,
+    target: str,
+    poll_batch_size: int,
+    stride: int,
+) -> None:
+    """Pass readings through until terminated: one record per ``stride`` readings of a
+    sensor, stamped with that reading's ts, produced as soon as it is polled."""
+    consumer = ReadingConsumer(
+        consumer_config["bootstrap.servers"],
+        consumer_config["group.id"],
+        [source],
+        config=consumer_config,
+    )
+    producer = Producer(producer_config)
+    counts: dict[str, int] = {}
+    while True:
+        for message in consumer.poll_batch(poll_batch_size, 0.1):
+            reading = json.loads(message.value)
+            sensor_id = reading["sensor_id"]
+            counts[sensor_id] = counts.get(sensor_id, 0) + 1
+            if counts[sensor_id] % stride == 0:
+                record = {"sensor_id": sensor_id, "ts_ms": reading["ts"]}
+                producer.produce(target, json.dumps(record).encode(), sensor_id.encode())
+        producer.poll(0)
+
+
+def relay_latency(
+    settings: Settings, sensors: int, rates: dict[str, float], seconds: float, target: str
+) -> dict[str, dict[str, float | int]]:
+    """``latency_at`` for each of ``rates`` through `relay` instead of the worker."""
+    relay_settings = settings.model_copy(
+        update={"kafka": settings.kafka.model_copy(update={"group_id": f"{target}-relay"})}
+    )
+    consumer_config = {**kafka_consumer_config(relay_settings), "auto.offset.reset": "latest"}
+    context = multiprocessing.get_context("spawn")
+    process = context.Process(
+        target=relay,
+        args=(
+            consumer_config,
+            kafka_producer_config(relay_settings),
+            settings.kafka.topics.readings,
+            target,
+            settings.kafka.poll_batch_size,
+            settings.stride,
+        ),
+        daemon=True,
+    )
+    process.start()
+    try:
+        time.sleep(5.0)  # let the relay join its group
+        return {
+            name: latency_at(settings, sensors, rate, seconds, output=target)
+            for name, rate in rates.items()
+        }
+    finally:
+        process.terminate()
+        process.join(10)
 
 
 def wait_until_idle(port: int, quiet_s: float = 2.0, timeout_s: float = 120.0) -> None:
@@ -375,7 +449,8 @@ def main() -> None:
             dead_letters=f"bench-{run_id}-dlq",
         )
         create_topics(bootstrap, [topics.readings], PARTITIONS)
-        create_topics(bootstrap, [topics.scores, topics.alerts, topics.dead_letters], 1)
+        relayed = f"bench-{run_id}-relayed"
+        create_topics(bootstrap, [topics.scores, topics.alerts, topics.dead_letters, relayed], 1)
         model_dir = Path(tmp) / "models"
         model = build_model(args.model, args.window_length)
         # A threshold no score reaches: the benchmark measures scoring, not alert storms.
@@ -423,6 +498,9 @@ def main() -> None:
             worker.send_signal(signal.SIGTERM)
             worker.wait(60)
         memory = redis_bytes(redis_url, prefix, args.sensors)
+        print("latency through a pass-through relay ...", flush=True)
+        rates = {f"{fraction:.0%}": e2e * fraction for fraction in args.latency_fractions}
+        relay_result = relay_latency(settings, args.sensors, rates, args.latency_seconds, relayed)
         profile = profile_summary(collapsed) if args.profile else None
 
     model_readings = model_windows * args.stride
@@ -460,6 +538,8 @@ def main() -> None:
             "end_to_end_vs_model_only": round(e2e / model_readings, 3),
         },
         "reading_to_score_latency_at_fraction_of_capacity": latency,
+        # The same rates through a pass-through relay (no Redis, no model): the path's floor.
+        "relay_latency_at_fraction_of_capacity": relay_result,
         "redis_bytes_per_sensor": memory,
         "worker_profile": profile,
     }

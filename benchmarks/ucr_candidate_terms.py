@@ -24,7 +24,10 @@ each series under these variants, judged by the UCR rule:
   windows (the empirical distribution, and above its 90th percentile a generalised Pareto
   tail fitted to the excesses, as `trainer.thresholds` fits the score's tail), so a term
   whose normal values have a heavy tail and a term calibrated on more windows are put on
-  one footing.
+  one footing;
+- ``level_sigma1``, ``level_sigma2``, ``level_sigma3``: the baseline with the level term's
+  unit at least 1, 2 or 3 times the channel's spread over the normal windows
+  (``ModelConfig.level_unit_sigmas``), a model of its own.
 
 Each point takes the score of the window whose peak lies nearest
 (`trainer.anomalyllm_detector`), as the harness does. It ran before any of these was
@@ -75,6 +78,9 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "difference_memory": ("difference_memory",),
     "difference_memory_only": ("difference_memory", "-memory"),
     "tail_probability": ("tail_probability",),
+    "level_sigma1": ("level_sigma1",),
+    "level_sigma2": ("level_sigma2",),
+    "level_sigma3": ("level_sigma3",),
 }
 MAX_SURPRISAL = 300.0
 TAIL_FROM = 0.9  # the quantile of the normal values above which the Pareto tail is fitted
@@ -83,8 +89,11 @@ TAIL_FROM = 0.9  # the quantile of the normal values above which the Pareto tail
 class Scored:
     """One window length's calibrated terms (T, N), their peaks, and what built them."""
 
-    def __init__(self, values: np.ndarray, train_end: int, length: int) -> None:
+    def __init__(
+        self, values: np.ndarray, train_end: int, length: int, level_unit_sigmas: float = 0.0
+    ) -> None:
         config = tiny_config(
+            level_unit_sigmas=level_unit_sigmas,
             window_length=length,
             patch_length=length // PATCHES_PER_WINDOW,
             patch_stride=length // PATCHES_PER_WINDOW,
@@ -245,6 +254,9 @@ def series_hits(values: np.ndarray, train_end: int, begin: int, end: int) -> dic
         if "tail_probability" in changes:
             z = one.surprisal()
         points = one.points(z, peaks, size)
+        if name.startswith("level_sigma"):
+            level = Scored(values, train_end, one.length, float(name[-1]))
+            points = level.points(level.z, level.peaks, size)
         if "scales" in changes:
             others = (scored[f].points(scored[f].z, scored[f].peaks, size) for f in (0.5, 2.0))
             points = np.maximum.reduce([points, *others])

@@ -106,6 +106,11 @@ class ModelConfig:
     # (``DETECTOR_STRIDE``, 16 by default), so that every reading is among the newest of
     # one scored window.
     tail_readings: int = 16
+    # The level term's unit is at least this many times the channel's spread over the
+    # normal windows (0: only its sampling error), so that a level change must be large
+    # against the data's own variation, not only beyond the few levels training saw.
+    # Off by default: 2.0 gained NAB and lost MSL (README, "The level term's unit").
+    level_unit_sigmas: float = 0.0
     # The truncated backbone's own Hugging Face config; filled in when the backbone
     # is loaded so a checkpoint can rebuild it without the original weights.
     backbone_config: dict[str, Any] = field(default_factory=dict)
@@ -151,6 +156,8 @@ class ModelConfig:
             raise ValueError("tail_readings must be at least 1 and shorter than the window")
         if "point" in self.score_terms and self.window_length < 3:
             raise ValueError("the 'point' score term needs windows of at least 3 readings")
+        if not 0 <= self.level_unit_sigmas < math.inf:
+            raise ValueError("level_unit_sigmas must be a finite number >= 0")
 
     @property
     def fused(self) -> bool:
@@ -395,9 +402,13 @@ class Student(nn.Module):
 
 
 def spread_floor(
-    names: tuple[str, ...], normal: torch.Tensor, centre: torch.Tensor
+    names: tuple[str, ...],
+    normal: torch.Tensor,
+    centre: torch.Tensor,
+    level_unit_sigmas: float = 0.0,
 ) -> torch.Tensor:
-    """The smallest unit of each term (T, C): three sampling errors of a window of L points.
+    """The smallest unit of each term (T, C): three sampling errors of a window of L points,
+    and for the level term at least ``level_unit_sigmas`` times the channel's spread.
 
     On very regular or flat training data a term hardly varies, and a unit of its tiny
     range would turn noise into alarms. A window's mean has a sampling error of
@@ -410,13 +421,15 @@ def spread_floor(
     length = normal.shape[-1]
     sigma = normal.float().std(dim=(0, 2), unbiased=False).to(centre.device)  # (C,)
     errors = {
-        "level": sigma / math.sqrt(length),
-        "scale": torch.full_like(sigma, 1.0 / math.sqrt(2.0 * length)),
+        "level": torch.maximum(
+            _FLOOR_ERRORS * sigma / math.sqrt(length), level_unit_sigmas * sigma
+        ),
+        "scale": torch.full_like(sigma, _FLOOR_ERRORS / math.sqrt(2.0 * length)),
     }
     floor = 1e-3 * centre.abs().clamp(min=1.0)
     for row, name in enumerate(names):
         if name in errors:
-            floor[row] = torch.maximum(floor[row], _FLOOR_ERRORS * errors[name])
+            floor[row] = torch.maximum(floor[row], errors[name])
     return floor
 
 
@@ -592,7 +605,7 @@ class AnomalyLLM(nn.Module):
             centre[free] = torch.where(sided, (low + high) / 2, middle)
             spread[free] = torch.where(sided, (high - low) / 2, high - middle)
         self.term_centre.copy_(centre)
-        floor = spread_floor(names, memory_windows, centre)
+        floor = spread_floor(names, memory_windows, centre, self.config.level_unit_sigmas)
         self.term_spread.copy_(torch.maximum(spread, floor))
 
     @torch.inference_mode()

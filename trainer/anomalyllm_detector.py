@@ -90,6 +90,7 @@ class AnomalyLLMDetector:
             "score_terms",
             "memory_size",
             "tail_readings",
+            "level_unit_sigmas",
         }
         if unknown:
             raise TypeError(f"unexpected settings {sorted(unknown)}")
@@ -134,6 +135,7 @@ class AnomalyLLMDetector:
             "tail_readings": self.model_settings.get(
                 "tail_readings", f"min({MAX_SCORING_STRIDE}, window_length - 1)"
             ),
+            "level_unit_sigmas": model_config.level_unit_sigmas,
             "max_scored_windows": self.max_scored_windows,
             "max_scoring_stride": MAX_SCORING_STRIDE,
             "refresh_every": self.refresh_every,

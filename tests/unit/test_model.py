@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -242,6 +244,31 @@ def test_a_term_that_hardly_varied_in_training_still_has_a_unit_of_its_sampling_
     assert float(model.score(drifted).score.max()) < 1.0
     shifted = clean[:10] + 3 * sigma  # a real level shift: sqrt(L) units
     assert model.score(shifted).score.tolist() == pytest.approx([length**0.5] * 10, rel=1e-3)
+
+
+def test_the_level_units_floor_in_sigmas_makes_a_level_change_count_in_spreads() -> None:
+    # A noisy sine whose window means hardly vary: their range is a sliver of the spread.
+    generator = torch.Generator().manual_seed(0)
+    time = torch.arange(32) * 2 * torch.pi / 16
+    phases = torch.arange(300).unsqueeze(1) * 0.37
+    noisy = torch.sin(time + phases) + 0.3 * torch.randn(300, 32, generator=generator)
+    noisy = noisy.unsqueeze(1)  # (300, 1, 32)
+    sigma = float(noisy[:200].std(unbiased=False))
+    units = {}
+    for sigmas in (0.0, 2.0):
+        model = tiny_model(score_terms=("level",), level_unit_sigmas=sigmas).eval()
+        model.calibrate(noisy[:200], noisy[200:])
+        units[sigmas] = float(model.term_spread[0, 0])
+    assert units[2.0] == pytest.approx(2 * sigma, rel=1e-3)
+    assert units[0.0] < units[2.0] / 3  # the range of window means, or its sampling error
+    shifted = noisy[200:210] + 4 * sigma  # a shift of four spreads: two units
+    assert model.score(shifted).score.min() > 1.5
+
+
+def test_the_level_unit_in_sigmas_must_be_finite_and_not_negative() -> None:
+    for sigmas in (-1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="level_unit_sigmas"):
+            ModelConfig(level_unit_sigmas=sigmas).validate()
 
 
 def test_a_channel_that_never_varied_still_alarms_when_it_moves() -> None:
