@@ -316,6 +316,16 @@ class AnomalyLLMGlobalDetector(AnomalyLLMDetector):
         super().__init__(**{"score_terms": ("discrepancy",), "normalisation": "global", **settings})
 
 
+class AnomalyLLMLevelUnitDetector(AnomalyLLMDetector):
+    """The default with the level term's unit at least two of the channel's spreads
+    (``level_unit_sigmas=2``): the ablation row of README's "The level term's unit"."""
+
+    name = "anomalyllm-l2"
+
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(**{"level_unit_sigmas": 2.0, **settings})
+
+
 def _latest_window_score(scores: np.ndarray, ends: np.ndarray, size: int) -> np.ndarray:
     """Each point gets the score of the latest window ending at or before it."""
     index = np.searchsorted(ends, np.arange(size), side="right") - 1

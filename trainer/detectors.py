@@ -343,6 +343,7 @@ class WindowedGaussianDetector:
 DETECTORS: dict[str, str] = {
     "anomalyllm": "trainer.anomalyllm_detector:AnomalyLLMDetector",
     "anomalyllm-global": "trainer.anomalyllm_detector:AnomalyLLMGlobalDetector",
+    "anomalyllm-l2": "trainer.anomalyllm_detector:AnomalyLLMLevelUnitDetector",
     "anomalyllm-paper": "trainer.anomalyllm_detector:AnomalyLLMPaperDetector",
     "discord": "trainer.detectors:DiscordDetector",
     "discord-self": "trainer.detectors:SelfJoinDiscordDetector",

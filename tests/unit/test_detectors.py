@@ -156,6 +156,9 @@ def test_registry_builds_detectors_with_profiles() -> None:
     assert quick.settings()["n_trees"] == 5
     assert get_detector("hst", profile="quick", n_trees=7).settings()["n_trees"] == 7
     assert get_detector("discord").name == "discord"
+    level_unit = get_detector("anomalyllm-l2", profile="quick").settings()
+    assert level_unit["level_unit_sigmas"] == 2.0
+    assert get_detector("anomalyllm", profile="quick").settings()["level_unit_sigmas"] == 0.0
 
 
 def test_registry_errors_say_what_is_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
