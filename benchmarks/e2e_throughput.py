@@ -7,14 +7,16 @@ One run, one broker, one machine:
 2. ``model_only``: the scorer on random windows at the worker's batch size, expressed as
    readings/s (each window is due after ``stride`` readings of its sensor).
 3. ``end_to_end``: the worker (its own process) on the same readings: decode, Redis windows,
-   batching, scoring, alert decisions, publishing, offset commits.
+   batching, scoring, alert decisions, publishing, offset commits; windows/s in steady
+   state (from the first scored window), expressed as readings/s as ``model_only`` is.
 4. ``latency``: readings produced at 50% (and 25%) of the measured end-to-end capacity,
    stamped with the wall clock; reading-to-score latency is the time until its score
    record is read back from the scores topic. The load generator runs on the same CPUs.
-   ``relay_latency`` is the floor of that path: after the worker has stopped, a plain
-   pass-through process with the worker's consumer and producer settings reads the same
-   paced readings and publishes one record per ``stride`` readings of a sensor at once
-   (no Redis, no model), measured the same way.
+   ``relay_latency`` is the floor of that path: a plain pass-through process with the
+   worker's consumer and producer settings reads paced readings from topics of its own
+   and publishes one record per ``stride`` readings of a sensor at once (no Redis, no
+   model), measured the same way right after the worker at each rate (the worker idles
+   meanwhile), so both see the broker in the same state.
 5. ``redis_bytes_per_sensor``: MEMORY USAGE of a sensor's window and alert state.
 
 Usage: ``python benchmarks/e2e_throughput.py [--sensors 1000] [--model tiny|smollm2]``;
@@ -144,25 +146,29 @@ def model_only(model_dir: Path, settings: Settings, seconds: float = 10.0) -> fl
     return scored / (time.perf_counter() - started)
 
 
-def end_to_end(
-    settings: Settings, readings: int, windows: int, profile: tuple[int, Path] | None = None
-) -> float:
-    """Readings/s of the worker over the backlog, from its first batch to its last score.
+def end_to_end(settings: Settings, windows: int, profile: tuple[int, Path] | None = None) -> float:
+    """Windows/s of the worker over the backlog in steady state: from its first scored
+    window to its last.
 
+    The backlog is produced round-robin, so every sensor's window fills before the first
+    is due; from then on each window costs ``stride`` readings of decoding and appending
+    besides its scoring, as in a stream. (Timing from the first reading instead would
+    count the filling readings too, 1.8x as many readings per window with the defaults.)
     ``profile`` = (worker pid, output file): sample the worker with py-spy over that span.
     """
     port = settings.metrics_port
     deadline = time.monotonic() + 600
-    started = None
+    started, first = None, 0.0
     with contextlib.ExitStack() as stack:
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError):
-                if started is None and metric_value(port, "detector_readings_total") > 0:
-                    started = time.perf_counter()
+                scored = metric_value(port, "detector_windows_scored_total")
+                if started is None and scored > 0:
+                    started, first = time.perf_counter(), scored
                     if profile is not None:
                         stack.enter_context(sampled(*profile))
-                if metric_value(port, "detector_windows_scored_total") >= windows:
-                    return readings / (time.perf_counter() - started)
+                if scored >= windows:
+                    return (scored - first) / (time.perf_counter() - started)
             time.sleep(0.05)
     raise TimeoutError("the worker did not score the backlog within 10 minutes")
 
@@ -228,15 +234,19 @@ def paced_readings(bootstrap: str, topic: str, sensors: int, rate: float, second
 
 
 def latency_at(
-    settings: Settings, sensors: int, rate: float, seconds: float, output: str | None = None
+    settings: Settings,
+    sensors: int,
+    rate: float,
+    seconds: float,
+    topics: tuple[str, str] | None = None,
 ) -> dict[str, float | int]:
-    """Reading-to-score latency (ms) with readings produced at ``rate`` per second, read
-    back from the scores topic (or ``output``)."""
-    topics = settings.kafka.topics
+    """Reading-to-score latency (ms) with readings produced at ``rate`` per second into
+    the readings topic and read back from the scores topic (or ``topics``: both)."""
+    source, target = topics or (settings.kafka.topics.readings, settings.kafka.topics.scores)
     reader = ReadingConsumer(
         settings.kafka.bootstrap_servers,
         f"bench-latency-{uuid.uuid4().hex[:8]}",
-        [output or topics.scores],
+        [target],
         config={
             **settings.kafka.extra,
             "auto.offset.reset": "latest",
@@ -261,8 +271,7 @@ def latency_at(
     context = multiprocessing.get_context("spawn")
     with context.Pool(1) as pool:
         sent = pool.apply(
-            paced_readings,
-            (settings.kafka.bootstrap_servers, topics.readings, sensors, rate, seconds),
+            paced_readings, (settings.kafka.bootstrap_servers, source, sensors, rate, seconds)
         )
     time.sleep(3.0)  # the last windows' scores
     done.set()
@@ -309,21 +318,19 @@ def relay(
         producer.poll(0)
 
 
-def relay_latency(
-    settings: Settings, sensors: int, rates: dict[str, float], seconds: float, target: str
-) -> dict[str, dict[str, float | int]]:
-    """``latency_at`` for each of ``rates`` through `relay` instead of the worker."""
+@contextlib.contextmanager
+def relaying(settings: Settings, source: str, target: str) -> Iterator[None]:
+    """A `relay` process from ``source`` to ``target`` while the context lasts."""
     relay_settings = settings.model_copy(
         update={"kafka": settings.kafka.model_copy(update={"group_id": f"{target}-relay"})}
     )
-    consumer_config = {**kafka_consumer_config(relay_settings), "auto.offset.reset": "latest"}
     context = multiprocessing.get_context("spawn")
     process = context.Process(
         target=relay,
         args=(
-            consumer_config,
+            kafka_consumer_config(relay_settings),
             kafka_producer_config(relay_settings),
-            settings.kafka.topics.readings,
+            source,
             target,
             settings.kafka.poll_batch_size,
             settings.stride,
@@ -333,10 +340,7 @@ def relay_latency(
     process.start()
     try:
         time.sleep(5.0)  # let the relay join its group
-        return {
-            name: latency_at(settings, sensors, rate, seconds, output=target)
-            for name, rate in rates.items()
-        }
+        yield
     finally:
         process.terminate()
         process.join(10)
@@ -448,9 +452,9 @@ def main() -> None:
             alerts=f"bench-{run_id}-alerts",
             dead_letters=f"bench-{run_id}-dlq",
         )
-        create_topics(bootstrap, [topics.readings], PARTITIONS)
-        relayed = f"bench-{run_id}-relayed"
-        create_topics(bootstrap, [topics.scores, topics.alerts, topics.dead_letters, relayed], 1)
+        relayed = (f"bench-{run_id}-relay-in", f"bench-{run_id}-relay-out")
+        create_topics(bootstrap, [topics.readings, relayed[0]], PARTITIONS)
+        create_topics(bootstrap, [topics.scores, topics.alerts, topics.dead_letters, relayed[1]], 1)
         model_dir = Path(tmp) / "models"
         model = build_model(args.model, args.window_length)
         # A threshold no score reaches: the benchmark measures scoring, not alert storms.
@@ -487,20 +491,23 @@ def main() -> None:
         try:
             collapsed = Path(tmp) / "worker.collapsed"
             sampling = (worker.pid, collapsed) if args.profile else None
-            e2e = end_to_end(settings, readings, windows, sampling)
-            latency = {}
-            for fraction in args.latency_fractions:
-                print(f"latency at {fraction:.0%} of {e2e:.0f} readings/s ...", flush=True)
-                latency[f"{fraction:.0%}"] = latency_phase(
-                    settings, args.sensors, e2e * fraction, args.latency_seconds
-                )
+            e2e_windows = end_to_end(settings, windows, sampling)
+            e2e = e2e_windows * args.stride  # readings/s, as model_only's
+            latency, relay_latency = {}, {}
+            with relaying(settings, *relayed):
+                for fraction in args.latency_fractions:
+                    print(f"latency at {fraction:.0%} of {e2e:.0f} readings/s ...", flush=True)
+                    rate, name = e2e * fraction, f"{fraction:.0%}"
+                    latency[name] = latency_phase(
+                        settings, args.sensors, rate, args.latency_seconds
+                    )
+                    relay_latency[name] = latency_at(
+                        settings, args.sensors, rate, args.latency_seconds, relayed
+                    )
         finally:
             worker.send_signal(signal.SIGTERM)
             worker.wait(60)
         memory = redis_bytes(redis_url, prefix, args.sensors)
-        print("latency through a pass-through relay ...", flush=True)
-        rates = {f"{fraction:.0%}": e2e * fraction for fraction in args.latency_fractions}
-        relay_result = relay_latency(settings, args.sensors, rates, args.latency_seconds, relayed)
         profile = profile_summary(collapsed) if args.profile else None
 
     model_readings = model_windows * args.stride
@@ -532,14 +539,17 @@ def main() -> None:
             "bare_consume": round(bare, 1),
             "model_only": round(model_readings, 1),
         },
-        "model_only_windows_per_s": round(model_windows, 1),
+        "windows_per_s": {
+            "end_to_end": round(e2e_windows, 1),
+            "model_only": round(model_windows, 1),
+        },
         "ratios": {
             "end_to_end_vs_bare_consume": round(e2e / bare, 3),
             "end_to_end_vs_model_only": round(e2e / model_readings, 3),
         },
         "reading_to_score_latency_at_fraction_of_capacity": latency,
         # The same rates through a pass-through relay (no Redis, no model): the path's floor.
-        "relay_latency_at_fraction_of_capacity": relay_result,
+        "relay_latency_at_fraction_of_capacity": relay_latency,
         "redis_bytes_per_sensor": memory,
         "worker_profile": profile,
     }
