@@ -280,6 +280,7 @@ def latency_at(
     values = np.array(latencies)
     return {
         "rate_readings_per_s": round(rate, 1),
+        "seconds": round(seconds, 1),
         "readings": sent,
         # Every sensor's window is full already: one score per `stride` of its readings.
         "scores_expected": sent // sensors // settings.stride * sensors,
@@ -400,7 +401,13 @@ def main() -> None:
     parser.add_argument("--window-length", type=int, default=128)
     parser.add_argument("--stride", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--latency-seconds", type=float, default=20.0)
+    parser.add_argument(
+        "--latency-seconds",
+        type=float,
+        default=20.0,
+        help="length of each latency phase, at least long enough for every sensor to make "
+        "two windows due at that rate (default 20)",
+    )
     parser.add_argument(
         "--latency-fractions",
         type=lambda text: [float(x) for x in text.split(",")],
@@ -498,12 +505,9 @@ def main() -> None:
                 for fraction in args.latency_fractions:
                     print(f"latency at {fraction:.0%} of {e2e:.0f} readings/s ...", flush=True)
                     rate, name = e2e * fraction, f"{fraction:.0%}"
-                    latency[name] = latency_phase(
-                        settings, args.sensors, rate, args.latency_seconds
-                    )
-                    relay_latency[name] = latency_at(
-                        settings, args.sensors, rate, args.latency_seconds, relayed
-                    )
+                    seconds = max(args.latency_seconds, 2 * args.stride * args.sensors / rate)
+                    latency[name] = latency_phase(settings, args.sensors, rate, seconds)
+                    relay_latency[name] = latency_at(settings, args.sensors, rate, seconds, relayed)
         finally:
             worker.send_signal(signal.SIGTERM)
             worker.wait(60)

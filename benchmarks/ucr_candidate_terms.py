@@ -31,7 +31,8 @@ each series under these variants, judged by the UCR rule:
 
 Each point takes the score of the window whose peak lies nearest
 (`trainer.anomalyllm_detector`), as the harness does. It ran before any of these was
-built; none is in the default (README, "Candidate terms").
+built into the product (the level units: with their model option, stop 25); none is in
+the default (README, "Candidate terms" and "The level term's unit").
 
     python benchmarks/ucr_candidate_terms.py --data ../shared/data/ucr --ids 1 9 14 ... 250 \\
         --out benchmarks/results/ucr_candidate_terms_dev.json
