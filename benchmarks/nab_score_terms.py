@@ -87,7 +87,7 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     corpus = load_corpus(args.data, args.files)
-    floors = FLOORS + LEVEL_FLOORS
+    floors = (*FLOORS, *LEVEL_FLOORS)
     variants = list(itertools.product(SUBSETS, floors))
     points: dict[str, list[np.ndarray]] = {f"{'+'.join(t)}|{f}": [] for t, f in variants}
     decision_rows: list[np.ndarray] = []

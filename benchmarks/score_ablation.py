@@ -22,8 +22,9 @@ from trainer.train import MAX_CALIBRATION_WINDOWS, _thin
 SCALINGS = ("extreme", "robust-z")
 FLOORS = ("errors", "relative")
 # The model's floors with the level term's unit also at least k times the channel's spread
-# over the normal windows (k = 1, 2, 3): a level change must be large, not only new.
-LEVEL_FLOORS = ("level-sigma1", "level-sigma2", "level-sigma3")
+# over the normal windows (``ModelConfig.level_unit_sigmas``): a level change must be
+# large, not only new.
+LEVEL_FLOORS = {"level-sigma1": 1.0, "level-sigma2": 2.0, "level-sigma3": 3.0}
 SUBSETS = [
     terms
     for size in range(1, len(SCORE_TERMS) + 1)
@@ -49,8 +50,8 @@ class NormalTerms:
 
     held: np.ndarray  # (T, H) every term on the held-back windows
     normal: np.ndarray  # (F, N) the model-free terms (level, scale, point) on the bank's
-    floor: np.ndarray  # (T,) each term's smallest unit (`spread_floor`)
-    sigma: float  # the channel's spread over the bank's windows (`spread_floor`'s sigma)
+    # floor name ("errors" or one of LEVEL_FLOORS) -> each term's smallest unit (T,)
+    floors: dict[str, np.ndarray]
 
     @classmethod
     def of(cls, detector: AnomalyLLMDetector, train: np.ndarray) -> NormalTerms:
@@ -66,19 +67,20 @@ class NormalTerms:
         held_back = max(1, int(len(windows) * 0.2))
         held = raw_terms(model, _thin(windows[-held_back:], MAX_CALIBRATION_WINDOWS))[0]
         normal = raw_terms(model, windows[:-held_back], _MODEL_FREE)[0]
-        floor = spread_floor(
-            SCORE_TERMS,
-            torch.from_numpy(windows[:-held_back]),
-            torch.from_numpy(np.median(held, axis=1)[:, None]),
-        )[:, 0].numpy()
-        return cls(held, normal, floor, float(windows[:-held_back].std()))
+        bank = torch.from_numpy(windows[:-held_back])
+        centre = torch.from_numpy(np.median(held, axis=1)[:, None])
+        floors = {
+            name: spread_floor(SCORE_TERMS, bank, centre, sigmas)[:, 0].numpy()
+            for name, sigmas in {"errors": 0.0, **LEVEL_FLOORS}.items()
+        }
+        return cls(held, normal, floors)
 
     def scaled(self, raw: np.ndarray, scaling: str, floor: str) -> np.ndarray:
         """Each term of ``raw`` (T, N) on a common scale.
 
         ``floor="errors"`` keeps each unit at least `spread_floor`'s (the model's rule);
         ``"relative"`` only at 1e-3 of the term's centre (the previous rule);
-        ``"level-sigmaK"`` as ``errors`` with the level term's unit at least K sigma.
+        ``"level-sigmaK"`` at least `spread_floor`'s with ``level_unit_sigmas=K``.
         """
         out = np.empty_like(raw)
         for index, name in enumerate(SCORE_TERMS):
@@ -96,9 +98,7 @@ class NormalTerms:
                 centre, unit = median, reference.max() - median
             unit = max(unit, 1e-3 * max(abs(centre), 1.0))
             if floor != "relative":
-                unit = max(unit, self.floor[index])
-            if floor.startswith("level-sigma") and name == "level":
-                unit = max(unit, int(floor.removeprefix("level-sigma")) * self.sigma)
+                unit = max(unit, self.floors[floor][index])
             out[index] = (raw[index] - centre) / unit
             if two_sided:
                 out[index] = np.abs(out[index])

@@ -79,10 +79,10 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "difference_memory": ("difference_memory",),
     "difference_memory_only": ("difference_memory", "-memory"),
     "tail_probability": ("tail_probability",),
-    "level_sigma1": ("level_sigma1",),
-    "level_sigma2": ("level_sigma2",),
-    "level_sigma3": ("level_sigma3",),
 }
+# The baseline as a model of its own with ``level_unit_sigmas`` at these values.
+LEVEL_UNITS = {"level_sigma1": 1.0, "level_sigma2": 2.0, "level_sigma3": 3.0}
+VARIANTS.update({name: (name,) for name in LEVEL_UNITS})
 MAX_SURPRISAL = 300.0
 TAIL_FROM = 0.9  # the quantile of the normal values above which the Pareto tail is fitted
 
@@ -254,10 +254,11 @@ def series_hits(values: np.ndarray, train_end: int, begin: int, end: int) -> dic
             peaks = np.vstack([peaks, *(centre[None] for _ in added)])
         if "tail_probability" in changes:
             z = one.surprisal()
-        points = one.points(z, peaks, size)
-        if name.startswith("level_sigma"):
-            level = Scored(values, train_end, one.length, float(name[-1]))
+        if name in LEVEL_UNITS:
+            level = Scored(values, train_end, one.length, LEVEL_UNITS[name])
             points = level.points(level.z, level.peaks, size)
+        else:
+            points = one.points(z, peaks, size)
         if "scales" in changes:
             others = (scored[f].points(scored[f].z, scored[f].peaks, size) for f in (0.5, 2.0))
             points = np.maximum.reduce([points, *others])
