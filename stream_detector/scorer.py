@@ -80,6 +80,7 @@ class ModelRegistry:
         self._clock = clock
         self._next_poll_s = 0.0
         self._models: dict[str, LoadedModel] = {}
+        self._shapes: dict[str, tuple[int, int]] = {}  # looked up for every reading
         self._refused: dict[str, str] = {}  # model name -> version that failed to load
         self.pointed: dict[str, str] = {}  # model name -> version CURRENT named at the last poll
 
@@ -89,8 +90,7 @@ class ModelRegistry:
 
     def shape_of(self, model_name: str) -> tuple[int, int] | None:
         """(channels, window_length) of a loaded model, None when none is loaded."""
-        loaded = self._models.get(model_name)
-        return None if loaded is None else loaded.shape
+        return self._shapes.get(model_name)
 
     @property
     def loaded(self) -> dict[str, str]:
@@ -149,6 +149,7 @@ class ModelRegistry:
             return ModelEvent(name, version, str(error))
         old = self._models.get(name)
         self._models[name] = LoadedModel(name, version, checkpoint.model, thresholds)
+        self._shapes[name] = self._models[name].shape
         self._refused.pop(name, None)
         logger.info(
             "serving model %s version %s (was %s)", name, version, old.version if old else "none"

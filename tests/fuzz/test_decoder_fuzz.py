@@ -20,7 +20,13 @@ from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
 
 from stream_detector.config import Limits
-from stream_detector.schemas import REASON_CODES, InvalidReading, Reading, decode_reading
+from stream_detector.schemas import (
+    REASON_CODES,
+    InvalidReading,
+    Reading,
+    checked_reading,
+    decode_reading,
+)
 from tests.fuzz.hostile import (
     BIG_LIMITS,
     FUZZ,
@@ -74,13 +80,18 @@ def decodes_or_rejects(
     limits: Limits = LIMITS,
     expected_channels: int | None = None,
 ) -> Reading | InvalidReading:
-    """Decode; a rejection must carry a stable code, an acceptance must respect every limit."""
+    """Decode; a rejection must carry a stable code, an acceptance must respect every limit,
+    and the fast path must agree with the field-by-field checks."""
     INPUTS["inputs"] += 1
+    arguments = {"expected_channels": expected_channels, "limits": limits, "now_ms": NOW_MS}
     try:
-        reading = decode_reading(
-            key, value, expected_channels=expected_channels, limits=limits, now_ms=NOW_MS
-        )
+        reference: Reading | str = checked_reading(key, value, **arguments)
     except InvalidReading as invalid:
+        reference = invalid.reason
+    try:
+        reading = decode_reading(key, value, **arguments)
+    except InvalidReading as invalid:
+        assert invalid.reason == reference
         REASONS[invalid.code] += 1
         assert invalid.code in REASON_CODES, invalid.reason
         assert invalid.reason.startswith(f"{invalid.code}: ")
@@ -91,6 +102,7 @@ def decodes_or_rejects(
         INPUTS["crashes"] += 1
         raise
     INPUTS["accepted"] += 1
+    assert reading == reference
     assert type(reading.sensor_id) is str and reading.sensor_id.isprintable()
     assert 1 <= len(reading.sensor_id) <= limits.max_sensor_id_length
     assert key is None or key == reading.sensor_id.encode()

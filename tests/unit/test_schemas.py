@@ -9,6 +9,7 @@ from typing import Any
 import jsonschema
 import pytest
 
+from stream_detector import schemas
 from stream_detector.alerts import SensorAlertState, update
 from stream_detector.config import AlertPolicy, Limits
 from stream_detector.schemas import (
@@ -46,6 +47,25 @@ def test_single_value_reading() -> None:
     reading = decode(encode({"sensor_id": "pump-1", "ts": NOW_MS, "value": 3}), key=b"pump-1")
     assert reading == Reading(sensor_id="pump-1", ts_ms=NOW_MS, values=(3.0,))
     assert type(reading.values[0]) is float
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"sensor_id": "pump-1", "ts": NOW_MS, "value": 3},
+        {"sensor_id": "pump-1", "ts": NOW_MS, "values": [1.5, -2, 0], "unit": "bar"},
+    ],
+)
+def test_well_formed_readings_skip_the_field_by_field_checks(
+    message: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a well-formed reading took the slow path")
+
+    monkeypatch.setattr(schemas, "checked_reading", fail)
+    assert decode(encode(message), key=b"pump-1").sensor_id == "pump-1"
+    with pytest.raises(AssertionError, match="slow path"):  # and anything else takes it
+        decode(encode({**message, "ts": "2023-11-14T22:13:20Z"}))
 
 
 def test_multi_channel_reading_ignores_unknown_keys() -> None:
