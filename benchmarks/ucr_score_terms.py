@@ -13,8 +13,8 @@ memory bank, so they differ only in:
   window, `stream_detector.model.spread_floor`) or ``relative`` (1e-3 of the term's
   centre, the previous floor);
 - how window scores become point scores: ``peak`` (the harness's rule: the window whose
-  peak, ``Scores.peak_offset``, lies nearest; a window's centre unless a point or tail
-  term won) or ``mean`` (the mean over covering windows, an earlier rule);
+  peak, ``Scores.peak_offset``, lies nearest: where its largest term's cause lies) or
+  ``mean`` (the mean over covering windows, an earlier rule);
 - the alert path's k-of-n confirmation applied to the score (the k-th largest of the
   last n windows), off (1 of 1) or the worker's default (3 of 5).
 

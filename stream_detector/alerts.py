@@ -26,8 +26,14 @@ The rules, with their parameters in ``AlertPolicy`` (``settings.alerts``):
   alert (with a new id) on the first window after the cooldown.
 - Severity: the highest band in ``severity_bands`` whose ratio is <= peak / threshold.
 - Replays: a score whose ``ts_ms`` is not after the state's ``last_ts_ms`` is ignored, and
-  alert ids are derived from (sensor, start time, model version), so replaying scores
-  produces no duplicate events, and a replay from an older state the same ids.
+  alert ids are derived from (sensor, the window that opened it, model version), so
+  replaying scores produces no duplicate events, and a replay from an older state the same
+  ids.
+- Span: an alert's ``start_ts_ms`` and ``end_ts_ms`` say where its evidence lies, not
+  when it was decided: from the reading that caused the first window above the threshold
+  to the latest such reading of a window at or above the resolve level (``update``'s
+  ``evidence_ts_ms``). A window ends up to its length after the readings that made it
+  hot, so its end would stretch the alert that far past the anomaly.
 - Quantile fallback (``threshold=None``): the threshold is a running estimate of the
   ``fallback_quantile`` of the sensor's own scores (``QuantileSketch``). Scores of an
   open alert never enter it, and a breach enters only once it has left the last
@@ -223,7 +229,7 @@ class OpenAlert:
     reported_peak: float  # peak score as last published
     windows: int  # windows since open, counting the one that opened it
     clear_run: int  # consecutive windows below the resolve level
-    last_hot_ts_ms: int  # last window at or above the resolve level
+    last_hot_ts_ms: int  # latest evidence of a window at or above the resolve level
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,9 +266,11 @@ class SensorAlertState:
 _STATE_ADAPTER = TypeAdapter(SensorAlertState)
 
 
-def make_alert_id(sensor_id: str, start_ts_ms: int, model_version: str) -> str:
-    """Deterministic alert id: 20 hex digits of sha1(sensor, start, model version)."""
-    key = f"{sensor_id}\x00{start_ts_ms}\x00{model_version}".encode()
+def make_alert_id(sensor_id: str, opened_ts_ms: int, model_version: str) -> str:
+    """Deterministic alert id: 20 hex digits of sha1(sensor, the end of the window that
+    opened the alert, model version). One alert opens per window at most, and a sensor's
+    windows end at increasing times, so the id is unique per sensor and model version."""
+    key = f"{sensor_id}\x00{opened_ts_ms}\x00{model_version}".encode()
     return hashlib.sha1(key, usedforsecurity=False).hexdigest()[:20]
 
 
@@ -286,14 +294,22 @@ def update(
     model_version: str,
     nearest_prototype: int,
     attribution: Sequence[float],
+    evidence_ts_ms: int | None = None,
 ) -> tuple[SensorAlertState, list[AlertEvent]]:
     """Fold the score of the window ending at ``ts_ms`` into ``state``.
 
     ``threshold`` comes from ``Thresholds.for_sensor``; ``None`` selects the running
-    quantile of this sensor's scores (no decision until it has warmed up). Returns the new
-    state (whose ``threshold`` is the one applied) and the events to publish, in order.
+    quantile of this sensor's scores (no decision until it has warmed up).
+    ``evidence_ts_ms`` is where in the window the score's cause lies (the reading at
+    ``Scores.peak_offset``; the window's end when not given): an alert spans from the
+    evidence of its first window above the threshold to the latest evidence of its windows
+    at or above the resolve level, so it covers the readings that caused it rather than
+    the windows' ends, which trail them by up to a window. Decisions (confirmation,
+    cooldown, events) still happen at ``ts_ms``. Returns the new state (whose ``threshold``
+    is the one applied) and the events to publish, in order.
     """
     ts_ms = int(ts_ms)  # numpy integers would not survive the JSON round trip
+    evidence = ts_ms if evidence_ts_ms is None else min(int(evidence_ts_ms), ts_ms)
     if state.last_ts_ms is not None and ts_ms <= state.last_ts_ms:
         return state, []
     if not math.isfinite(score):
@@ -323,13 +339,14 @@ def update(
         channel_attribution=tuple(float(a) for a in attribution),
     )
     if state.open_alert is None:
-        return _while_closed(state, window, threshold, policy, model_version, use_sketch)
-    return _while_open(state, state.open_alert, window, threshold, policy)
+        return _while_closed(state, window, evidence, threshold, policy, model_version, use_sketch)
+    return _while_open(state, state.open_alert, window, evidence, threshold, policy)
 
 
 def _while_closed(
     state: SensorAlertState,
     window: Peak,
+    evidence_ts_ms: int,
     threshold: float,
     policy: AlertPolicy,
     model_version: str,
@@ -348,7 +365,7 @@ def _while_closed(
     start_ts_ms, peak = state.candidate_start_ts_ms, state.candidate_peak
     if above:
         if start_ts_ms is None:
-            start_ts_ms = window.ts_ms
+            start_ts_ms = evidence_ts_ms
         if peak is None or window.score > peak.score:
             peak = window
     elif history == 0:
@@ -366,7 +383,7 @@ def _while_closed(
         )
         return new_state, []
     alert = OpenAlert(
-        alert_id=make_alert_id(state.sensor_id, start_ts_ms, model_version),
+        alert_id=make_alert_id(state.sensor_id, window.ts_ms, model_version),
         start_ts_ms=start_ts_ms,
         model_version=model_version,
         threshold=threshold,
@@ -376,7 +393,7 @@ def _while_closed(
         reported_peak=peak.score,
         windows=1,
         clear_run=0,
-        last_hot_ts_ms=window.ts_ms,
+        last_hot_ts_ms=max(start_ts_ms, evidence_ts_ms),
     )
     new_state = replace(
         state,
@@ -395,13 +412,14 @@ def _while_open(
     state: SensorAlertState,
     alert: OpenAlert,
     window: Peak,
+    evidence_ts_ms: int,
     threshold: float,
     policy: AlertPolicy,
 ) -> tuple[SensorAlertState, list[AlertEvent]]:
     if window.score < threshold * policy.hysteresis_ratio:
         clear_run, last_hot_ts_ms = alert.clear_run + 1, alert.last_hot_ts_ms
     else:
-        clear_run, last_hot_ts_ms = 0, window.ts_ms
+        clear_run, last_hot_ts_ms = 0, max(alert.last_hot_ts_ms, evidence_ts_ms)
     alert = replace(
         alert,
         peak=window if window.score > alert.peak.score else alert.peak,

@@ -180,8 +180,11 @@ class Scores:
     score: torch.Tensor  # (B,) the (fused) anomaly score, high = anomalous
     nearest_prototype: torch.Tensor  # (B, C) index of the nearest prototype per channel
     attribution: torch.Tensor  # (B, C) share of the score per channel, rows sum to 1
-    # (B,) where in the window the score's cause lies: the reading a "point" or "tail"
-    # term picked out, else the window's centre (a term of the whole window).
+    # (B,) where in the window the score's cause lies, per its largest term: the reading
+    # a "point" or "tail" term picked out; for "memory" the patch-long stretch that differs
+    # most from the nearest bank window, for "level" the one furthest beyond the normal
+    # level, for "scale" (a window too wide) the one furthest from the window's mean;
+    # else (the discrepancy, a window too narrow) the window's centre.
     peak_offset: torch.Tensor
 
 
@@ -511,11 +514,18 @@ class AnomalyLLM(nn.Module):
                 distance, index = self.distance(x)
                 term = distance.unsqueeze(1).expand(-1, channels)
             elif name == "memory":
-                term = self._memory_distance(x)
+                term, offset = self._memory_distance(x)
             elif name == "level":
                 term = x.float().mean(dim=-1)
+                # The stretch that pulls the mean furthest from its normal middle.
+                beyond = (term - self._normal_middle(name)).sign().unsqueeze(-1)
+                offset = self._stretch(beyond * (x.float() - self._normal_middle(name)[..., None]))
             elif name == "scale":
                 term = torch.log(x.float().std(dim=-1, unbiased=False) + _EPS)
+                # A wide window: its stretch furthest from the mean; a narrow one: the centre.
+                spread = (x.float() - x.float().mean(dim=-1, keepdim=True)).abs()
+                wide = term > self._normal_middle(name)
+                offset = torch.where(wide, self._stretch(spread), centre)
             elif name == "tail":  # the newest readings' largest deviation from the rest
                 newest = self.config.tail_readings
                 head = x[..., :-newest].float()
@@ -544,14 +554,30 @@ class AnomalyLLM(nn.Module):
         term, position = residual[..., first:].max(dim=-1)
         return term, position + first + 1
 
-    def _memory_distance(self, x: torch.Tensor) -> torch.Tensor:
-        """Distance to the nearest memory window, both instance-normalised. (B, C)"""
+    def _memory_distance(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Distance to the nearest memory window, both instance-normalised, and the
+        stretch where the window differs from it most. (B, C) each"""
         x_norm = instance_norm(x.float())  # (B, C, L): each row has squared norm L
         # In float32 even under autocast: L - dot cancels, and bf16 keeps 3 digits of dot.
         with torch.autocast(x.device.type, enabled=False):
-            nearest_dot = torch.einsum("bcl,cml->bcm", x_norm, self.memory).amax(dim=-1)
+            nearest_dot, nearest = torch.einsum("bcl,cml->bcm", x_norm, self.memory).max(dim=-1)
         length = x.shape[-1]
-        return torch.sqrt((2 * (length - nearest_dot)).clamp(min=0) / length)  # (B, C)
+        distance = torch.sqrt((2 * (length - nearest_dot)).clamp(min=0) / length)
+        channels = torch.arange(x.shape[1], device=x.device)
+        residual = (x_norm - self.memory[channels, nearest]) ** 2  # (B, C, L)
+        return distance, self._stretch(residual)
+
+    def _normal_middle(self, name: str) -> torch.Tensor:
+        """The calibrated middle of a term's normal range per channel (C,)."""
+        return self.term_centre[self.config.score_terms.index(name)]
+
+    def _stretch(self, values: torch.Tensor) -> torch.Tensor:
+        """Where in the window (B, C, L) the mean of ``values`` over a patch's worth of
+        readings is largest: the centre of that stretch. (B, C)"""
+        width = min(self.config.patch_length, values.shape[-1])
+        batch, channels, length = values.shape
+        means = F.avg_pool1d(values.reshape(batch * channels, 1, length), width, stride=1)
+        return means.reshape(batch, channels, -1).argmax(dim=-1) + width // 2
 
     def scaled_terms(self, values: torch.Tensor) -> torch.Tensor:
         """Raw terms (T, B, C) on the common scale `calibrate` set: 0 typical, 1 the most

@@ -341,6 +341,7 @@ class Pipeline:
                 model_version=loaded.version,
                 nearest_prototype=result.nearest_prototype,
                 attribution=result.attribution,
+                evidence_ts_ms=window.ts_at(result.peak_offset),
             )
             states[window.sensor_id] = state
             delivery = self._outbox.send(

@@ -370,12 +370,14 @@ class AlertEvent:
     """One change in an alert's lifecycle, published to the alerts topic keyed by sensor.
 
     An alert is ``open`` once (``sequence`` 0), then zero or more ``update`` events as its
-    peak grows, then ``resolved`` once, carrying ``end_ts_ms`` (the last window at or above
-    the resolve level). ``alert_id`` is derived from (sensor, start time, model version), so
-    a replay of the same scores yields the same ids; ``(alert_id, sequence)``, also given as
-    ``event_id``, identifies one lifecycle change, and subscribers de-duplicate on it.
-    ``event_ts_ms`` is the window that caused the event; the prototype and attribution are
-    those of the peak window.
+    peak grows, then ``resolved`` once, carrying ``end_ts_ms``. ``start_ts_ms`` and
+    ``end_ts_ms`` span the alert's evidence: the reading that caused its first window above
+    the threshold and the latest that caused a window at or above the resolve level
+    (`stream_detector.alerts`). ``alert_id`` is derived from (sensor, the window that
+    opened it, model version), so a replay of the same scores yields the same ids;
+    ``(alert_id, sequence)``, also given as ``event_id``, identifies one lifecycle change,
+    and subscribers de-duplicate on it. ``event_ts_ms`` is the window that caused the
+    event; the prototype and attribution are those of the peak window.
     """
 
     alert_id: str

@@ -164,6 +164,7 @@ class WindowScore(NamedTuple):
     # The nearest prototype of the channel that contributes most to the score.
     nearest_prototype: int
     attribution: tuple[float, ...]  # per channel, sums to 1
+    peak_offset: int  # where in the window its cause lies (`Scores.peak_offset`)
 
 
 class Scorer:
@@ -194,12 +195,14 @@ class Scorer:
         scores = result.score.float().cpu().numpy()
         prototypes = result.nearest_prototype.cpu().numpy()
         attributions = result.attribution.float().cpu().numpy()
+        peaks = result.peak_offset.cpu().tolist()
         top_channel = attributions.argmax(axis=1)
         return [
             WindowScore(
                 float(scores[i]),
                 int(prototypes[i, top_channel[i]]),
                 tuple(float(a) for a in attributions[i]),
+                peaks[i],
             )
             for i in range(len(scores))
         ]

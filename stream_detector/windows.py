@@ -354,6 +354,15 @@ class Window:
     end_ts_ms: int
     recovered: bool = False  # re-reported after a replay because it was never acknowledged
 
+    def ts_at(self, offset: int) -> int:
+        """The time of the reading at ``offset`` (0 = oldest), interpolated between the
+        window's first and last readings: exact for a regularly sampled sensor."""
+        last = self.values.shape[-1] - 1
+        if last <= 0:
+            return self.end_ts_ms
+        span = self.end_ts_ms - self.start_ts_ms
+        return self.start_ts_ms + round(span * min(max(offset, 0), last) / last)
+
 
 @dataclass(frozen=True, slots=True)
 class AppendResult:

@@ -11,7 +11,7 @@ import numpy as np
 
 from stream_detector.config import AlertPolicy
 from stream_detector.model import SMOLLM2, AnomalyLLM, ModelConfig, WindowScores
-from trainer.detectors import dominant_period
+from trainer.detectors import RowScores, dominant_period
 from trainer.thresholds import REPLAY_ROW_MS, AlertReplay, ThresholdConfig, pot_threshold
 from trainer.train import TrainResult, fit, profile, refresh, sliding_windows
 
@@ -45,8 +45,8 @@ class AnomalyLLMDetector:
     closer, and the "tail" and "point" terms look at the newest ``MAX_SCORING_STRIDE``
     readings of a window, as ``trainer fit`` sets them to the worker's stride. Non-causal
     mode (UCR, MSL) gives each point the score of the window whose peak
-    (``Scores.peak_offset``: the reading a point term picked out, else the window's centre)
-    lies nearest to it, so a peak lands where the unusual stretch is; causal mode (NAB,
+    (``Scores.peak_offset``: where in the window its largest term's cause lies) lies
+    nearest to it, so a peak lands where the unusual stretch is; causal mode (NAB,
     streaming) gives each point the score of the latest window that ends at or before it,
     as the worker does.
 
@@ -226,10 +226,14 @@ class AnomalyLLMDetector:
             scores[first:last], offsets[first:last] = model.score_windows(
                 windows[first:last], self.batch_size
             )
-            for end, score in zip(
-                ends[first:last].tolist(), scores[first:last].tolist(), strict=True
+            for end, score, offset in zip(
+                ends[first:last].tolist(),
+                scores[first:last].tolist(),
+                offsets[first:last].tolist(),
+                strict=True,
             ):
-                replay.add(end * REPLAY_ROW_MS, score, threshold)
+                evidence = end - (length - 1) + offset
+                replay.add(end * REPLAY_ROW_MS, score, threshold, evidence * REPLAY_ROW_MS)
             first = last
             if cut == len(series) or cut == self.training_rows:
                 continue
@@ -284,18 +288,26 @@ class AnomalyLLMDetector:
         return np.arange(length - 1, size, self._stride(size))
 
     def score(self, series: np.ndarray) -> np.ndarray:
+        return self.score_rows(series).score
+
+    def score_rows(self, series: np.ndarray) -> RowScores:
+        """Each row's score and, causally, the row where the cause of its window lies."""
         if self.model is None:
             raise RuntimeError("fit() must run before score()")
         length = self.model.config.window_length
-        total = len(series) - length + 1
-        if total < 1:
-            return np.zeros(len(series), dtype=np.float32)
+        rows = np.arange(len(series))
+        if len(series) < length:
+            return RowScores(np.zeros(len(series), dtype=np.float32), rows)
         stride = self._stride(len(series))
         scored = self.window_scores(series, stride)
         starts = np.arange(len(scored.score)) * stride
         if self.causal:
-            return _latest_window_score(scored.score, starts + length - 1, len(series))
-        return _nearest_peak_score(scored.score, starts + scored.peak_offset, len(series))
+            ends = starts + length - 1
+            latest = _latest_window(ends, len(series))
+            evidence = np.where(latest >= 0, (starts + scored.peak_offset)[latest], rows)
+            return RowScores(_latest_window_score(scored.score, ends, len(series)), evidence)
+        score = _nearest_peak_score(scored.score, starts + scored.peak_offset, len(series))
+        return RowScores(score, rows)
 
 
 class AnomalyLLMPaperDetector(AnomalyLLMDetector):
@@ -326,9 +338,14 @@ class AnomalyLLMLevelUnitDetector(AnomalyLLMDetector):
         super().__init__(**{"level_unit_sigmas": 2.0, **settings})
 
 
+def _latest_window(ends: np.ndarray, size: int) -> np.ndarray:
+    """For each point, the latest window ending at or before it (-1 before the first)."""
+    return np.searchsorted(ends, np.arange(size), side="right") - 1
+
+
 def _latest_window_score(scores: np.ndarray, ends: np.ndarray, size: int) -> np.ndarray:
     """Each point gets the score of the latest window ending at or before it."""
-    index = np.searchsorted(ends, np.arange(size), side="right") - 1
+    index = _latest_window(ends, size)
     return np.where(index >= 0, scores[np.clip(index, 0, None)], 0.0).astype(np.float32)
 
 

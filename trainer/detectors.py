@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import importlib
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -31,6 +31,24 @@ class Detector(Protocol):
 
     def settings(self) -> dict[str, Any]:
         """The hyper-parameters, recorded in every result file."""
+
+
+class RowScores(NamedTuple):
+    """A float per time step and, per time step, the row where the cause of its score lies
+    (a windowed detector's evidence may lie up to a window before the row it decides at;
+    a point detector's is the row itself)."""
+
+    score: np.ndarray  # (T,) float32
+    evidence: np.ndarray  # (T,) int64
+
+
+def score_rows(detector: Detector, series: np.ndarray) -> RowScores:
+    """``detector.score(series)`` with where each score's cause lies: the detector's own
+    ``score_rows`` where it has one, else every row its own evidence."""
+    scored = getattr(detector, "score_rows", None)
+    if scored is not None:
+        return scored(series)
+    return RowScores(detector.score(series), np.arange(len(series)))
 
 
 class UnknownDetectorError(ValueError):

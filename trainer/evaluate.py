@@ -56,7 +56,7 @@ from trainer.data import (
     load_msl,
     load_ucr,
 )
-from trainer.detectors import PROFILES, Detector, get_detector
+from trainer.detectors import PROFILES, Detector, get_detector, score_rows
 from trainer.thresholds import REPLAY_ROW_MS, AlertReplay, ThresholdConfig, pot_threshold
 
 UCR_MARGIN = 100
@@ -397,18 +397,24 @@ def event_counts(
     return detection_counts(scores > threshold, anomalies)
 
 
-def alert_mask(scores: np.ndarray, threshold: float, policy: AlertPolicy) -> np.ndarray:
+def alert_mask(
+    scores: np.ndarray,
+    threshold: float,
+    policy: AlertPolicy,
+    evidence: np.ndarray | None = None,
+) -> np.ndarray:
     """The rows inside the alerts the worker's alert policy raises on ``scores``.
 
     Each row's score is fed to `stream_detector.alerts.update` as the window ending at
-    that row (``REPLAY_ROW_MS`` apart), so confirmation, hysteresis, minimum
-    duration and cooldown apply as in the worker. An alert covers the rows from its
-    ``start_ts_ms`` to its last hot window; one still open at the end, up to its last
-    hot window so far.
+    that row (``REPLAY_ROW_MS`` apart), with its cause at row ``evidence[row]`` (the row
+    itself when None), so confirmation, hysteresis, minimum duration and cooldown apply
+    as in the worker. An alert covers the rows from its ``start_ts_ms`` to its
+    ``end_ts_ms`` (its evidence); one still open at the end, up to its latest evidence.
     """
+    rows = np.arange(scores.size) if evidence is None else evidence
     replay = AlertReplay(policy)
-    for row, score in enumerate(scores.tolist()):
-        replay.add(row * REPLAY_ROW_MS, score, threshold)
+    for row, (score, cause) in enumerate(zip(scores.tolist(), rows.tolist(), strict=True)):
+        replay.add(row * REPLAY_ROW_MS, score, threshold, cause * REPLAY_ROW_MS)
     mask = np.zeros(scores.size, dtype=bool)
     for start, end in replay.spans():
         mask[start // REPLAY_ROW_MS : end // REPLAY_ROW_MS + 1] = True
@@ -512,7 +518,7 @@ def evaluate_msl_channel(
         detector.fit(channel.train)
         record["fit_s"] = _rounded(time.perf_counter() - started)
         started = time.perf_counter()
-        raw = detector.score(channel.test)
+        raw, evidence = score_rows(detector, channel.test)
         record["score_s"] = _rounded(time.perf_counter() - started)
         scores = checked_scores(raw, channel.test.shape[0], detector.name)
     except SERIES_ERRORS as error:
@@ -529,13 +535,18 @@ def evaluate_msl_channel(
         record |= nothing_reported.as_dict()
         return record, scores
     if decisions == "alerts":
-        counts = detection_counts(alert_mask(scores, threshold, AlertPolicy()), channel.anomalies)
-        record["policy_variants"] = {
-            name: detection_counts(
-                alert_mask(scores, threshold, AlertPolicy(**changes)), channel.anomalies
-            ).as_dict()
-            for name, changes in MSL_POLICY_VARIANTS.items()
+        policies = {"default": AlertPolicy()} | {
+            name: AlertPolicy(**changes) for name, changes in MSL_POLICY_VARIANTS.items()
         }
+        masks = {
+            name: alert_mask(scores, threshold, policy, evidence)
+            for name, policy in policies.items()
+        }
+        # The spans of stops 23 to 25: from and to the windows' ends, not their causes.
+        masks["spans at window ends"] = alert_mask(scores, threshold, AlertPolicy())
+        variants = {name: detection_counts(mask, channel.anomalies) for name, mask in masks.items()}
+        counts = variants.pop("default")
+        record["policy_variants"] = {name: value.as_dict() for name, value in variants.items()}
     else:
         counts = event_counts(scores, threshold, channel.anomalies)
     record |= {"threshold": threshold, **counts.as_dict()}

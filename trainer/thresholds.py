@@ -156,8 +156,11 @@ class AlertReplay:
         self.state = SensorAlertState(sensor_id)
         self.closed: list[tuple[int, int]] = []
 
-    def add(self, ts_ms: int, score: float, threshold: float | None) -> list[AlertEvent]:
-        """Fold in the score of the window ending at ``ts_ms``; the events it caused."""
+    def add(
+        self, ts_ms: int, score: float, threshold: float | None, evidence_ts_ms: int | None = None
+    ) -> list[AlertEvent]:
+        """Fold in the score of the window ending at ``ts_ms`` whose cause lies at
+        ``evidence_ts_ms`` (`stream_detector.alerts.update`); the events it caused."""
         self.state, events = update(
             self.state,
             score=score,
@@ -167,6 +170,7 @@ class AlertReplay:
             model_version="replay",
             nearest_prototype=0,
             attribution=(1.0,),
+            evidence_ts_ms=evidence_ts_ms,
         )
         self.closed += [
             (event.start_ts_ms, event.end_ts_ms) for event in events if event.state == "resolved"
@@ -175,7 +179,7 @@ class AlertReplay:
 
     def spans(self, open_until_ms: int | None = None) -> list[tuple[int, int]]:
         """(start, end) of every alert so far, inclusive. One still open ends at
-        ``open_until_ms``, or at its last window above the threshold when that is None."""
+        ``open_until_ms``, or at its latest evidence so far when that is None."""
         alert = self.state.open_alert
         if alert is None:
             return list(self.closed)

@@ -49,8 +49,10 @@ def feed(
     first_ts_ms: int = STEP_MS,
     threshold: float | None = 1.0,
     model_version: str = "v1",
+    evidence_lag_ms: Sequence[int] | None = None,
 ) -> tuple[SensorAlertState, list[AlertEvent]]:
-    """Score windows one STEP_MS apart; return the final state and all events."""
+    """Score windows one STEP_MS apart, each window's cause ``evidence_lag_ms`` before its
+    end (at its end when None); return the final state and all events."""
     state = state or SensorAlertState(sensor_id="pump-1")
     events: list[AlertEvent] = []
     for index, score in enumerate(scores):
@@ -63,6 +65,11 @@ def feed(
             model_version=model_version,
             nearest_prototype=index,
             attribution=[score, 0.0],
+            evidence_ts_ms=(
+                None
+                if evidence_lag_ms is None
+                else first_ts_ms + index * STEP_MS - evidence_lag_ms[index]
+            ),
         )
         events.extend(new_events)
     return state, events
@@ -170,10 +177,43 @@ def test_alert_ids_are_deterministic() -> None:
     _, first = feed(scores, policy())
     _, second = feed(scores, policy())
     assert first == second
-    assert first[0].alert_id == make_alert_id("pump-1", 2 * STEP_MS, "v1")
-    assert make_alert_id("pump-1", 2 * STEP_MS, "v2") != first[0].alert_id
-    assert make_alert_id("pump-2", 2 * STEP_MS, "v1") != first[0].alert_id
+    opened_ts_ms = 4 * STEP_MS  # the third breach confirms it
+    assert first[0].event_ts_ms == opened_ts_ms
+    assert first[0].alert_id == make_alert_id("pump-1", opened_ts_ms, "v1")
+    assert make_alert_id("pump-1", opened_ts_ms, "v2") != first[0].alert_id
+    assert make_alert_id("pump-2", opened_ts_ms, "v1") != first[0].alert_id
     assert len({event.event_id for event in first}) == len(first)
+
+
+def test_an_alert_spans_the_readings_that_caused_it_not_the_windows_ends() -> None:
+    # A short anomaly at steps 2 and 3 keeps every window that holds it hot, the last
+    # one ending five steps after it.
+    scores = [QUIET, 2, 2, 3, 2, 2, 2, 2, QUIET, QUIET, QUIET]
+    lags = [0, 0, 0, 1, 2, 3, 4, 5, 0, 0, 0]
+    _, by_end = feed(scores, policy())
+    _, by_cause = feed(scores, policy(), evidence_lag_ms=[lag * STEP_MS for lag in lags])
+    assert states(by_end) == states(by_cause) == ["open", "resolved"]
+    assert (by_end[1].start_ts_ms, by_end[1].end_ts_ms) == (2 * STEP_MS, 8 * STEP_MS)
+    assert (by_cause[1].start_ts_ms, by_cause[1].end_ts_ms) == (2 * STEP_MS, 3 * STEP_MS)
+    # Decisions stay at the windows' ends, and so does the alert's id.
+    assert [event.event_ts_ms for event in by_cause] == [e.event_ts_ms for e in by_end]
+    assert by_cause[0].alert_id == by_end[0].alert_id
+
+
+def test_an_alert_never_ends_before_it_starts() -> None:
+    # The first breach points at its newest reading, later ones at older readings.
+    _, events = feed(
+        [2, 2, 2, QUIET, QUIET, QUIET],
+        policy(),
+        evidence_lag_ms=[lag * STEP_MS for lag in (0, 5, 5, 0, 0, 0)],
+    )
+    assert states(events) == ["open", "resolved"]
+    assert events[1].start_ts_ms == events[1].end_ts_ms == STEP_MS
+
+
+def test_evidence_after_the_window_counts_at_its_end() -> None:
+    _, events = feed([2, 2, 2, QUIET, QUIET, QUIET], policy(), evidence_lag_ms=[-5 * STEP_MS] * 6)
+    assert (events[1].start_ts_ms, events[1].end_ts_ms) == (STEP_MS, 3 * STEP_MS)
 
 
 def test_replayed_scores_produce_no_duplicate_events() -> None:

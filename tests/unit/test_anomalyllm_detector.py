@@ -121,3 +121,16 @@ def test_decisions_fall_on_the_rows_where_a_scored_window_ends() -> None:
     # Causal scores change only where a window ends: at a decision row.
     changed = np.flatnonzero(np.diff(scores)) + 1
     assert set(changed.tolist()) <= set(rows.tolist())
+
+
+def test_a_causal_row_says_where_in_its_window_the_cause_lies() -> None:
+    series = np.sin(np.arange(1000) / 5)[:, None]
+    series[700] += 3.0  # a spike: the point term finds it in the window that judges it
+    detector = _refreshing_detector(series[:400], every=None)
+    scored = detector.score_rows(series)
+    assert np.array_equal(scored.score, detector.score(series))
+    rows = np.arange(len(series))
+    assert np.array_equal(scored.evidence[:31], rows[:31])  # before the first window
+    assert np.all((scored.evidence[31:] <= rows[31:]) & (scored.evidence[31:] > rows[31:] - 32))
+    spiked = scored.score.argmax()
+    assert scored.evidence[spiked] == 700 and spiked > 700

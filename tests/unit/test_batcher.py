@@ -26,6 +26,12 @@ def make(batch_size: int = 3, deadline_ms: int = 50) -> Batcher:
     return Batcher(batch_size, deadline_ms, model_for)
 
 
+def test_a_window_dates_its_readings_between_its_first_and_last() -> None:
+    regular = Window("pump-1", np.zeros((1, 8), dtype=np.float32), 1000, 1700)
+    assert [regular.ts_at(offset) for offset in (0, 3, 7)] == [1000, 1300, 1700]
+    assert (regular.ts_at(-2), regular.ts_at(99)) == (1000, 1700)  # clamped to the window
+
+
 def test_full_batches_leave_at_once_and_the_rest_waits_for_the_deadline() -> None:
     batcher = make()
     batcher.add([window("pump-1", t) for t in range(10, 15)], SHAPES.get, now_s=0.0)

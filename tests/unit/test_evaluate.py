@@ -286,6 +286,15 @@ def test_an_alert_still_open_at_the_end_counts_up_to_its_last_hot_window() -> No
     assert evaluate.find_events(alert_mask(scores, 1.0, AlertPolicy())) == [(45, 49)]
 
 
+def test_an_alert_spans_its_evidence_when_the_detector_says_where_it_lies() -> None:
+    scores = np.zeros(100)
+    scores[40:60] = 1.5  # windows of 20 rows: all that hold an anomaly at rows 40 and 41
+    evidence = np.arange(100)
+    evidence[40:60] = np.minimum(np.arange(40, 60), 41)
+    assert evaluate.find_events(alert_mask(scores, 1.0, AlertPolicy())) == [(40, 59)]
+    assert evaluate.find_events(alert_mask(scores, 1.0, AlertPolicy(), evidence)) == [(40, 41)]
+
+
 def test_run_msl_with_alert_decisions_counts_alerts_not_threshold_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -212,10 +212,28 @@ def test_a_score_peaks_where_its_largest_term_lies(fused_model: AnomalyLLM) -> N
     spiked = normal.clone()
     spiked[0, 0, -2] += 10.0
     assert fused_model.score(spiked).peak_offset.tolist() == [30]
-    shifted = normal + 3.0  # only the level term: a term of the whole window
-    assert fused_model.score(shifted).peak_offset.tolist() == [16]
-    paper = tiny_model(score_terms=PAPER).eval()
-    assert paper.score(shifted).peak_offset.tolist() == [16]
+    paper = tiny_model(score_terms=PAPER).eval()  # the teacher-student distance: the centre
+    assert paper.score(spiked).peak_offset.tolist() == [16]
+
+
+def test_each_whole_window_term_says_which_stretch_caused_it(fused_model: AnomalyLLM) -> None:
+    def offset(term: str, window: torch.Tensor) -> int:
+        raw = fused_model.raw_terms(window)
+        return int(raw.offsets[fused_model.config.score_terms.index(term)].item())
+
+    normal = sine_windows(1)
+    bumped = normal.clone()
+    bumped[0, 0, 20:25] = 3.0  # a shape no normal window has, in readings 20 to 24
+    assert 18 <= offset("memory", bumped) <= 26
+    shifted = normal.clone()
+    shifted[0, 0, 8:] += 3.0  # the level moves up from reading 8 on
+    assert offset("level", shifted) >= 8
+    shifted[0, 0, 8:] -= 6.0  # and down
+    assert offset("level", shifted) >= 8
+    burst = normal.clone()
+    burst[0, 0, 4:11] *= 5.0  # the amplitude bursts in readings 4 to 10
+    assert 2 <= offset("scale", burst) <= 12
+    assert offset("scale", normal * 0.01) == 16  # a window too quiet: no stretch, the centre
 
 
 def test_a_newest_spike_raises_the_score_of_a_model_with_the_tail_term() -> None:
