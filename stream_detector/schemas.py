@@ -90,7 +90,7 @@ class _Wire(msgspec.Struct):
     """What a well-formed reading looks like, for the fast path of ``decode_reading``."""
 
     sensor_id: str
-    ts: int | float | str
+    ts: int  # epoch ms; a float or an ISO string takes the field-by-field checks
     value: float | msgspec.UnsetType = msgspec.UNSET
     values: list[float] | msgspec.UnsetType = msgspec.UNSET
 
@@ -144,7 +144,6 @@ def _well_formed(
         not 0 < len(sensor_id) <= limits.max_sensor_id_length
         or not sensor_id.isprintable()
         or (key is not None and key != sensor_id.encode("utf-8"))
-        or type(ts) is not int
         or not limits.min_ts_ms <= ts <= now_ms + limits.max_future_skew_ms
     ):
         return None
