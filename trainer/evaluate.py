@@ -72,6 +72,9 @@ MSL_POLICY_VARIANTS: dict[str, dict[str, Any]] = {
     "every alert confirmed": {"open_at_once_ratio": None},
     "neither (stop 23's policy)": {"adapt_fitted_threshold": False, "open_at_once_ratio": None},
 }
+# The alert spans of stops 23 to 25, recorded beside the policy variants: from and to the
+# windows' ends rather than the readings that caused them.
+WINDOW_END_SPANS = "spans at window ends"
 HOLDOUT_FRACTION = 0.25
 THRESHOLD_SWEEP_SIZE = 1000
 
@@ -542,8 +545,7 @@ def evaluate_msl_channel(
             name: alert_mask(scores, threshold, policy, evidence)
             for name, policy in policies.items()
         }
-        # The spans of stops 23 to 25: from and to the windows' ends, not their causes.
-        masks["spans at window ends"] = alert_mask(scores, threshold, AlertPolicy())
+        masks[WINDOW_END_SPANS] = alert_mask(scores, threshold, AlertPolicy())
         variants = {name: detection_counts(mask, channel.anomalies) for name, mask in masks.items()}
         counts = variants.pop("default")
         record["policy_variants"] = {name: value.as_dict() for name, value in variants.items()}
@@ -623,7 +625,7 @@ def run_msl(
                 variant: _summed_counts(
                     [row.get("policy_variants", {}).get(variant, row) for row in records[name]]
                 ).as_dict()
-                for variant in MSL_POLICY_VARIANTS
+                for variant in [*MSL_POLICY_VARIANTS, WINDOW_END_SPANS]
             }
         if scores[name]:
             threshold, best = pooled_best_threshold(scores[name], labels[name])
@@ -716,7 +718,7 @@ def _msl_table(result: dict[str, Any]) -> Table:
             else f"{best['precision']:.2f}/{best['recall']:.2f}/{best['f1']:.3f}"
         )
     table.add_row("summed, label-free threshold", "", *label_free)
-    for variant in MSL_POLICY_VARIANTS:
+    for variant in [*MSL_POLICY_VARIANTS, WINDOW_END_SPANS]:
         cells = []
         for name in names:
             counts = result["detectors"][name].get("label_free_policy_variants", {}).get(variant)
