@@ -166,13 +166,13 @@ class Pipeline:
             if lost:
                 self._rebuild(lost)
                 return
-        now_ms = time.time_ns() // 1_000_000
+        now_ms, now_s = time.time_ns() // 1_000_000, self._clock()
         for message in self._new:
             if self._before_lookback(message):
                 continue
             try:
                 reading = self._decode(message, now_ms)
-                self._admit(reading.sensor_id, (message.topic, message.partition))
+                self._admit(reading.sensor_id, (message.topic, message.partition), now_s)
             except InvalidReading as invalid:
                 self.metrics.invalid_readings.labels(invalid.code).inc()
                 self._outbox.send(
@@ -222,13 +222,13 @@ class Pipeline:
             return False
         return message.timestamp_ms is not None
 
-    def _admit(self, sensor_id: str, partition: tuple[str, int]) -> None:
-        """Track the sensor, or raise ``InvalidReading`` when the worker holds too many.
+    def _admit(self, sensor_id: str, partition: tuple[str, int], now_s: float) -> None:
+        """Track the sensor (seen at ``now_s``), or raise ``InvalidReading`` when the
+        worker holds too many.
 
         Sensors silent for ``redis.sensor_ttl_s`` (whose windows Redis has expired) and the
         sensors of revoked partitions no longer count.
         """
-        now_s = self._clock()
         if sensor_id in self._sensors:
             self._sensors[sensor_id] = (partition, now_s)
             self._sensors.move_to_end(sensor_id)
