@@ -404,6 +404,20 @@ class Student(nn.Module):
         return self.head(window_tokens.mean(dim=1)), index  # (B, d), (B, C)
 
 
+def _argmax_last(values: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """``values.argmax(dim=-1)`` in blocks: on a CPU, torch's argmax over a long last
+    dimension (a memory bank of 16,384 windows) takes about ten times as long as amax."""
+    size = values.shape[-1]
+    if size <= block:
+        return values.argmax(dim=-1)
+    if size % block:
+        values = F.pad(values, (0, -size % block), value=-math.inf)
+    blocks = values.unflatten(-1, (-1, block))  # (..., size / block, block)
+    which = blocks.amax(dim=-1).argmax(dim=-1)
+    chosen = blocks.gather(-2, which[..., None, None].expand(*which.shape, 1, block))
+    return which * block + chosen.squeeze(-2).argmax(dim=-1)
+
+
 def spread_floor(
     names: tuple[str, ...],
     normal: torch.Tensor,
@@ -560,7 +574,9 @@ class AnomalyLLM(nn.Module):
         x_norm = instance_norm(x.float())  # (B, C, L): each row has squared norm L
         # In float32 even under autocast: L - dot cancels, and bf16 keeps 3 digits of dot.
         with torch.autocast(x.device.type, enabled=False):
-            nearest_dot, nearest = torch.einsum("bcl,cml->bcm", x_norm, self.memory).max(dim=-1)
+            dots = torch.einsum("bcl,cml->bcm", x_norm, self.memory)
+        nearest = _argmax_last(dots)
+        nearest_dot = dots.gather(-1, nearest.unsqueeze(-1)).squeeze(-1)
         length = x.shape[-1]
         distance = torch.sqrt((2 * (length - nearest_dot)).clamp(min=0) / length)
         channels = torch.arange(x.shape[1], device=x.device)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stream_detector.devtools.tiny import TINY_LLAMA, tiny_config, tiny_model
-from stream_detector.model import AnomalyLLM, ModelConfig, instance_norm
+from stream_detector.model import AnomalyLLM, ModelConfig, _argmax_last, instance_norm
 
 pytestmark = pytest.mark.unit
 
@@ -297,3 +297,10 @@ def test_a_channel_that_never_varied_still_alarms_when_it_moves() -> None:
     moved[..., -4:] = 2.5
     assert float(model.score(moved).score) > 10.0
     assert float(model.score(flat[:1]).score) == 0.0
+
+
+@pytest.mark.parametrize("size", [5, 128, 300, 1024])
+def test_the_blockwise_argmax_is_torchs(size: int) -> None:
+    values = torch.randn(3, 2, size, generator=torch.Generator().manual_seed(size))
+    values[0, 0, size // 2] = values[0, 0, 0] = 10.0  # a tie: the first, as torch's
+    assert torch.equal(_argmax_last(values), values.argmax(dim=-1))
