@@ -96,6 +96,11 @@ class _Wire(msgspec.Struct):
 
 
 _WIRE = msgspec.json.Decoder(_Wire)
+# The longest message the fast path takes. Python's parser refuses what msgspec skips in
+# a field nobody reads: an integer of over 4,300 digits, or nesting deep enough to exhaust
+# the recursion limit (two bytes a level). A kilobyte holds neither, and a reading of up to
+# about 50 channels.
+_FAST_PATH_MAX_BYTES = 1024
 
 
 def decode_reading(
@@ -115,13 +120,13 @@ def decode_reading(
     accepts any channel count up to ``limits.max_channels``. ``now_ms`` defaults to the
     wall clock and bounds how far in the future ``ts`` may lie.
 
-    A well-formed reading is parsed and typed by msgspec in one pass; anything else (and
-    anything msgspec accepts that needs a closer look) goes to the field-by-field checks,
-    which give the reason. Both paths accept the same messages with the same result
-    (`tests/fuzz/test_decoder_fuzz.py` checks it on every input it makes).
+    A well-formed reading of up to a kilobyte is parsed and typed by msgspec in one pass;
+    anything else (and anything msgspec accepts that needs a closer look) goes to the
+    field-by-field checks, which give the reason. Both paths accept the same messages with
+    the same result (`tests/fuzz/test_decoder_fuzz.py` checks it on every input it makes).
     """
     now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
-    if value and len(value) <= limits.max_message_bytes:
+    if value and len(value) <= min(limits.max_message_bytes, _FAST_PATH_MAX_BYTES):
         reading = _well_formed(key, value, expected_channels, limits, now)
         if reading is not None:
             return reading
