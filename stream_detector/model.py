@@ -530,14 +530,16 @@ class AnomalyLLM(nn.Module):
             elif name == "memory":
                 term, offset = self._memory_distance(x)
             elif name == "level":
-                term = x.float().mean(dim=-1)
+                values, middle = x.float(), self._normal_middle(name)
+                term = values.mean(dim=-1)
                 # The stretch that pulls the mean furthest from its normal middle.
-                beyond = (term - self._normal_middle(name)).sign().unsqueeze(-1)
-                offset = self._stretch(beyond * (x.float() - self._normal_middle(name)[..., None]))
+                beyond = (term - middle).sign().unsqueeze(-1)
+                offset = self._stretch(beyond * (values - middle.unsqueeze(-1)))
             elif name == "scale":
-                term = torch.log(x.float().std(dim=-1, unbiased=False) + _EPS)
+                values = x.float()
+                term = torch.log(values.std(dim=-1, unbiased=False) + _EPS)
                 # A wide window: its stretch furthest from the mean; a narrow one: the centre.
-                spread = (x.float() - x.float().mean(dim=-1, keepdim=True)).abs()
+                spread = (values - values.mean(dim=-1, keepdim=True)).abs()
                 wide = term > self._normal_middle(name)
                 offset = torch.where(wide, self._stretch(spread), centre)
             elif name == "tail":  # the newest readings' largest deviation from the rest

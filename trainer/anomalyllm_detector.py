@@ -302,10 +302,9 @@ class AnomalyLLMDetector:
         scored = self.window_scores(series, stride)
         starts = np.arange(len(scored.score)) * stride
         if self.causal:
-            ends = starts + length - 1
-            latest = _latest_window(ends, len(series))
-            evidence = np.where(latest >= 0, (starts + scored.peak_offset)[latest], rows)
-            return RowScores(_latest_window_score(scored.score, ends, len(series)), evidence)
+            latest = _latest_window(starts + length - 1, len(series))
+            score = _at_latest(scored.score, latest, 0.0).astype(np.float32)
+            return RowScores(score, _at_latest(starts + scored.peak_offset, latest, rows))
         score = _nearest_peak_score(scored.score, starts + scored.peak_offset, len(series))
         return RowScores(score, rows)
 
@@ -343,16 +342,22 @@ def _latest_window(ends: np.ndarray, size: int) -> np.ndarray:
     return np.searchsorted(ends, np.arange(size), side="right") - 1
 
 
+def _at_latest(values: np.ndarray, latest: np.ndarray, before: float | np.ndarray) -> np.ndarray:
+    """Per point, ``values`` of its latest window (`_latest_window`), ``before`` where no
+    window has ended yet."""
+    return np.where(latest >= 0, values[np.clip(latest, 0, None)], before)
+
+
 def _latest_window_score(scores: np.ndarray, ends: np.ndarray, size: int) -> np.ndarray:
     """Each point gets the score of the latest window ending at or before it."""
-    index = _latest_window(ends, size)
-    return np.where(index >= 0, scores[np.clip(index, 0, None)], 0.0).astype(np.float32)
+    return _at_latest(scores, _latest_window(ends, size), 0.0).astype(np.float32)
 
 
 def _nearest_peak_score(scores: np.ndarray, peaks: np.ndarray, size: int) -> np.ndarray:
     """Each point gets the score of the window whose peak (`Scores.peak_offset`, from the
     window's start) lies nearest to it; where several windows peak at one point, the
-    highest. Windows scored on whole-window terms peak at their centres."""
+    highest. A window whose largest term is the teacher-student distance peaks at its
+    centre."""
     order = np.lexsort((-scores, peaks))  # by peak, the highest score first
     peaks, scores = peaks[order], scores[order]
     first = np.concatenate([[True], peaks[1:] != peaks[:-1]])
