@@ -43,6 +43,11 @@ The rules, with their parameters in ``AlertPolicy`` (``settings.alerts``):
   fitted threshold (a new model version or a refresh: scores on another scale) starts a
   new sketch.
 - Non-finite scores are skipped (they advance ``last_ts_ms`` and decide nothing).
+
+Before ``update``, ``adapt_terms`` turns the terms of a fused score into the window's
+score with each term measured from the sensor's own edge of normal (``adapt_term_units``;
+one ``QuantileSketch`` per term in the same state), so that a term that drifted past its
+training range stops paging while the others keep their sensitivity.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ __all__ = [
     "QuantileSketch",
     "SensorAlertState",
     "Thresholds",
+    "adapt_terms",
     "make_alert_id",
     "severity_for",
     "update",
@@ -246,6 +252,7 @@ class SensorAlertState:
     open_alert: OpenAlert | None = None
     cooldown_until_ms: int | None = None
     sketch: QuantileSketch | None = None
+    term_sketches: tuple[QuantileSketch, ...] = ()  # one per score term (``adapt_terms``)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready data without the sensor id (the Redis key holds it) and without the
@@ -264,6 +271,47 @@ class SensorAlertState:
 
 
 _STATE_ADAPTER = TypeAdapter(SensorAlertState)
+
+
+def adapt_terms(
+    state: SensorAlertState, terms: Sequence[float], *, ts_ms: int, policy: AlertPolicy
+) -> tuple[SensorAlertState, float, int]:
+    """The score of the window ending at ``ts_ms`` whose fused score has these scaled
+    ``terms`` (at least one; 1 = the most extreme normal training window), each term
+    measured from this sensor's edge of normal. Call it before ``update``.
+
+    Returns the state with the terms learnt, the score (at least 0) and the index of the
+    term that gave it. The edge of a term is 1 until ``fallback_warmup_windows`` windows
+    have warmed up its sketch, then the larger of 1 and the running ``term_quantile`` of
+    the sensor's values of that term; a term is shifted down by its edge's rise. A window
+    scoring above ``term_learn_limit`` is not learnt, nor is a replay (``ts_ms`` not after
+    ``last_ts_ms``, which ``update`` ignores too); terms of another count (a model with
+    other terms) start new sketches. With ``adapt_term_units`` off the score is the
+    largest term, as the model fuses them.
+    """
+    values = [max(0.0, float(term)) for term in terms]
+    if not policy.adapt_term_units:
+        largest = max(range(len(values)), key=values.__getitem__)
+        return state, values[largest], largest
+    sketches = state.term_sketches
+    if len(sketches) != len(values) or sketches[0].quantile != policy.term_quantile:
+        sketches = tuple(QuantileSketch(policy.term_quantile) for _ in values)
+    adapted = [
+        value - _edge_rise(sketch, policy.fallback_warmup_windows)
+        for value, sketch in zip(values, sketches, strict=True)
+    ]
+    largest = max(range(len(adapted)), key=adapted.__getitem__)
+    score = max(0.0, adapted[largest])
+    replayed = state.last_ts_ms is not None and ts_ms <= state.last_ts_ms
+    if score <= policy.term_learn_limit and not replayed:
+        sketches = tuple(sketch.add(value) for sketch, value in zip(sketches, values, strict=True))
+    return replace(state, term_sketches=sketches), score, largest
+
+
+def _edge_rise(sketch: QuantileSketch, warmup_windows: int) -> float:
+    """How far a term's edge of normal has risen above 1 (0 until warmed up)."""
+    estimate = sketch.estimate() if sketch.count >= warmup_windows else None
+    return 0.0 if estimate is None else max(0.0, estimate - 1.0)
 
 
 def make_alert_id(sensor_id: str, opened_ts_ms: int, model_version: str) -> str:

@@ -216,6 +216,16 @@ class AlertPolicy(_Group):
     ``adapt_fitted_threshold``: a fitted threshold is a floor, and the same running
     quantile raises it once it has warmed up (the threshold is the larger of the two), so
     a sensor whose ordinary behaviour has moved past its training data stops paging.
+
+    ``adapt_term_units``: each term of a fused score (``ModelConfig.score_terms``) has its
+    own edge of normal on each sensor. A term's scale puts the most extreme normal
+    training window at 1; once ``fallback_warmup_windows`` windows have warmed it up, the
+    edge is the larger of 1 and the running ``term_quantile`` of the sensor's own values
+    of that term, and each term is shifted down by its edge's rise (a term at its edge
+    scores 1, as the most extreme normal window does). So a term that drifted past its
+    training range stops paging, and the others stay as sensitive as trained. A window
+    scoring above ``term_learn_limit`` does not move the edges (an anomaly does not
+    teach its own terms).
     """
 
     threshold_fallback: Literal["quantile", "fixed"] = "quantile"
@@ -223,6 +233,9 @@ class AlertPolicy(_Group):
     fallback_quantile: float = Field(0.995, gt=0.5, lt=1.0)
     fallback_warmup_windows: int = Field(200, ge=5)
     fallback_threshold: float | None = Field(None, gt=0)
+    adapt_term_units: bool = True
+    term_quantile: float = Field(0.995, gt=0.5, lt=1.0)
+    term_learn_limit: float = Field(2.0, gt=1.0)
     # Open when at least confirm_k of the last confirm_n windows are above the threshold.
     confirm_k: int = Field(3, ge=1, le=64)
     confirm_n: int = Field(5, ge=1, le=64)

@@ -186,6 +186,10 @@ class Scores:
     # level, for "scale" (a window too wide) the one furthest from the window's mean;
     # else (the discrepancy, a window too narrow) the window's centre.
     peak_offset: torch.Tensor
+    # (B, T) each term of a fused score on the common scale (its largest channel), and
+    # (B, T) where in the window it lies; T = 0 for the paper's score (not fused).
+    terms: torch.Tensor
+    term_offsets: torch.Tensor
 
 
 class RawTerms(NamedTuple):
@@ -201,6 +205,8 @@ class WindowScores(NamedTuple):
 
     score: np.ndarray  # (N,) float32
     peak_offset: np.ndarray  # (N,) int64, as in `Scores`
+    terms: np.ndarray  # (N, T) float32, as in `Scores`
+    term_offsets: np.ndarray  # (N, T) int64
 
 
 def instance_norm(x: torch.Tensor) -> torch.Tensor:
@@ -603,21 +609,23 @@ class AnomalyLLM(nn.Module):
         z = (values - self.term_centre.unsqueeze(1)) / self.term_spread.unsqueeze(1)
         return torch.where(self.two_sided, z.abs(), z)
 
-    def fused_score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The score of windows (B,), the nearest prototype per channel (B, C), and where
-        in the window the largest term lies (B,)."""
+    def fused_score(self, x: torch.Tensor) -> Scores:
+        """The score of windows (B,), the nearest prototype per channel (B, C), where in
+        the window the largest term lies (B,), and each term (B, T) and where it lies; no
+        attribution (uniform)."""
+        batch, channels, length = x.shape
+        uniform = torch.full((batch, channels), 1.0 / channels, device=x.device)
         if not self.config.fused:
             distance, index = self.distance(x)
-            centre = torch.full_like(distance, x.shape[-1] // 2, dtype=torch.long)
-            return distance, index, centre
+            centre = torch.full_like(distance, length // 2, dtype=torch.long)
+            none = torch.zeros(batch, 0, device=x.device)
+            return Scores(distance, index, uniform, centre, none, none.long())
         raw = self.raw_terms(x)
-        z = self.scaled_terms(raw.values)
-        terms, batch, channels = z.shape
-        flat = z.permute(1, 0, 2).reshape(batch, terms * channels)
-        score, largest = flat.max(dim=1)
-        offsets = raw.offsets.permute(1, 0, 2).reshape(batch, terms * channels)
-        peak = offsets.gather(1, largest.unsqueeze(1)).squeeze(1)
-        return score.clamp(min=0), raw.nearest_prototype, peak
+        z, channel = self.scaled_terms(raw.values).max(dim=2)  # (T, B): the largest channel
+        offsets = raw.offsets.gather(2, channel.unsqueeze(2)).squeeze(2)
+        score, largest = z.max(dim=0)
+        peak = offsets.gather(0, largest.unsqueeze(0)).squeeze(0)
+        return Scores(score.clamp(min=0), raw.nearest_prototype, uniform, peak, z.T, offsets.T)
 
     @torch.inference_mode()
     def calibrate(self, memory_windows: torch.Tensor, held_back: torch.Tensor) -> None:
@@ -675,13 +683,27 @@ class AnomalyLLM(nn.Module):
         """Scores of many windows (N, C, L) in batches on the model's device, without
         attribution: what the trainer's jobs and the evaluation harness score with."""
         device = self.student.prototypes.device
-        scores, offsets = [np.zeros(0, dtype=np.float32)], [np.zeros(0, dtype=np.int64)]
+        terms = len(self.config.score_terms) if self.config.fused else 0
+        parts = [
+            WindowScores(
+                np.zeros(0, np.float32),
+                np.zeros(0, np.int64),
+                np.zeros((0, terms), np.float32),
+                np.zeros((0, terms), np.int64),
+            )
+        ]
         for start in range(0, len(windows), batch_size):
             batch = np.ascontiguousarray(windows[start : start + batch_size], dtype=np.float32)
             scored = self.score(torch.from_numpy(batch).to(device), attribution=False)
-            scores.append(scored.score.float().cpu().numpy())
-            offsets.append(scored.peak_offset.cpu().numpy())
-        return WindowScores(np.concatenate(scores), np.concatenate(offsets))
+            parts.append(
+                WindowScores(
+                    scored.score.float().cpu().numpy(),
+                    scored.peak_offset.cpu().numpy(),
+                    scored.terms.float().cpu().numpy(),
+                    scored.term_offsets.cpu().numpy(),
+                )
+            )
+        return WindowScores(*(np.concatenate(field) for field in zip(*parts, strict=True)))
 
     @torch.inference_mode()
     def score(self, x: torch.Tensor, attribution: bool = True) -> Scores:
@@ -691,16 +713,17 @@ class AnomalyLLM(nn.Module):
         replaced by a flat line at its mean, normalised so each row sums to one
         (uniform when no channel changes it); with a single channel it is 1.
         """
-        score, index, peak = self.fused_score(x)
+        scores = self.fused_score(x)
+        score = scores.score
         batch, channels, _ = x.shape
         if not attribution or channels == 1:
-            return Scores(score, index, torch.ones(batch, channels, device=x.device), peak)
+            return scores
         # (C, B, C, L): copy c has channel c flattened to its window mean.
         occluded = x.unsqueeze(0).repeat(channels, 1, 1, 1)
         eye = torch.arange(channels, device=x.device)
         occluded[eye, :, eye] = x.mean(dim=-1).transpose(0, 1).unsqueeze(-1)
-        occluded_score = self.fused_score(occluded.reshape(channels * batch, channels, -1))[0]
+        occluded_score = self.fused_score(occluded.reshape(channels * batch, channels, -1)).score
         change = (score.unsqueeze(0) - occluded_score.view(channels, batch)).abs().T  # (B, C)
         total = change.sum(dim=1, keepdim=True)
         share = torch.where(total > 0, change / total.clamp(min=1e-12), 1.0 / channels)
-        return Scores(score, index, share, peak)
+        return dataclasses.replace(scores, attribution=share)

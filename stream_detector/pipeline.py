@@ -332,16 +332,22 @@ class Pipeline:
         policy = self.settings.alerts
         for item, result, loaded in scored:
             window = item.window
+            state, score, peak_offset = states[window.sensor_id], result.score, result.peak_offset
+            if result.terms:
+                state, score, term = alerts.adapt_terms(
+                    state, result.terms, ts_ms=window.end_ts_ms, policy=policy
+                )
+                peak_offset = result.term_offsets[term]
             state, events = alerts.update(
-                states[window.sensor_id],
-                score=result.score,
+                state,
+                score=score,
                 ts_ms=window.end_ts_ms,
                 threshold=loaded.thresholds.for_sensor(window.sensor_id, policy),
                 policy=policy,
                 model_version=loaded.version,
                 nearest_prototype=result.nearest_prototype,
                 attribution=result.attribution,
-                evidence_ts_ms=window.ts_at(result.peak_offset),
+                evidence_ts_ms=window.ts_at(peak_offset),
             )
             states[window.sensor_id] = state
             delivery = self._outbox.send(
@@ -349,7 +355,7 @@ class Pipeline:
                     sensor_id=window.sensor_id,
                     ts_ms=window.end_ts_ms,
                     window_start_ts_ms=window.start_ts_ms,
-                    score=result.score,
+                    score=score,
                     threshold=state.threshold,
                     model_name=loaded.name,
                     model_version=loaded.version,

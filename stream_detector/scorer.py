@@ -165,6 +165,11 @@ class WindowScore(NamedTuple):
     nearest_prototype: int
     attribution: tuple[float, ...]  # per channel, sums to 1
     peak_offset: int  # where in the window its cause lies (`Scores.peak_offset`)
+    # Each term of a fused score and where in the window it lies (`Scores.terms`); empty
+    # for the paper's score. The alert path measures them from the sensor's own edges of
+    # normal (`alerts.adapt_terms`).
+    terms: tuple[float, ...] = ()
+    term_offsets: tuple[int, ...] = ()
 
 
 class Scorer:
@@ -196,6 +201,8 @@ class Scorer:
         prototypes = result.nearest_prototype.cpu().numpy()
         attributions = result.attribution.float().cpu().numpy()
         peaks = result.peak_offset.cpu().tolist()
+        terms = result.terms.float().cpu().tolist()
+        term_offsets = result.term_offsets.cpu().tolist()
         top_channel = attributions.argmax(axis=1)
         return [
             WindowScore(
@@ -203,6 +210,8 @@ class Scorer:
                 int(prototypes[i, top_channel[i]]),
                 tuple(float(a) for a in attributions[i]),
                 peaks[i],
+                tuple(terms[i]),
+                tuple(term_offsets[i]),
             )
             for i in range(len(scores))
         ]

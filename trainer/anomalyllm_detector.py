@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from stream_detector.alerts import SensorAlertState, adapt_terms
 from stream_detector.config import AlertPolicy
 from stream_detector.model import SMOLLM2, AnomalyLLM, ModelConfig, WindowScores
 from trainer.detectors import RowScores, dominant_period
@@ -59,6 +60,13 @@ class AnomalyLLMDetector:
     open for more than ``refresh_learn_after`` rows is a change of regime: the rows after
     those are read (None: never). ``refresh_memory_only`` refills only the memory bank.
     The promotion gate is not modelled: every refresh is taken.
+
+    Window scores are the worker's: each window's terms are measured from the series' own
+    edges of normal, window by window in time order (`stream_detector.alerts.adapt_terms`,
+    the default ``AlertPolicy``), unless ``adapt_term_units`` is off. The edges warm up
+    on ``term_warmup_windows`` windows (None: the policy's ``fallback_warmup_windows``);
+    the NAB runner sets it to the windows of the probationary part, as it warms up the
+    alert threshold's quantile there.
     """
 
     name = "anomalyllm"
@@ -83,6 +91,8 @@ class AnomalyLLMDetector:
         refresh_span: int | None = None,
         refresh_learn_after: int | None = None,
         refresh_memory_only: bool = False,
+        adapt_term_units: bool = True,
+        term_warmup_windows: int | None = None,
         **model_settings: Any,
     ) -> None:
         unknown = set(model_settings) - {
@@ -111,6 +121,8 @@ class AnomalyLLMDetector:
         self.refresh_span = refresh_span
         self.refresh_learn_after = refresh_learn_after
         self.refresh_memory_only = refresh_memory_only
+        self.adapt_term_units = adapt_term_units
+        self.term_warmup_windows = term_warmup_windows
         self.model: AnomalyLLM | None = None
         self.result: TrainResult | None = None
         self.training_rows = 0
@@ -142,6 +154,9 @@ class AnomalyLLMDetector:
             "refresh_span": self.refresh_span or "the training part's length",
             "refresh_learn_after": self.refresh_learn_after,
             "refresh_memory_only": self.refresh_memory_only,
+            "adapt_term_units": self.adapt_term_units and model_config.fused,
+            "term_warmup_windows": self.term_warmup_windows
+            or AlertPolicy().fallback_warmup_windows,
         }
 
     def _columns(self, series: np.ndarray) -> np.ndarray:
@@ -207,7 +222,23 @@ class AnomalyLLMDetector:
         windows = sliding_windows(self._columns(series), self.model.config.window_length, stride)
         if self.refresh_every is not None:
             return self._refreshed_scores(windows, stride, self._columns(series))
-        return self.model.score_windows(windows, self.batch_size)
+        return self._adapted(self.model.score_windows(windows, self.batch_size), _NO_EDGES)[0]
+
+    def _adapted(
+        self, scored: WindowScores, edges: SensorAlertState
+    ) -> tuple[WindowScores, SensorAlertState]:
+        """The scores the worker decides on (see the class) and the edges after them."""
+        if not self.adapt_term_units or scored.terms.shape[1] == 0:
+            return scored, edges
+        policy = AlertPolicy()
+        if self.term_warmup_windows is not None:
+            policy = policy.model_copy(update={"fallback_warmup_windows": self.term_warmup_windows})
+        score = np.empty(len(scored.score), dtype=np.float32)
+        offset = np.empty(len(scored.score), dtype=np.int64)
+        for index, terms in enumerate(scored.terms.tolist()):
+            edges, score[index], term = adapt_terms(edges, terms, ts_ms=index, policy=policy)
+            offset[index] = scored.term_offsets[index, term]
+        return scored._replace(score=score, peak_offset=offset), edges
 
     def _refreshed_scores(
         self, windows: np.ndarray, stride: int, series: np.ndarray
@@ -220,12 +251,13 @@ class AnomalyLLMDetector:
         replay = AlertReplay(AlertPolicy())
         scores = np.zeros(len(windows), dtype=np.float32)
         offsets = np.zeros(len(windows), dtype=np.int64)
-        first = 0
+        first, edges = 0, _NO_EDGES
         for cut in [*range(self.training_rows, len(series), self.refresh_every), len(series)]:
             last = int(np.searchsorted(ends, cut))  # windows ending before row `cut`
-            scores[first:last], offsets[first:last] = model.score_windows(
-                windows[first:last], self.batch_size
+            scored, edges = self._adapted(
+                model.score_windows(windows[first:last], self.batch_size), edges
             )
+            scores[first:last], offsets[first:last] = scored.score, scored.peak_offset
             for end, score, offset in zip(
                 ends[first:last].tolist(),
                 scores[first:last].tolist(),
@@ -244,7 +276,8 @@ class AnomalyLLMDetector:
                 fraction = profile(self.profile_name).validation_fraction
                 refresh(model, recent, fraction, memory_only=self.refresh_memory_only)
                 threshold = self._threshold(model, recent)
-        return WindowScores(scores, offsets)
+        empty = np.zeros((len(scores), 0), dtype=np.float32)
+        return WindowScores(scores, offsets, empty, empty.astype(np.int64))
 
     def _refresh_windows(
         self, series: np.ndarray, cut: int, alerts: list[tuple[int, int]]
@@ -309,6 +342,16 @@ class AnomalyLLMDetector:
         return RowScores(score, rows)
 
 
+class AnomalyLLMFixedEdgesDetector(AnomalyLLMDetector):
+    """The default without the sensor's own edges of normal (``adapt_term_units`` off):
+    every term keeps the scale it was trained with."""
+
+    name = "anomalyllm-fixed-edges"
+
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(**{"adapt_term_units": False, **settings})
+
+
 class AnomalyLLMPaperDetector(AnomalyLLMDetector):
     """The paper's AnomalyLLM: instance normalisation, teacher-student distance only."""
 
@@ -335,6 +378,10 @@ class AnomalyLLMLevelUnitDetector(AnomalyLLMDetector):
 
     def __init__(self, **settings: Any) -> None:
         super().__init__(**{"level_unit_sigmas": 2.0, **settings})
+
+
+# A series' edges of normal before its first window (`adapt_terms`' state).
+_NO_EDGES = SensorAlertState("series")
 
 
 def _latest_window(ends: np.ndarray, size: int) -> np.ndarray:

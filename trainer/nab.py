@@ -451,6 +451,9 @@ def run_detector(
             detector = detectors.get_detector(name, profile, streaming=True)
         values = series.values[:, None]  # [T, 1]
         detector.fit(values[: series.probation])
+        if hasattr(detector, "term_warmup_windows"):  # warmed up as the alert threshold is
+            rows = detector.decision_rows(len(values))
+            detector.term_warmup_windows = _warmup(rows, series.probation)
         raw = np.asarray(detector.score(values), dtype=np.float64)
         if raw.shape != (len(values),):
             raise DetectorContractError(
@@ -472,6 +475,12 @@ def run_detector(
         decision_rows=decision_rows,
         thresholds=thresholds,
     )
+
+
+def _warmup(decision_rows: np.ndarray, probation: int) -> int:
+    """The windows a running estimate warms up on: those decided in the probationary part
+    (at least five, the quantile sketch's minimum)."""
+    return max(5, int(np.count_nonzero(decision_rows < probation)))
 
 
 def alert_openings(
@@ -510,7 +519,7 @@ def decision_results(run: DetectorRun, policy: AlertPolicy) -> dict[str, Any]:
     """
     windows = [series.windows for series in run.corpus]
     warmups = [  # decision rows in the probationary part: what warms the running quantile
-        max(5, int(np.count_nonzero(rows < series.probation)))
+        _warmup(rows, series.probation)
         for series, rows in zip(run.corpus, run.decision_rows, strict=True)
     ]
     by_level: dict[float, dict[str, ProfileResult]] = {}
