@@ -18,8 +18,12 @@ memory bank, so they differ only in:
 - the alert path's k-of-n confirmation applied to the score (the k-th largest of the
   last n windows), off (1 of 1) or the worker's default (3 of 5).
 
-The default variant is exactly what ``AnomalyLLM.score`` computes. ``--peer`` runs other
-detectors (``discord``, ``discord-self``) on the same series in the same run.
+These variants keep the trained scale of every term (``anomalyllm-fixed-edges``). The
+default (``DEFAULT_KEY``) also measures each term from the series' own edges of normal,
+window by window (`stream_detector.alerts.adapt_terms`, as the worker and the harness's
+detector do); ``edges`` records both, and the default variant is exactly what the
+harness's ``anomalyllm`` computes. ``--peer`` runs other detectors (``discord``,
+``discord-self``) on the same series in the same run.
 
     python benchmarks/ucr_score_terms.py --data ../shared/data/ucr --ids 1 9 14 ... 250 \\
         --profile quick --peer discord --peer discord-self \\
@@ -48,8 +52,8 @@ from benchmarks.score_ablation import (
     fused_peak,
     raw_terms,
 )
-from stream_detector.model import DEFAULT_SCORE_TERMS
-from trainer.anomalyllm_detector import MAX_SCORING_STRIDE, _nearest_peak_score
+from stream_detector.model import DEFAULT_SCORE_TERMS, SCORE_TERMS, WindowScores
+from trainer.anomalyllm_detector import _NO_EDGES, MAX_SCORING_STRIDE, _nearest_peak_score
 from trainer.data import load_ucr
 from trainer.detectors import get_detector
 from trainer.evaluate import evaluate_ucr_series, select_ucr, ucr_hit, ucr_location
@@ -134,11 +138,36 @@ def main() -> None:
             location = ucr_location(points, series.train_end)
             key = f"{'+'.join(terms)}|{scaling}|{floor}|{mapping}|{k}of{n}"
             hits[key] = ucr_hit(location, series.anomaly_begin, series.anomaly_end)
+        z = scalings["extreme", "errors"]
+        rows = [SCORE_TERMS.index(term) for term in DEFAULT_SCORE_TERMS]
+        fixed = WindowScores(
+            fused(z, DEFAULT_SCORE_TERMS),
+            fused_peak(z, offsets, DEFAULT_SCORE_TERMS),
+            z[rows].T,
+            offsets[rows].T,
+        )
+        adapted = detector._adapted(fixed, _NO_EDGES)[0]
+        edges = {}
+        for name, scored in (("adapted", adapted), ("fixed", fixed)):
+            points = point_scores(
+                scored.score, scored.peak_offset, length, stride, len(series.values), "peak", 0
+            )
+            location = ucr_location(points, series.train_end)
+            edges[name] = ucr_hit(location, series.anomaly_begin, series.anomaly_end)
+        hits[DEFAULT_KEY] = edges["adapted"]
         peers = {
             name: evaluate_ucr_series(get_detector(name, profile=args.profile), series, {})["hit"]
             for name in args.peer
         }
-        records.append({"id": series.id, "window_length": length, "hits": hits, "peers": peers})
+        records.append(
+            {
+                "id": series.id,
+                "window_length": length,
+                "hits": hits,
+                "edges": edges,
+                "peers": peers,
+            }
+        )
         default = DEFAULT_KEY
         print(series.id, length, "default hit" if hits[default] else "default miss", flush=True)
     totals = {key: sum(r["hits"][key] for r in records) for key in records[0]["hits"]}
@@ -149,6 +178,7 @@ def main() -> None:
         "default": DEFAULT_KEY,
         "key": "terms|scaling|unit floor|point mapping|k-of-n confirmation",
         "hits": dict(sorted(totals.items(), key=lambda item: -item[1])),
+        "edges": {name: sum(r["edges"][name] for r in records) for name in ("adapted", "fixed")},
         "peer_hits": {name: sum(r["peers"][name] for r in records) for name in args.peer},
         "wall_s": round(time.perf_counter() - started, 1),
         "records": records,

@@ -283,11 +283,12 @@ def adapt_terms(
     Returns the state with the terms learnt, the score (at least 0) and the index of the
     term that gave it. The edge of a term is 1 until ``fallback_warmup_windows`` windows
     have warmed up its sketch, then the larger of 1 and the running ``term_quantile`` of
-    the sensor's values of that term; a term is shifted down by its edge's rise. A window
-    scoring above ``term_learn_limit`` is not learnt, nor is a replay (``ts_ms`` not after
-    ``last_ts_ms``, which ``update`` ignores too); terms of another count (a model with
-    other terms) start new sketches. With ``adapt_term_units`` off the score is the
-    largest term, as the model fuses them.
+    the sensor's values of that term; a term is shifted down by its edge's rise. A term's
+    value above ``term_learn_limit`` is not learnt (an edge never passes it, and an
+    anomaly cannot raise the edge it is measured from as it grows), nor is a replay
+    (``ts_ms`` not after ``last_ts_ms``, which ``update`` ignores too); terms of another
+    count (a model with other terms) start new sketches. With ``adapt_term_units`` off
+    the score is the largest term, as the model fuses them.
     """
     values = [max(0.0, float(term)) for term in terms]
     if not policy.adapt_term_units:
@@ -302,9 +303,11 @@ def adapt_terms(
     ]
     largest = max(range(len(adapted)), key=adapted.__getitem__)
     score = max(0.0, adapted[largest])
-    replayed = state.last_ts_ms is not None and ts_ms <= state.last_ts_ms
-    if score <= policy.term_learn_limit and not replayed:
-        sketches = tuple(sketch.add(value) for sketch, value in zip(sketches, values, strict=True))
+    if state.last_ts_ms is None or ts_ms > state.last_ts_ms:  # a replay is not learnt
+        sketches = tuple(
+            sketch.add(value) if value <= policy.term_learn_limit else sketch
+            for sketch, value in zip(sketches, values, strict=True)
+        )
     return replace(state, term_sketches=sketches), score, largest
 
 

@@ -223,9 +223,10 @@ class AlertPolicy(_Group):
     edge is the larger of 1 and the running ``term_quantile`` of the sensor's own values
     of that term, and each term is shifted down by its edge's rise (a term at its edge
     scores 1, as the most extreme normal window does). So a term that drifted past its
-    training range stops paging, and the others stay as sensitive as trained. A window
-    scoring above ``term_learn_limit`` does not move the edges (an anomaly does not
-    teach its own terms).
+    training range stops paging, and the others stay as sensitive as trained. A term's
+    value above ``term_learn_limit`` (in units of the most extreme normal training
+    window) never moves its edge, so an anomaly does not teach its own terms and an edge
+    stays within [1, ``term_learn_limit``].
     """
 
     threshold_fallback: Literal["quantile", "fixed"] = "quantile"

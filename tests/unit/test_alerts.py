@@ -15,6 +15,7 @@ from stream_detector.alerts import (
     QuantileSketch,
     SensorAlertState,
     Thresholds,
+    adapt_terms,
     make_alert_id,
     update,
 )
@@ -392,3 +393,76 @@ def test_unconfirmed_breaches_enter_the_quantile_only_after_leaving_the_window()
     later, _ = feed([1.0] * 5, alert_policy, threshold=None, state=spiked, first_ts_ms=32_000)
     assert later.sketch is not None and later.sketch.count == 36
     assert later.recent_breaches == ()
+
+
+def edges_after(
+    terms: Sequence[Sequence[float]],
+    alert_policy: AlertPolicy,
+    state: SensorAlertState | None = None,
+) -> tuple[SensorAlertState, list[float], list[int]]:
+    """Feed windows' terms to ``adapt_terms``; return the state, scores and chosen terms."""
+    state = state or SensorAlertState(sensor_id="pump-1")
+    scores, chosen = [], []
+    for index, window in enumerate(terms):
+        state, score, term = adapt_terms(state, window, ts_ms=index, policy=alert_policy)
+        scores.append(score)
+        chosen.append(term)
+    return state, scores, chosen
+
+
+def test_a_drifted_term_stops_paging_and_the_others_keep_their_sensitivity() -> None:
+    rng = random.Random(11)
+    # The level term (index 1) has drifted to about 1.5, past its training range (1).
+    drifted = [(rng.uniform(0, 0.8), rng.gauss(1.5, 0.05)) for _ in range(400)]
+    alert_policy = policy(fallback_warmup_windows=50)
+    fixed, fixed_scores, _ = edges_after(drifted, policy(adapt_term_units=False))
+    assert fixed.term_sketches == ()
+    assert min(fixed_scores[50:]) > 1.3  # every window beyond normal
+
+    adapted, scores, _ = edges_after(drifted, alert_policy)
+    assert scores[:50] == fixed_scores[:50]  # warming up: the trained edges hold
+    assert max(scores[100:]) < 1.1  # the drift is the sensor's new normal
+    _, [shape_anomaly], [term] = edges_after([(1.4, 1.5)], alert_policy, state=adapted)
+    assert term == 0 and shape_anomaly == pytest.approx(1.4)  # the other term's edge held
+    _, [level_anomaly], [term] = edges_after([(0.2, 2.2)], alert_policy, state=adapted)
+    assert term == 1 and 1.5 < level_anomaly < 1.8  # 2.2 against an edge near 1.6
+
+
+def test_edges_never_fall_below_training_and_anomalies_do_not_teach_them() -> None:
+    alert_policy = policy(fallback_warmup_windows=20, term_learn_limit=2.0)
+    quiet, _, _ = edges_after([(0.2, 0.1)] * 100, alert_policy)
+    _, [score], _ = edges_after([(1.2, 0.1)], alert_policy, state=quiet)
+    assert score == pytest.approx(1.2)  # the edge stays at 1, however quiet the sensor
+
+    hot, scores, _ = edges_after([(0.2, 0.1)] * 30 + [(5.0, 0.1)] * 50, alert_policy)
+    assert scores[-1] == pytest.approx(5.0)  # a long anomaly is not learnt as normal
+    assert [sketch.count for sketch in hot.term_sketches] == [30, 80]  # the quiet term is
+
+    growing = [(0.2, 0.1)] * 30 + [(1.0 + 0.01 * step, 0.1) for step in range(301)]
+    grown, scores, _ = edges_after(growing, alert_policy)  # a failure that develops slowly
+    estimate = grown.term_sketches[0].estimate()
+    assert estimate is not None and estimate <= 2.0  # the edge did not chase it past 2
+    assert scores[-1] >= 3.0  # 4.0 against an edge of at most 2
+
+
+def test_term_edges_skip_replays_restart_for_other_terms_and_round_trip() -> None:
+    alert_policy = policy(fallback_warmup_windows=5)
+    state, _, _ = edges_after([(0.5, 1.5, 0.0)] * 10, alert_policy)
+    assert len(state.term_sketches) == 3 and state.term_sketches[0].count == 10
+    stored = SensorAlertState.from_dict("pump-1", json.loads(json.dumps(state.to_dict())))
+    assert stored == state
+
+    decided, _ = update(
+        state,
+        score=0.5,
+        ts_ms=9,
+        threshold=1.0,
+        policy=alert_policy,
+        model_version="v1",
+        nearest_prototype=0,
+        attribution=(1.0,),
+    )
+    replayed, _, _ = adapt_terms(decided, (0.5, 1.5, 0.0), ts_ms=9, policy=alert_policy)
+    assert replayed.term_sketches == decided.term_sketches
+    other_model, _, _ = adapt_terms(decided, (0.5, 1.5), ts_ms=10, policy=alert_policy)
+    assert [sketch.count for sketch in other_model.term_sketches] == [1, 1]

@@ -130,6 +130,17 @@ def test_a_fused_score_is_low_on_normal_windows_and_high_on_each_kind_of_anomaly
     assert (normal_scores >= 0).all()
 
 
+def test_a_fused_score_reports_each_term_and_is_the_largest(fused_model: AnomalyLLM) -> None:
+    windows = torch.cat([sine_windows(4, phase_step=0.53), sine_windows(4) + 3.0])
+    scores = fused_model.score(windows)
+    assert scores.terms.shape == scores.term_offsets.shape == (8, len(FUSED))
+    assert torch.allclose(scores.score, scores.terms.max(dim=1).values.clamp(min=0))
+    largest = scores.terms.argmax(dim=1)
+    assert torch.equal(scores.peak_offset, scores.term_offsets[torch.arange(8), largest])
+    assert (largest[4:] == FUSED.index("level")).all()  # the shifted windows
+    assert tiny_model(score_terms=PAPER).eval().score(windows).terms.shape == (8, 0)
+
+
 def test_the_memory_term_is_the_distance_to_the_nearest_normal_window(
     fused_model: AnomalyLLM,
 ) -> None:
