@@ -27,7 +27,10 @@ each series under these variants, judged by the UCR rule:
   one footing;
 - ``level_sigma1``, ``level_sigma2``, ``level_sigma3``: the baseline with the level term's
   unit at least 1, 2 or 3 times the channel's spread over the normal windows
-  (``ModelConfig.level_unit_sigmas``), a model of its own.
+  (``ModelConfig.level_unit_sigmas``), a model of its own;
+- ``edges``: the baseline's terms measured from the series' own edges of normal, window
+  by window (`stream_detector.alerts.adapt_terms` with the default ``AlertPolicy``, as
+  the worker and the harness's ``anomalyllm`` do; the baseline keeps the trained edges).
 
 Each point takes the score of the window whose peak lies nearest
 (`trainer.anomalyllm_detector`), as the harness does. It ran before any of these was
@@ -54,6 +57,7 @@ from scipy.stats import genpareto
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.score_ablation import raw_terms
+from stream_detector.alerts import AlertPolicy, SensorAlertState, adapt_terms
 from stream_detector.devtools.tiny import tiny_config
 from stream_detector.model import _MODEL_FREE, AnomalyLLM, instance_norm
 from trainer.anomalyllm_detector import (
@@ -79,6 +83,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "difference_memory": ("difference_memory",),
     "difference_memory_only": ("difference_memory", "-memory"),
     "tail_probability": ("tail_probability",),
+    "edges": ("edges",),
 }
 # The baseline as a model of its own with ``level_unit_sigmas`` at these values.
 LEVEL_UNITS = {"level_sigma1": 1.0, "level_sigma2": 2.0, "level_sigma3": 3.0}
@@ -135,6 +140,17 @@ class Scored:
         score = np.clip(z.max(axis=0), 0, None)
         starts = np.arange(z.shape[1]) * self.stride
         return _nearest_peak_score(score, starts + peaks[largest, np.arange(z.shape[1])], size)
+
+    def with_edges(self) -> tuple[np.ndarray, np.ndarray]:
+        """Window scores and peaks with each term measured from the series' own edges of
+        normal (`adapt_terms`, window by window in time order)."""
+        state, policy = SensorAlertState("series"), AlertPolicy()
+        score = np.zeros(self.z.shape[1])
+        peak = np.zeros(self.z.shape[1], dtype=np.int64)
+        for index, terms in enumerate(self.z.T.tolist()):
+            state, score[index], term = adapt_terms(state, terms, ts_ms=index, policy=policy)
+            peak[index] = self.peaks[term, index]
+        return score, peak
 
     def left_join_memory(self) -> np.ndarray:
         """The memory term's unit-scaled value with the series' earlier windows in the bank."""
@@ -254,7 +270,10 @@ def series_hits(values: np.ndarray, train_end: int, begin: int, end: int) -> dic
             peaks = np.vstack([peaks, *(centre[None] for _ in added)])
         if "tail_probability" in changes:
             z = one.surprisal()
-        if name in LEVEL_UNITS:
+        if "edges" in changes:
+            score, peak = one.with_edges()
+            points = _nearest_peak_score(score, np.arange(len(score)) * one.stride + peak, size)
+        elif name in LEVEL_UNITS:
             level = Scored(values, train_end, one.length, LEVEL_UNITS[name])
             points = level.points(level.z, level.peaks, size)
         else:

@@ -52,14 +52,17 @@ training range stops paging while the others keep their sensitivity.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import math
+import struct
 from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import TypeAdapter
 
 from stream_detector.config import AlertPolicy
 from stream_detector.schemas import AlertEvent, AlertState
@@ -256,18 +259,63 @@ class SensorAlertState:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready data without the sensor id (the Redis key holds it) and without the
-        fields at their defaults: a quiet sensor's state is a few dozen bytes."""
-        return _STATE_ADAPTER.dump_python(
-            self, mode="json", exclude={"sensor_id"}, exclude_defaults=True
+        fields at their defaults: a quiet sensor's state is a few dozen bytes. The term
+        sketches are packed (``_pack_sketches``): five of them as JSON objects would take
+        four times the rest of the state."""
+        data = _STATE_ADAPTER.dump_python(
+            self, mode="json", exclude={"sensor_id", "term_sketches"}, exclude_defaults=True
         )
+        if self.term_sketches:
+            data["term_edges"] = _pack_sketches(self.term_sketches)
+        return data
 
     @classmethod
     def from_dict(cls, sensor_id: str, data: Mapping[str, Any]) -> SensorAlertState:
         """Inverse of ``to_dict``; raise ``InvalidAlertState`` on anything else."""
         try:
+            data = dict(data)
+            packed = data.pop("term_edges", None)
+            if packed is not None:
+                data["term_sketches"] = _unpack_sketches(packed)
             return _STATE_ADAPTER.validate_python({**data, "sensor_id": sensor_id})
-        except (TypeError, ValidationError) as exc:
+        except (TypeError, ValueError, struct.error, binascii.Error) as exc:
             raise InvalidAlertState(f"unreadable alert state: {exc}") from None
+
+
+# Packed term sketches: the quantile, then per sketch its count, its heights (as many as
+# it has seen, up to five) and, once it has five, its three middle marker positions (P²'s
+# first marker stays at 0 and its last at count - 1). Little-endian, base64 in the JSON.
+_QUANTILE = struct.Struct("<d")
+_COUNT = struct.Struct("<I")
+_MIDDLE_POSITIONS = struct.Struct("<3I")
+
+
+def _pack_sketches(sketches: Sequence[QuantileSketch]) -> str:
+    parts = [_QUANTILE.pack(sketches[0].quantile)]
+    for sketch in sketches:
+        parts.append(_COUNT.pack(sketch.count))
+        parts.append(struct.pack(f"<{len(sketch.heights)}d", *sketch.heights))
+        if sketch.positions:
+            parts.append(_MIDDLE_POSITIONS.pack(*sketch.positions[1:4]))
+    return base64.b64encode(b"".join(parts)).decode()
+
+
+def _unpack_sketches(packed: object) -> tuple[QuantileSketch, ...]:
+    if not isinstance(packed, str):
+        raise TypeError("term_edges must be a base64 string")
+    data = base64.b64decode(packed, validate=True)
+    (quantile,), offset, sketches = _QUANTILE.unpack_from(data), _QUANTILE.size, []
+    while offset < len(data):
+        (count,) = _COUNT.unpack_from(data, offset)
+        seen = min(count, 5)
+        heights = struct.unpack_from(f"<{seen}d", data, offset + _COUNT.size)
+        offset += _COUNT.size + 8 * seen
+        positions: tuple[int, ...] = ()
+        if count >= 5:
+            positions = (0, *_MIDDLE_POSITIONS.unpack_from(data, offset), count - 1)
+            offset += _MIDDLE_POSITIONS.size
+        sketches.append(QuantileSketch(quantile, count, heights, positions))
+    return tuple(sketches)
 
 
 _STATE_ADAPTER = TypeAdapter(SensorAlertState)

@@ -263,7 +263,18 @@ def test_state_round_trips_through_json_at_every_step() -> None:
         assert stored_and_read_back(state) == state
 
 
-@pytest.mark.parametrize("stored", [{"history": "lots"}, {"last_ts_ms": "soon"}, ["history"]])
+@pytest.mark.parametrize(
+    "stored",
+    [
+        {"history": "lots"},
+        {"last_ts_ms": "soon"},
+        ["history"],
+        {"term_edges": 5},
+        {"term_edges": "not base64!"},
+        {"term_edges": "AAAA"},  # three bytes: not even the quantile
+        {"term_edges": "AAAAAAAA8D8BAAAA"},  # a sketch that claims a height it lacks
+    ],
+)
 def test_unreadable_state_is_a_specific_error(stored: dict) -> None:
     with pytest.raises(InvalidAlertState):
         SensorAlertState.from_dict("s", stored)
@@ -449,8 +460,9 @@ def test_term_edges_skip_replays_restart_for_other_terms_and_round_trip() -> Non
     alert_policy = policy(fallback_warmup_windows=5)
     state, _, _ = edges_after([(0.5, 1.5, 0.0)] * 10, alert_policy)
     assert len(state.term_sketches) == 3 and state.term_sketches[0].count == 10
-    stored = SensorAlertState.from_dict("pump-1", json.loads(json.dumps(state.to_dict())))
-    assert stored == state
+    for warming in (edges_after([(0.5, 1.5, 0.0)] * 3, alert_policy)[0], state):
+        stored = SensorAlertState.from_dict("pump-1", json.loads(json.dumps(warming.to_dict())))
+        assert stored == warming  # packed exactly, before and after a sketch has five values
 
     decided, _ = update(
         state,
