@@ -148,7 +148,9 @@ class Scored:
         score = np.zeros(self.z.shape[1])
         peak = np.zeros(self.z.shape[1], dtype=np.int64)
         for index, terms in enumerate(self.z.T.tolist()):
-            state, score[index], term = adapt_terms(state, terms, ts_ms=index, policy=policy)
+            state, score[index], term = adapt_terms(
+                state, terms, ts_ms=index, threshold=None, policy=policy
+            )
             peak[index] = self.peaks[term, index]
         return score, peak
 

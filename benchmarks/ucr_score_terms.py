@@ -146,7 +146,7 @@ def main() -> None:
             z[rows].T,
             offsets[rows].T,
         )
-        adapted = detector._adapted(fixed, _NO_EDGES)[0]
+        adapted = detector._adapted(fixed, _NO_EDGES, detector.threshold)[0]
         edges = {}
         for name, scored in (("adapted", adapted), ("fixed", fixed)):
             points = point_scores(

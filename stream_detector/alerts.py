@@ -322,7 +322,12 @@ _STATE_ADAPTER = TypeAdapter(SensorAlertState)
 
 
 def adapt_terms(
-    state: SensorAlertState, terms: Sequence[float], *, ts_ms: int, policy: AlertPolicy
+    state: SensorAlertState,
+    terms: Sequence[float],
+    *,
+    ts_ms: int,
+    threshold: float | None,
+    policy: AlertPolicy,
 ) -> tuple[SensorAlertState, float, int]:
     """The score of the window ending at ``ts_ms`` whose fused score has these scaled
     ``terms`` (at least one; 1 = the most extreme normal training window), each term
@@ -334,17 +339,20 @@ def adapt_terms(
     the sensor's values of that term; a term is shifted down by its edge's rise. A term's
     value above ``term_learn_limit`` is not learnt (an edge never passes it, and an
     anomaly cannot raise the edge it is measured from as it grows), nor is a replay
-    (``ts_ms`` not after ``last_ts_ms``, which ``update`` ignores too); terms of another
-    count (a model with other terms) start new sketches. With ``adapt_term_units`` off
-    the score is the largest term, as the model fuses them.
+    (``ts_ms`` not after ``last_ts_ms``, which ``update`` ignores too). ``threshold`` is
+    the fitted threshold (``Thresholds.for_sensor``): another one, like another count of
+    terms, means a model whose terms have another scale (a new version or a refresh),
+    and starts new sketches, as it starts the threshold's own. With ``adapt_term_units``
+    off the score is the largest term, as the model fuses them.
     """
     values = [max(0.0, float(term)) for term in terms]
     if not policy.adapt_term_units:
         largest = max(range(len(values)), key=values.__getitem__)
         return state, values[largest], largest
     sketches = state.term_sketches
-    if len(sketches) != len(values) or sketches[0].quantile != policy.term_quantile:
-        sketches = tuple(QuantileSketch(policy.term_quantile) for _ in values)
+    started = (len(sketches), sketches[0].quantile, sketches[0].floor) if sketches else None
+    if started != (len(values), policy.term_quantile, threshold):
+        sketches = tuple(QuantileSketch(policy.term_quantile, floor=threshold) for _ in values)
     adapted = [
         value - _edge_rise(sketch, policy.fallback_warmup_windows)
         for value, sketch in zip(values, sketches, strict=True)

@@ -226,7 +226,8 @@ class AlertPolicy(_Group):
     training range stops paging, and the others stay as sensitive as trained. A term's
     value above ``term_learn_limit`` (in units of the most extreme normal training
     window) never moves its edge, so an anomaly does not teach its own terms and an edge
-    stays within [1, ``term_learn_limit``].
+    stays within [1, ``term_learn_limit``]. A new fitted threshold (a new model version
+    or a refresh) starts new edges.
     """
 
     threshold_fallback: Literal["quantile", "fixed"] = "quantile"

@@ -333,16 +333,17 @@ class Pipeline:
         for item, result, loaded in scored:
             window = item.window
             state, score, peak_offset = states[window.sensor_id], result.score, result.peak_offset
+            threshold = loaded.thresholds.for_sensor(window.sensor_id, policy)
             if result.terms:
                 state, score, term = alerts.adapt_terms(
-                    state, result.terms, ts_ms=window.end_ts_ms, policy=policy
+                    state, result.terms, ts_ms=window.end_ts_ms, threshold=threshold, policy=policy
                 )
                 peak_offset = result.term_offsets[term]
             state, events = alerts.update(
                 state,
                 score=score,
                 ts_ms=window.end_ts_ms,
-                threshold=loaded.thresholds.for_sensor(window.sensor_id, policy),
+                threshold=threshold,
                 policy=policy,
                 model_version=loaded.version,
                 nearest_prototype=result.nearest_prototype,

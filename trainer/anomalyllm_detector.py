@@ -222,12 +222,14 @@ class AnomalyLLMDetector:
         windows = sliding_windows(self._columns(series), self.model.config.window_length, stride)
         if self.refresh_every is not None:
             return self._refreshed_scores(windows, stride, self._columns(series))
-        return self._adapted(self.model.score_windows(windows, self.batch_size), _NO_EDGES)[0]
+        scored = self.model.score_windows(windows, self.batch_size)
+        return self._adapted(scored, _NO_EDGES, self.threshold)[0]
 
     def _adapted(
-        self, scored: WindowScores, edges: SensorAlertState
+        self, scored: WindowScores, edges: SensorAlertState, threshold: float | None
     ) -> tuple[WindowScores, SensorAlertState]:
-        """The scores the worker decides on (see the class) and the edges after them."""
+        """The scores the worker decides on (see the class) beside the fitted ``threshold``
+        (another one starts new edges, as in the worker), and the edges after them."""
         if not self.adapt_term_units or scored.terms.shape[1] == 0:
             return scored, edges
         policy = AlertPolicy()
@@ -236,7 +238,9 @@ class AnomalyLLMDetector:
         score = np.empty(len(scored.score), dtype=np.float32)
         offset = np.empty(len(scored.score), dtype=np.int64)
         for index, terms in enumerate(scored.terms.tolist()):
-            edges, score[index], term = adapt_terms(edges, terms, ts_ms=index, policy=policy)
+            edges, score[index], term = adapt_terms(
+                edges, terms, ts_ms=index, threshold=threshold, policy=policy
+            )
             offset[index] = scored.term_offsets[index, term]
         return scored._replace(score=score, peak_offset=offset), edges
 
@@ -255,7 +259,7 @@ class AnomalyLLMDetector:
         for cut in [*range(self.training_rows, len(series), self.refresh_every), len(series)]:
             last = int(np.searchsorted(ends, cut))  # windows ending before row `cut`
             scored, edges = self._adapted(
-                model.score_windows(windows[first:last], self.batch_size), edges
+                model.score_windows(windows[first:last], self.batch_size), edges, threshold
             )
             scores[first:last], offsets[first:last] = scored.score, scored.peak_offset
             for end, score, offset in zip(

@@ -137,7 +137,10 @@ def _package_version() -> str:
 def score_windows(
     models: Sequence[AnomalyLLM], windows: np.ndarray, device: torch.device
 ) -> list[np.ndarray]:
-    """Each model's scores of windows (N, C, L), as the worker scores (``AnomalyLLM.score``)."""
+    """Each model's scores of windows (N, C, L), as the worker scores (``AnomalyLLM.score``)
+    with the trained edges of normal: thresholds are fitted, and candidates judged, on
+    windows the model was trained to call normal, where the worker's per-sensor edges
+    (``alerts.adapt_terms``) would not have moved."""
     return [model.to(device).eval().score_windows(windows).score for model in models]
 
 

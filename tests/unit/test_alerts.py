@@ -415,7 +415,9 @@ def edges_after(
     state = state or SensorAlertState(sensor_id="pump-1")
     scores, chosen = [], []
     for index, window in enumerate(terms):
-        state, score, term = adapt_terms(state, window, ts_ms=index, policy=alert_policy)
+        state, score, term = adapt_terms(
+            state, window, ts_ms=index, threshold=None, policy=alert_policy
+        )
         scores.append(score)
         chosen.append(term)
     return state, scores, chosen
@@ -474,7 +476,15 @@ def test_term_edges_skip_replays_restart_for_other_terms_and_round_trip() -> Non
         nearest_prototype=0,
         attribution=(1.0,),
     )
-    replayed, _, _ = adapt_terms(decided, (0.5, 1.5, 0.0), ts_ms=9, policy=alert_policy)
+    replayed, _, _ = adapt_terms(
+        decided, (0.5, 1.5, 0.0), ts_ms=9, threshold=None, policy=alert_policy
+    )
     assert replayed.term_sketches == decided.term_sketches
-    other_model, _, _ = adapt_terms(decided, (0.5, 1.5), ts_ms=10, policy=alert_policy)
+    other_model, _, _ = adapt_terms(
+        decided, (0.5, 1.5), ts_ms=10, threshold=None, policy=alert_policy
+    )
     assert [sketch.count for sketch in other_model.term_sketches] == [1, 1]
+    refitted, _, _ = adapt_terms(  # a new fitted threshold: terms on another scale
+        decided, (0.5, 1.5, 0.0), ts_ms=10, threshold=1.3, policy=alert_policy
+    )
+    assert [sketch.count for sketch in refitted.term_sketches] == [1, 1, 1]
