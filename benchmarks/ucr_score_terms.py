@@ -53,7 +53,7 @@ from benchmarks.score_ablation import (
     raw_terms,
 )
 from stream_detector.model import DEFAULT_SCORE_TERMS, SCORE_TERMS, WindowScores
-from trainer.anomalyllm_detector import _NO_EDGES, MAX_SCORING_STRIDE, _nearest_peak_score
+from trainer.anomalyllm_detector import MAX_SCORING_STRIDE, _nearest_peak_score
 from trainer.data import load_ucr
 from trainer.detectors import get_detector
 from trainer.evaluate import evaluate_ucr_series, select_ucr, ucr_hit, ucr_location
@@ -146,7 +146,7 @@ def main() -> None:
             z[rows].T,
             offsets[rows].T,
         )
-        adapted = detector._adapted(fixed, _NO_EDGES, detector.threshold)[0]
+        adapted = detector.with_edges(fixed, threshold=detector.threshold)[0]
         edges = {}
         for name, scored in (("adapted", adapted), ("fixed", fixed)):
             points = point_scores(

@@ -156,7 +156,7 @@ class AnomalyLLMDetector:
             "refresh_memory_only": self.refresh_memory_only,
             "adapt_term_units": self.adapt_term_units and model_config.fused,
             "term_warmup_windows": self.term_warmup_windows
-            or AlertPolicy().fallback_warmup_windows,
+            or "the policy's fallback_warmup_windows; trainer nab: the probationary windows",
         }
 
     def _columns(self, series: np.ndarray) -> np.ndarray:
@@ -223,13 +223,18 @@ class AnomalyLLMDetector:
         if self.refresh_every is not None:
             return self._refreshed_scores(windows, stride, self._columns(series))
         scored = self.model.score_windows(windows, self.batch_size)
-        return self._adapted(scored, _NO_EDGES, self.threshold)[0]
+        return self.with_edges(scored, threshold=self.threshold)[0]
 
-    def _adapted(
-        self, scored: WindowScores, edges: SensorAlertState, threshold: float | None
+    def with_edges(
+        self,
+        scored: WindowScores,
+        edges: SensorAlertState | None = None,
+        threshold: float | None = None,
     ) -> tuple[WindowScores, SensorAlertState]:
-        """The scores the worker decides on (see the class) beside the fitted ``threshold``
-        (another one starts new edges, as in the worker), and the edges after them."""
+        """The scores the worker decides on (see the class), from the ``edges`` before the
+        first window (None: none learnt yet) beside the fitted ``threshold`` (another one
+        starts new edges, as in the worker), and the edges after them."""
+        edges = edges or SensorAlertState("series")
         if not self.adapt_term_units or scored.terms.shape[1] == 0:
             return scored, edges
         policy = AlertPolicy()
@@ -255,10 +260,10 @@ class AnomalyLLMDetector:
         replay = AlertReplay(AlertPolicy())
         scores = np.zeros(len(windows), dtype=np.float32)
         offsets = np.zeros(len(windows), dtype=np.int64)
-        first, edges = 0, _NO_EDGES
+        first, edges = 0, None
         for cut in [*range(self.training_rows, len(series), self.refresh_every), len(series)]:
             last = int(np.searchsorted(ends, cut))  # windows ending before row `cut`
-            scored, edges = self._adapted(
+            scored, edges = self.with_edges(
                 model.score_windows(windows[first:last], self.batch_size), edges, threshold
             )
             scores[first:last], offsets[first:last] = scored.score, scored.peak_offset
@@ -382,10 +387,6 @@ class AnomalyLLMLevelUnitDetector(AnomalyLLMDetector):
 
     def __init__(self, **settings: Any) -> None:
         super().__init__(**{"level_unit_sigmas": 2.0, **settings})
-
-
-# A series' edges of normal before its first window (`adapt_terms`' state).
-_NO_EDGES = SensorAlertState("series")
 
 
 def _latest_window(ends: np.ndarray, size: int) -> np.ndarray:
