@@ -95,6 +95,20 @@ def test_a_refresh_reads_the_trailing_span_and_leaves_the_alerts_out() -> None:
     assert {650 - 33, 699 + 33} <= set(rows.tolist())
 
 
+def test_the_harness_scores_with_the_workers_edges_and_the_ablation_without() -> None:
+    rows = np.arange(3000)
+    noise = 0.05 * np.random.default_rng(3).normal(size=rows.size)
+    series = (np.sin(2 * np.pi * rows / 32) + 0.0002 * rows + noise)[:, None]  # a slow drift
+    with_edges = _refreshing_detector(series[:400], every=None)
+    fixed = _refreshing_detector(series[:400], every=None)
+    fixed.adapt_term_units = False
+    edged, trained = with_edges.score(series), fixed.score(series)
+    warmed = 200 + 32  # the policy's warm-up, in windows scored every row, and one window
+    assert np.array_equal(edged[:warmed], trained[:warmed])  # the edges start at 1
+    assert trained[-500:].min() > 1.1  # past the trained range: every window pages
+    assert np.median(edged[-500:]) < 1.1  # the terms' edges followed the drift
+
+
 def test_refresh_is_for_causal_scoring_only() -> None:
     with pytest.raises(ValueError, match="causal"):
         AnomalyLLMDetector(refresh_every=100)
