@@ -282,16 +282,18 @@ class SensorAlertState:
             raise InvalidAlertState(f"unreadable alert state: {exc}") from None
 
 
-# Packed term sketches: the quantile, then per sketch its count, its heights (as many as
-# it has seen, up to five) and, once it has five, its three middle marker positions (P²'s
-# first marker stays at 0 and its last at count - 1). Little-endian, base64 in the JSON.
-_QUANTILE = struct.Struct("<d")
+# Packed term sketches: the quantile and the fitted threshold they run beside (NaN for
+# none), then per sketch its count, its heights (as many as it has seen, up to five) and,
+# once it has five, its three middle marker positions (P²'s first marker stays at 0 and
+# its last at count - 1). Little-endian, base64 in the JSON.
+_SHARED = struct.Struct("<dd")
 _COUNT = struct.Struct("<I")
 _MIDDLE_POSITIONS = struct.Struct("<3I")
 
 
 def _pack_sketches(sketches: Sequence[QuantileSketch]) -> str:
-    parts = [_QUANTILE.pack(sketches[0].quantile)]
+    floor = sketches[0].floor
+    parts = [_SHARED.pack(sketches[0].quantile, math.nan if floor is None else floor)]
     for sketch in sketches:
         parts.append(_COUNT.pack(sketch.count))
         parts.append(struct.pack(f"<{len(sketch.heights)}d", *sketch.heights))
@@ -304,7 +306,7 @@ def _unpack_sketches(packed: object) -> tuple[QuantileSketch, ...]:
     if not isinstance(packed, str):
         raise TypeError("term_edges must be a base64 string")
     data = base64.b64decode(packed, validate=True)
-    (quantile,), offset, sketches = _QUANTILE.unpack_from(data), _QUANTILE.size, []
+    (quantile, floor), offset, sketches = _SHARED.unpack_from(data), _SHARED.size, []
     while offset < len(data):
         (count,) = _COUNT.unpack_from(data, offset)
         seen = min(count, 5)
@@ -314,7 +316,8 @@ def _unpack_sketches(packed: object) -> tuple[QuantileSketch, ...]:
         if count >= 5:
             positions = (0, *_MIDDLE_POSITIONS.unpack_from(data, offset), count - 1)
             offset += _MIDDLE_POSITIONS.size
-        sketches.append(QuantileSketch(quantile, count, heights, positions))
+        threshold = None if math.isnan(floor) else floor
+        sketches.append(QuantileSketch(quantile, count, heights, positions, threshold))
     return tuple(sketches)
 
 

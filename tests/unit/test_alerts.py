@@ -272,7 +272,7 @@ def test_state_round_trips_through_json_at_every_step() -> None:
         {"term_edges": 5},
         {"term_edges": "not base64!"},
         {"term_edges": "AAAA"},  # three bytes: not even the quantile
-        {"term_edges": "AAAAAAAA8D8BAAAA"},  # a sketch that claims a height it lacks
+        {"term_edges": "16NwPQrX7z8AAAAAAAD4fwEAAAA="},  # a sketch that claims a height it lacks
     ],
 )
 def test_unreadable_state_is_a_specific_error(stored: dict) -> None:
@@ -462,9 +462,18 @@ def test_term_edges_skip_replays_restart_for_other_terms_and_round_trip() -> Non
     alert_policy = policy(fallback_warmup_windows=5)
     state, _, _ = edges_after([(0.5, 1.5, 0.0)] * 10, alert_policy)
     assert len(state.term_sketches) == 3 and state.term_sketches[0].count == 10
-    for warming in (edges_after([(0.5, 1.5, 0.0)] * 3, alert_policy)[0], state):
-        stored = SensorAlertState.from_dict("pump-1", json.loads(json.dumps(warming.to_dict())))
-        assert stored == warming  # packed exactly, before and after a sketch has five values
+    beside_a_threshold, _, _ = adapt_terms(
+        state, (0.5, 1.5, 0.0), ts_ms=10, threshold=1.3, policy=alert_policy
+    )
+    warming = edges_after([(0.5, 1.5, 0.0)] * 3, alert_policy)[0]
+    for packed in (warming, state, beside_a_threshold):
+        stored = SensorAlertState.from_dict("pump-1", json.loads(json.dumps(packed.to_dict())))
+        assert stored == packed  # exactly, before and after a sketch has five values
+    reloaded = SensorAlertState.from_dict("pump-1", beside_a_threshold.to_dict())
+    kept, _, _ = adapt_terms(
+        reloaded, (0.5, 1.5, 0.0), ts_ms=11, threshold=1.3, policy=alert_policy
+    )
+    assert [sketch.count for sketch in kept.term_sketches] == [2, 2, 2]  # not started again
 
     decided, _ = update(
         state,
