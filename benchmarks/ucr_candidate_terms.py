@@ -57,9 +57,8 @@ from scipy.stats import genpareto
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.score_ablation import raw_terms
-from stream_detector.alerts import AlertPolicy, SensorAlertState, adapt_terms
 from stream_detector.devtools.tiny import tiny_config
-from stream_detector.model import _MODEL_FREE, AnomalyLLM, instance_norm
+from stream_detector.model import _MODEL_FREE, AnomalyLLM, WindowScores, instance_norm
 from trainer.anomalyllm_detector import (
     MAX_SCORING_STRIDE,
     PATCHES_PER_WINDOW,
@@ -143,16 +142,11 @@ class Scored:
 
     def with_edges(self) -> tuple[np.ndarray, np.ndarray]:
         """Window scores and peaks with each term measured from the series' own edges of
-        normal (`adapt_terms`, window by window in time order)."""
-        state, policy = SensorAlertState("series"), AlertPolicy()
-        score = np.zeros(self.z.shape[1])
-        peak = np.zeros(self.z.shape[1], dtype=np.int64)
-        for index, terms in enumerate(self.z.T.tolist()):
-            state, score[index], term = adapt_terms(
-                state, terms, ts_ms=index, threshold=None, policy=policy
-            )
-            peak[index] = self.peaks[term, index]
-        return score, peak
+        normal, as the harness's detector measures them (`AnomalyLLMDetector.with_edges`)."""
+        windows = self.z.shape[1]
+        trained = WindowScores(np.zeros(windows), np.zeros(windows), self.z.T, self.peaks.T)
+        scored = AnomalyLLMDetector().with_edges(trained)[0]
+        return scored.score, scored.peak_offset
 
     def left_join_memory(self) -> np.ndarray:
         """The memory term's unit-scaled value with the series' earlier windows in the bank."""
