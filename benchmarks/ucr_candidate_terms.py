@@ -145,7 +145,7 @@ class Scored:
         normal, as the harness's detector measures them (`AnomalyLLMDetector.with_edges`)."""
         windows = self.z.shape[1]
         trained = WindowScores(np.zeros(windows), np.zeros(windows), self.z.T, self.peaks.T)
-        scored = AnomalyLLMDetector().with_edges(trained)[0]
+        scored = AnomalyLLMDetector().with_edges(trained, names=TERMS)[0]
         return scored.score, scored.peak_offset
 
     def left_join_memory(self) -> np.ndarray:

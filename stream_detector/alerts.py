@@ -328,20 +328,23 @@ def adapt_terms(
     state: SensorAlertState,
     terms: Sequence[float],
     *,
+    names: Sequence[str],
     ts_ms: int,
     threshold: float | None,
     policy: AlertPolicy,
 ) -> tuple[SensorAlertState, float, int]:
     """The score of the window ending at ``ts_ms`` whose fused score has these scaled
-    ``terms`` (at least one; 1 = the most extreme normal training window), each term
-    measured from this sensor's edge of normal. Call it before ``update``.
+    ``terms`` (at least one; 1 = the most extreme normal training window), called
+    ``names`` (``ModelConfig.score_terms``), each term measured from this sensor's edge of
+    normal. Call it before ``update``.
 
     Returns the state with the terms learnt, the score (at least 0) and the index of the
     term that gave it. The edge of a term is 1 until ``fallback_warmup_windows`` windows
     have warmed up its sketch, then the larger of 1 and the running ``term_quantile`` of
-    the sensor's values of that term; a term is shifted down by its edge's rise. A term's
-    value above ``term_learn_limit`` is not learnt (an edge never passes it, and an
-    anomaly cannot raise the edge it is measured from as it grows), nor is a replay
+    the sensor's values of that term; a term is shifted down by its edge's rise. A value
+    of one of the policy's ``bounded_terms`` above ``term_learn_limit`` is not learnt
+    (their edges never pass it, and an excursion cannot raise the edge it is measured
+    from as it grows); the other terms learn every value. Nor is a replay
     (``ts_ms`` not after ``last_ts_ms``, which ``update`` ignores too). ``threshold`` is
     the fitted threshold (``Thresholds.for_sensor``): another one, like another count of
     terms, means a model whose terms have another scale (a new version or a refresh),
@@ -364,8 +367,10 @@ def adapt_terms(
     score = max(0.0, adapted[largest])
     if state.last_ts_ms is None or ts_ms > state.last_ts_ms:  # a replay is not learnt
         sketches = tuple(
-            sketch.add(value) if value <= policy.term_learn_limit else sketch
-            for sketch, value in zip(sketches, values, strict=True)
+            sketch
+            if name in policy.bounded_terms and value > policy.term_learn_limit
+            else sketch.add(value)
+            for sketch, value, name in zip(sketches, values, names, strict=True)
         )
     return replace(state, term_sketches=sketches), score, largest
 

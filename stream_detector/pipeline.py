@@ -336,7 +336,12 @@ class Pipeline:
             threshold = loaded.thresholds.for_sensor(window.sensor_id, policy)
             if result.terms:
                 state, score, term = alerts.adapt_terms(
-                    state, result.terms, ts_ms=window.end_ts_ms, threshold=threshold, policy=policy
+                    state,
+                    result.terms,
+                    names=loaded.model.config.score_terms,
+                    ts_ms=window.end_ts_ms,
+                    threshold=threshold,
+                    policy=policy,
                 )
                 peak_offset = result.term_offsets[term]
             state, events = alerts.update(

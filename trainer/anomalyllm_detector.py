@@ -5,13 +5,20 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 
 from stream_detector.alerts import SensorAlertState, adapt_terms
 from stream_detector.config import AlertPolicy
-from stream_detector.model import SMOLLM2, AnomalyLLM, ModelConfig, WindowScores
+from stream_detector.model import (
+    DEFAULT_SCORE_TERMS,
+    SMOLLM2,
+    AnomalyLLM,
+    ModelConfig,
+    WindowScores,
+)
 from trainer.detectors import RowScores, dominant_period
 from trainer.thresholds import REPLAY_ROW_MS, AlertReplay, ThresholdConfig, pot_threshold
 from trainer.train import TrainResult, fit, profile, refresh, sliding_windows
@@ -93,6 +100,7 @@ class AnomalyLLMDetector:
         refresh_memory_only: bool = False,
         adapt_term_units: bool = True,
         term_warmup_windows: int | None = None,
+        bounded_terms: Sequence[str] | None = None,
         **model_settings: Any,
     ) -> None:
         unknown = set(model_settings) - {
@@ -123,6 +131,7 @@ class AnomalyLLMDetector:
         self.refresh_memory_only = refresh_memory_only
         self.adapt_term_units = adapt_term_units
         self.term_warmup_windows = term_warmup_windows
+        self.bounded_terms = None if bounded_terms is None else tuple(bounded_terms)
         self.model: AnomalyLLM | None = None
         self.result: TrainResult | None = None
         self.training_rows = 0
@@ -157,6 +166,7 @@ class AnomalyLLMDetector:
             "adapt_term_units": self.adapt_term_units and model_config.fused,
             "term_warmup_windows": self.term_warmup_windows
             or "the policy's fallback_warmup_windows; trainer nab: the probationary windows",
+            "bounded_terms": list(self.bounded_terms or AlertPolicy().bounded_terms),
         }
 
     def _columns(self, series: np.ndarray) -> np.ndarray:
@@ -230,21 +240,27 @@ class AnomalyLLMDetector:
         scored: WindowScores,
         edges: SensorAlertState | None = None,
         threshold: float | None = None,
+        names: Sequence[str] | None = None,
     ) -> tuple[WindowScores, SensorAlertState]:
         """The scores the worker decides on (see the class), from the ``edges`` before the
         first window (None: none learnt yet) beside the fitted ``threshold`` (another one
-        starts new edges, as in the worker), and the edges after them."""
+        starts new edges, as in the worker), and the edges after them. ``names``: the
+        terms' (None: the fitted model's, else the default score's)."""
         edges = edges or SensorAlertState("series")
         if not self.adapt_term_units or scored.terms.shape[1] == 0:
             return scored, edges
+        if names is None:
+            names = DEFAULT_SCORE_TERMS if self.model is None else self.model.config.score_terms
         policy = AlertPolicy()
+        if self.bounded_terms is not None:
+            policy = policy.model_copy(update={"bounded_terms": self.bounded_terms})
         if self.term_warmup_windows is not None:
             policy = policy.model_copy(update={"fallback_warmup_windows": self.term_warmup_windows})
         score = np.empty(len(scored.score), dtype=np.float32)
         offset = np.empty(len(scored.score), dtype=np.int64)
         for index, terms in enumerate(scored.terms.tolist()):
             edges, score[index], term = adapt_terms(
-                edges, terms, ts_ms=index, threshold=threshold, policy=policy
+                edges, terms, names=names, ts_ms=index, threshold=threshold, policy=policy
             )
             offset[index] = scored.term_offsets[index, term]
         return scored._replace(score=score, peak_offset=offset), edges
@@ -359,6 +375,16 @@ class AnomalyLLMFixedEdgesDetector(AnomalyLLMDetector):
 
     def __init__(self, **settings: Any) -> None:
         super().__init__(**{"adapt_term_units": False, **settings})
+
+
+class AnomalyLLMBoundedEdgesDetector(AnomalyLLMDetector):
+    """The default with every term's edge bounded at ``term_learn_limit``, the shape
+    terms' too (stop 27's default): the ablation of ``AlertPolicy.bounded_terms``."""
+
+    name = "anomalyllm-bounded-edges"
+
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(**{"bounded_terms": DEFAULT_SCORE_TERMS, **settings})
 
 
 class AnomalyLLMPaperDetector(AnomalyLLMDetector):

@@ -406,17 +406,27 @@ def test_unconfirmed_breaches_enter_the_quantile_only_after_leaving_the_window()
     assert later.recent_breaches == ()
 
 
+# The terms of the windows below: a shape term, then a bounded one (the window's level).
+NAMES = ("memory", "level", "scale")
+
+
 def edges_after(
     terms: Sequence[Sequence[float]],
     alert_policy: AlertPolicy,
     state: SensorAlertState | None = None,
 ) -> tuple[SensorAlertState, list[float], list[int]]:
-    """Feed windows' terms to ``adapt_terms``; return the state, scores and chosen terms."""
+    """Feed windows' terms (called ``NAMES``) to ``adapt_terms``; return the state, scores
+    and chosen terms."""
     state = state or SensorAlertState(sensor_id="pump-1")
     scores, chosen = [], []
     for index, window in enumerate(terms):
         state, score, term = adapt_terms(
-            state, window, ts_ms=index, threshold=None, policy=alert_policy
+            state,
+            window,
+            names=NAMES[: len(window)],
+            ts_ms=index,
+            threshold=None,
+            policy=alert_policy,
         )
         scores.append(score)
         chosen.append(term)
@@ -441,21 +451,34 @@ def test_a_drifted_term_stops_paging_and_the_others_keep_their_sensitivity() -> 
     assert term == 1 and 1.5 < level_anomaly < 1.8  # 2.2 against an edge near 1.6
 
 
-def test_edges_never_fall_below_training_and_anomalies_do_not_teach_them() -> None:
+def test_edges_never_fall_below_training_and_excursions_do_not_teach_bounded_terms() -> None:
     alert_policy = policy(fallback_warmup_windows=20, term_learn_limit=2.0)
-    quiet, _, _ = edges_after([(0.2, 0.1)] * 100, alert_policy)
-    _, [score], _ = edges_after([(1.2, 0.1)], alert_policy, state=quiet)
+    assert alert_policy.bounded_terms == ("level", "scale")
+    quiet, _, _ = edges_after([(0.1, 0.2)] * 100, alert_policy)
+    _, [score], _ = edges_after([(0.1, 1.2)], alert_policy, state=quiet)
     assert score == pytest.approx(1.2)  # the edge stays at 1, however quiet the sensor
 
-    hot, scores, _ = edges_after([(0.2, 0.1)] * 30 + [(5.0, 0.1)] * 50, alert_policy)
-    assert scores[-1] == pytest.approx(5.0)  # a long anomaly is not learnt as normal
-    assert [sketch.count for sketch in hot.term_sketches] == [30, 80]  # the quiet term is
+    hot, scores, _ = edges_after([(0.1, 0.2)] * 30 + [(0.1, 5.0)] * 50, alert_policy)
+    assert scores[-1] == pytest.approx(5.0)  # a long excursion is not learnt as normal
+    assert [sketch.count for sketch in hot.term_sketches] == [80, 30]  # the quiet term is
 
-    growing = [(0.2, 0.1)] * 30 + [(1.0 + 0.01 * step, 0.1) for step in range(301)]
+    growing = [(0.1, 0.2)] * 30 + [(0.1, 1.0 + 0.01 * step) for step in range(301)]
     grown, scores, _ = edges_after(growing, alert_policy)  # a failure that develops slowly
-    estimate = grown.term_sketches[0].estimate()
+    estimate = grown.term_sketches[1].estimate()
     assert estimate is not None and estimate <= 2.0  # the edge did not chase it past 2
     assert scores[-1] >= 3.0  # 4.0 against an edge of at most 2
+
+
+def test_a_shape_term_learns_a_lasting_change_however_far() -> None:
+    alert_policy = policy(fallback_warmup_windows=20, term_learn_limit=2.0)
+    changed, scores, _ = edges_after([(0.2, 0.1)] * 30 + [(5.0, 0.1)] * 300, alert_policy)
+    assert scores[30] == pytest.approx(5.0)  # the change pages when it comes
+    assert scores[-1] < 1.5  # and the new shape becomes the sensor's normal
+    assert [sketch.count for sketch in changed.term_sketches] == [330, 330]
+
+    every_term = alert_policy.model_copy(update={"bounded_terms": NAMES})
+    _, scores, _ = edges_after([(0.2, 0.1)] * 30 + [(5.0, 0.1)] * 300, every_term)
+    assert scores[-1] == pytest.approx(5.0)  # bounded, it would page for ever
 
 
 def test_term_edges_skip_replays_restart_for_other_terms_and_round_trip() -> None:
@@ -463,7 +486,7 @@ def test_term_edges_skip_replays_restart_for_other_terms_and_round_trip() -> Non
     state, _, _ = edges_after([(0.5, 1.5, 0.0)] * 10, alert_policy)
     assert len(state.term_sketches) == 3 and state.term_sketches[0].count == 10
     beside_a_threshold, _, _ = adapt_terms(
-        state, (0.5, 1.5, 0.0), ts_ms=10, threshold=1.3, policy=alert_policy
+        state, (0.5, 1.5, 0.0), names=NAMES, ts_ms=10, threshold=1.3, policy=alert_policy
     )
     warming = edges_after([(0.5, 1.5, 0.0)] * 3, alert_policy)[0]
     for packed in (warming, state, beside_a_threshold):
@@ -471,7 +494,7 @@ def test_term_edges_skip_replays_restart_for_other_terms_and_round_trip() -> Non
         assert stored == packed  # exactly, before and after a sketch has five values
     reloaded = SensorAlertState.from_dict("pump-1", beside_a_threshold.to_dict())
     kept, _, _ = adapt_terms(
-        reloaded, (0.5, 1.5, 0.0), ts_ms=11, threshold=1.3, policy=alert_policy
+        reloaded, (0.5, 1.5, 0.0), names=NAMES, ts_ms=11, threshold=1.3, policy=alert_policy
     )
     assert [sketch.count for sketch in kept.term_sketches] == [2, 2, 2]  # not started again
 
@@ -486,14 +509,14 @@ def test_term_edges_skip_replays_restart_for_other_terms_and_round_trip() -> Non
         attribution=(1.0,),
     )
     replayed, _, _ = adapt_terms(
-        decided, (0.5, 1.5, 0.0), ts_ms=9, threshold=None, policy=alert_policy
+        decided, (0.5, 1.5, 0.0), names=NAMES, ts_ms=9, threshold=None, policy=alert_policy
     )
     assert replayed.term_sketches == decided.term_sketches
     other_model, _, _ = adapt_terms(
-        decided, (0.5, 1.5), ts_ms=10, threshold=None, policy=alert_policy
+        decided, (0.5, 1.5), names=NAMES[:2], ts_ms=10, threshold=None, policy=alert_policy
     )
     assert [sketch.count for sketch in other_model.term_sketches] == [1, 1]
     refitted, _, _ = adapt_terms(  # a new fitted threshold: terms on another scale
-        decided, (0.5, 1.5, 0.0), ts_ms=10, threshold=1.3, policy=alert_policy
+        decided, (0.5, 1.5, 0.0), names=NAMES, ts_ms=10, threshold=1.3, policy=alert_policy
     )
     assert [sketch.count for sketch in refitted.term_sketches] == [1, 1, 1]
