@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -70,7 +70,8 @@ class AnomalyLLMDetector:
 
     Window scores are the worker's: each window's terms are measured from the series' own
     edges of normal, window by window in time order (`stream_detector.alerts.adapt_terms`,
-    the default ``AlertPolicy``), unless ``adapt_term_units`` is off. The edges warm up
+    the default ``AlertPolicy`` with ``edge_settings`` changed), unless
+    ``adapt_term_units`` is off. The edges warm up
     on ``term_warmup_windows`` windows (None: the policy's ``fallback_warmup_windows``);
     the NAB runner sets it to the windows of the probationary part, as it warms up the
     alert threshold's quantile there.
@@ -100,7 +101,7 @@ class AnomalyLLMDetector:
         refresh_memory_only: bool = False,
         adapt_term_units: bool = True,
         term_warmup_windows: int | None = None,
-        bounded_terms: Sequence[str] | None = None,
+        edge_settings: Mapping[str, Any] | None = None,
         **model_settings: Any,
     ) -> None:
         unknown = set(model_settings) - {
@@ -131,7 +132,7 @@ class AnomalyLLMDetector:
         self.refresh_memory_only = refresh_memory_only
         self.adapt_term_units = adapt_term_units
         self.term_warmup_windows = term_warmup_windows
-        self.bounded_terms = None if bounded_terms is None else tuple(bounded_terms)
+        self.edge_policy = AlertPolicy(**(edge_settings or {}))
         self.model: AnomalyLLM | None = None
         self.result: TrainResult | None = None
         self.training_rows = 0
@@ -166,7 +167,9 @@ class AnomalyLLMDetector:
             "adapt_term_units": self.adapt_term_units and model_config.fused,
             "term_warmup_windows": self.term_warmup_windows
             or "the policy's fallback_warmup_windows; trainer nab: the probationary windows",
-            "bounded_terms": list(self.bounded_terms or AlertPolicy().bounded_terms),
+            "term_quantile": self.edge_policy.term_quantile,
+            "term_learn_limit": self.edge_policy.term_learn_limit,
+            "bounded_terms": list(self.edge_policy.bounded_terms),
         }
 
     def _columns(self, series: np.ndarray) -> np.ndarray:
@@ -225,15 +228,16 @@ class AnomalyLLMDetector:
         max_train_windows = profile(self.profile_name, seed=self.seed).max_train_windows
         return max(1, shifts // max(memory_slots, max_train_windows * 2))
 
-    def window_scores(self, series: np.ndarray, stride: int) -> WindowScores:
-        """Scores of windows starting at 0, stride, 2*stride, ..."""
+    def window_scores(self, series: np.ndarray, stride: int, adapted: bool = True) -> WindowScores:
+        """Scores of windows starting at 0, stride, 2*stride, ... (``adapted=False``: from
+        the trained edges, before ``with_edges``)."""
         if self.model is None:
             raise RuntimeError("fit() must run before score()")
         windows = sliding_windows(self._columns(series), self.model.config.window_length, stride)
         if self.refresh_every is not None:
             return self._refreshed_scores(windows, stride, self._columns(series))
         scored = self.model.score_windows(windows, self.batch_size)
-        return self.with_edges(scored, threshold=self.threshold)[0]
+        return self.with_edges(scored, threshold=self.threshold)[0] if adapted else scored
 
     def with_edges(
         self,
@@ -251,9 +255,7 @@ class AnomalyLLMDetector:
             return scored, edges
         if names is None:
             names = DEFAULT_SCORE_TERMS if self.model is None else self.model.config.score_terms
-        policy = AlertPolicy()
-        if self.bounded_terms is not None:
-            policy = policy.model_copy(update={"bounded_terms": self.bounded_terms})
+        policy = self.edge_policy
         if self.term_warmup_windows is not None:
             policy = policy.model_copy(update={"fallback_warmup_windows": self.term_warmup_windows})
         score = np.empty(len(scored.score), dtype=np.float32)
@@ -384,7 +386,7 @@ class AnomalyLLMBoundedEdgesDetector(AnomalyLLMDetector):
     name = "anomalyllm-bounded-edges"
 
     def __init__(self, **settings: Any) -> None:
-        super().__init__(**{"bounded_terms": DEFAULT_SCORE_TERMS, **settings})
+        super().__init__(**{"edge_settings": {"bounded_terms": DEFAULT_SCORE_TERMS}, **settings})
 
 
 class AnomalyLLMPaperDetector(AnomalyLLMDetector):
