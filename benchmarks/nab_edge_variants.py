@@ -40,8 +40,8 @@ from trainer.nab import DetectorRun, _warmup, decision_results, load_corpus
 EVERY_TERM = list(DEFAULT_SCORE_TERMS)
 # Variant -> the AlertPolicy fields its edges run with (None: the trained edges).
 VARIANTS: dict[str, dict[str, Any] | None] = {
-    "default: level and scale bounded at 2": {},
-    "every term bounded at 2 (stop 27)": {"bounded_terms": EVERY_TERM},
+    "default: every term bounded at 2": {},
+    "level and scale bounded at 2 (48c84f2, not adopted)": {"bounded_terms": ["level", "scale"]},
     "every term bounded at 3": {"bounded_terms": EVERY_TERM, "term_learn_limit": 3.0},
     "every term bounded at 4": {"bounded_terms": EVERY_TERM, "term_learn_limit": 4.0},
     "level bounded at 2, the rest free": {"bounded_terms": ["level"]},

@@ -379,14 +379,15 @@ class AnomalyLLMFixedEdgesDetector(AnomalyLLMDetector):
         super().__init__(**{"adapt_term_units": False, **settings})
 
 
-class AnomalyLLMBoundedEdgesDetector(AnomalyLLMDetector):
-    """The default with every term's edge bounded at ``term_learn_limit``, the shape
-    terms' too (stop 27's default): the ablation of ``AlertPolicy.bounded_terms``."""
+class AnomalyLLMShapeEdgesDetector(AnomalyLLMDetector):
+    """The default with only the level and scale terms' edges bounded at
+    ``term_learn_limit``: the shape terms learn every value (``AlertPolicy.bounded_terms``;
+    declared in 48c84f2 and not adopted, README)."""
 
-    name = "anomalyllm-bounded-edges"
+    name = "anomalyllm-shape-edges"
 
     def __init__(self, **settings: Any) -> None:
-        super().__init__(**{"edge_settings": {"bounded_terms": DEFAULT_SCORE_TERMS}, **settings})
+        super().__init__(**{"edge_settings": {"bounded_terms": ("level", "scale")}, **settings})
 
 
 class AnomalyLLMPaperDetector(AnomalyLLMDetector):
