@@ -40,12 +40,26 @@ from trainer.nab import DetectorRun, _warmup, decision_results, load_corpus
 EVERY_TERM = list(DEFAULT_SCORE_TERMS)
 # Variant -> the AlertPolicy fields its edges run with (None: the trained edges).
 VARIANTS: dict[str, dict[str, Any] | None] = {
-    "default: every term bounded at 2": {},
-    "level and scale bounded at 2 (48c84f2, not adopted)": {"bounded_terms": ["level", "scale"]},
-    "every term bounded at 3": {"bounded_terms": EVERY_TERM, "term_learn_limit": 3.0},
-    "every term bounded at 4": {"bounded_terms": EVERY_TERM, "term_learn_limit": 4.0},
-    "level bounded at 2, the rest free": {"bounded_terms": ["level"]},
-    "no term bounded": {"bounded_terms": []},
+    "default: level and scale bounded at 2, quantile 0.99": {},
+    "every term bounded at 2, quantile 0.995 (stop 27)": {
+        "bounded_terms": EVERY_TERM,
+        "term_quantile": 0.995,
+    },
+    "level and scale bounded at 2, quantile 0.995 (48c84f2)": {"term_quantile": 0.995},
+    "level and scale bounded at 2, quantile 0.98": {"term_quantile": 0.98},
+    "level and scale bounded at 2, quantile 0.95": {"term_quantile": 0.95},
+    "every term bounded at 3, quantile 0.995": {
+        "bounded_terms": EVERY_TERM,
+        "term_learn_limit": 3.0,
+        "term_quantile": 0.995,
+    },
+    "every term bounded at 4, quantile 0.995": {
+        "bounded_terms": EVERY_TERM,
+        "term_learn_limit": 4.0,
+        "term_quantile": 0.995,
+    },
+    "level bounded at 2, quantile 0.995": {"bounded_terms": ["level"], "term_quantile": 0.995},
+    "no term bounded, quantile 0.995": {"bounded_terms": [], "term_quantile": 0.995},
     "trained edges (anomalyllm-fixed-edges)": None,
 }
 MODES = {"quantile": "worker's running quantile", "trained_adaptive": "trainer's, adaptive"}

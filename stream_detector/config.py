@@ -223,14 +223,15 @@ class AlertPolicy(_Group):
     edge is the larger of 1 and the running ``term_quantile`` of the sensor's own values
     of that term, and each term is shifted down by its edge's rise (a term at its edge
     scores 1, as the most extreme normal window does). So a term that drifted past its
-    training range stops paging, and the others stay as sensitive as trained. A value of
-    one of the ``bounded_terms`` (by default every term) above ``term_learn_limit`` (in
-    units of the most extreme normal training window) never moves its edge, so an
-    anomaly does not teach its own terms and their edges stay within [1,
-    ``term_learn_limit``]. A term left out of them learns every value, so a lasting change
-    moves its edge however far it goes: bounding only ``["level", "scale"]`` won NAB and
-    MSL and lost UCR series whose anomalies taught their own shape terms (README). A new
-    fitted threshold (a new model version or a refresh) starts new edges.
+    training range stops paging, and the others stay as sensitive as trained. The
+    ``bounded_terms`` (the window's level and spread against the training data's) are
+    where a failing sensor shows: a value of theirs above ``term_learn_limit`` (in units
+    of the most extreme normal training window) never moves their edge, so an excursion
+    does not teach its own terms and their edges stay within [1, ``term_learn_limit``].
+    The other terms measure shape and learn every value, so a sensor whose shapes change
+    for good (a new daily pattern, new noise) moves their edges as far as it goes; an
+    anomaly teaches them only if more than 1 - ``term_quantile`` of the sensor's windows
+    show it. A new fitted threshold (a new model version or a refresh) starts new edges.
     """
 
     threshold_fallback: Literal["quantile", "fixed"] = "quantile"
@@ -239,9 +240,9 @@ class AlertPolicy(_Group):
     fallback_warmup_windows: int = Field(200, ge=5)
     fallback_threshold: float | None = Field(None, gt=0)
     adapt_term_units: bool = True
-    term_quantile: float = Field(0.995, gt=0.5, lt=1.0)
+    term_quantile: float = Field(0.99, gt=0.5, lt=1.0)
     term_learn_limit: float = Field(2.0, gt=1.0)
-    bounded_terms: tuple[str, ...] = ("discrepancy", "memory", "level", "scale", "tail", "point")
+    bounded_terms: tuple[str, ...] = ("level", "scale")
     # Open when at least confirm_k of the last confirm_n windows are above the threshold.
     confirm_k: int = Field(3, ge=1, le=64)
     confirm_n: int = Field(5, ge=1, le=64)

@@ -14,6 +14,7 @@ from stream_detector.alerts import SensorAlertState, adapt_terms
 from stream_detector.config import AlertPolicy
 from stream_detector.model import (
     DEFAULT_SCORE_TERMS,
+    SCORE_TERMS,
     SMOLLM2,
     AnomalyLLM,
     ModelConfig,
@@ -379,15 +380,15 @@ class AnomalyLLMFixedEdgesDetector(AnomalyLLMDetector):
         super().__init__(**{"adapt_term_units": False, **settings})
 
 
-class AnomalyLLMShapeEdgesDetector(AnomalyLLMDetector):
-    """The default with only the level and scale terms' edges bounded at
-    ``term_learn_limit``: the shape terms learn every value (``AlertPolicy.bounded_terms``;
-    declared in 48c84f2 and not adopted, README)."""
+class AnomalyLLMBoundedEdgesDetector(AnomalyLLMDetector):
+    """Stop 27's edges: every term's edge bounded at ``term_learn_limit``, at the running
+    0.995 quantile: the ablation of ``AlertPolicy.bounded_terms`` and ``term_quantile``."""
 
-    name = "anomalyllm-shape-edges"
+    name = "anomalyllm-bounded-edges"
 
     def __init__(self, **settings: Any) -> None:
-        super().__init__(**{"edge_settings": {"bounded_terms": ("level", "scale")}, **settings})
+        edges = {"bounded_terms": SCORE_TERMS, "term_quantile": 0.995}
+        super().__init__(**{"edge_settings": edges, **settings})
 
 
 class AnomalyLLMPaperDetector(AnomalyLLMDetector):

@@ -361,7 +361,7 @@ class WindowedGaussianDetector:
 DETECTORS: dict[str, str] = {
     "anomalyllm": "trainer.anomalyllm_detector:AnomalyLLMDetector",
     "anomalyllm-fixed-edges": "trainer.anomalyllm_detector:AnomalyLLMFixedEdgesDetector",
-    "anomalyllm-shape-edges": "trainer.anomalyllm_detector:AnomalyLLMShapeEdgesDetector",
+    "anomalyllm-bounded-edges": "trainer.anomalyllm_detector:AnomalyLLMBoundedEdgesDetector",
     "anomalyllm-global": "trainer.anomalyllm_detector:AnomalyLLMGlobalDetector",
     "anomalyllm-l2": "trainer.anomalyllm_detector:AnomalyLLMLevelUnitDetector",
     "anomalyllm-paper": "trainer.anomalyllm_detector:AnomalyLLMPaperDetector",
