@@ -51,6 +51,8 @@ _RESERVED_KAFKA_KEYS = frozenset(
 
 KafkaConfig = dict[str, str | int | bool]
 FailPoint = Literal["before_score", "after_produce", "before_commit"]
+# The terms a fused score can have (``stream_detector.model.SCORE_TERMS``, which needs torch).
+ScoreTerm = Literal["discrepancy", "memory", "level", "scale", "tail", "point"]
 
 
 def is_secret_key(key: str) -> bool:
@@ -242,7 +244,7 @@ class AlertPolicy(_Group):
     adapt_term_units: bool = True
     term_quantile: float = Field(0.99, gt=0.5, lt=1.0)
     term_learn_limit: float = Field(2.0, gt=1.0)
-    bounded_terms: tuple[str, ...] = ("level", "scale")
+    bounded_terms: tuple[ScoreTerm, ...] = ("level", "scale")
     # Open when at least confirm_k of the last confirm_n windows are above the threshold.
     confirm_k: int = Field(3, ge=1, le=64)
     confirm_n: int = Field(5, ge=1, le=64)

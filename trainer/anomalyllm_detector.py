@@ -71,11 +71,10 @@ class AnomalyLLMDetector:
 
     Window scores are the worker's: each window's terms are measured from the series' own
     edges of normal, window by window in time order (`stream_detector.alerts.adapt_terms`,
-    the default ``AlertPolicy`` with ``edge_settings`` changed), unless
-    ``adapt_term_units`` is off. The edges warm up
-    on ``term_warmup_windows`` windows (None: the policy's ``fallback_warmup_windows``);
-    the NAB runner sets it to the windows of the probationary part, as it warms up the
-    alert threshold's quantile there.
+    the default ``AlertPolicy`` with the fields in ``edge_settings`` changed), unless
+    ``adapt_term_units`` is off. The edges warm up on ``term_warmup_windows`` windows
+    (None: the policy's ``fallback_warmup_windows``); the NAB runner sets it to the
+    windows of the probationary part, as it warms up the alert threshold's quantile there.
     """
 
     name = "anomalyllm"

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+from typing import get_args
 
 import pytest
 from pydantic import ValidationError
 
 from stream_detector.config import (
+    ScoreTerm,
     Settings,
     kafka_consumer_config,
     kafka_producer_config,
     mask_url,
 )
+from stream_detector.model import SCORE_TERMS
 
 pytestmark = pytest.mark.unit
 
@@ -70,6 +73,10 @@ def test_settings_are_frozen() -> None:
         settings.kafka.group_id = "other"  # type: ignore[misc]
 
 
+def test_the_score_terms_settings_can_name_are_the_models() -> None:
+    assert get_args(ScoreTerm) == SCORE_TERMS
+
+
 def test_misspelt_nested_variable_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DETECTOR_KAFKA__BOOTSTRAP_SERVER", "broker:9092")
     with pytest.raises(ValidationError, match="bootstrap_server"):
@@ -86,6 +93,7 @@ def test_misspelt_nested_variable_is_an_error(monkeypatch: pytest.MonkeyPatch) -
         ({"alerts": {"severity_bands": {}}}, "at least one band"),
         ({"window_length": 16, "stride": 32}, "must not exceed window_length"),
         ({"device": "tpu"}, "device"),
+        ({"alerts": {"bounded_terms": ["levle"]}}, "bounded_terms"),
     ],
 )
 def test_invalid_settings_say_what_to_fix(overrides: dict[str, object], message: str) -> None:
