@@ -110,7 +110,7 @@ def main() -> None:
         "profile": args.profile,
         "files": len(corpus),
         "modes": MODES,
-        "variants": {name: settings for name, settings in VARIANTS.items()},
+        "variants": VARIANTS,
         "results": results,
         "wall_s": round(time.perf_counter() - started, 1),
     }
