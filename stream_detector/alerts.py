@@ -307,6 +307,7 @@ def _unpack_sketches(packed: object) -> tuple[QuantileSketch, ...]:
         raise TypeError("term_edges must be a base64 string")
     data = base64.b64decode(packed, validate=True)
     (quantile, floor), offset, sketches = _SHARED.unpack_from(data), _SHARED.size, []
+    threshold = None if math.isnan(floor) else floor
     while offset < len(data):
         (count,) = _COUNT.unpack_from(data, offset)
         seen = min(count, 5)
@@ -316,7 +317,6 @@ def _unpack_sketches(packed: object) -> tuple[QuantileSketch, ...]:
         if count >= 5:
             positions = (0, *_MIDDLE_POSITIONS.unpack_from(data, offset), count - 1)
             offset += _MIDDLE_POSITIONS.size
-        threshold = None if math.isnan(floor) else floor
         sketches.append(QuantileSketch(quantile, count, heights, positions, threshold))
     return tuple(sketches)
 
