@@ -175,11 +175,13 @@ class QuantileSketch:
 
     def add(self, x: float) -> QuantileSketch:
         """Return the sketch with ``x`` observed."""
+        # Built directly rather than with ``replace``, which inspects the fields on every
+        # call: a scored window adds to six sketches (the threshold's and one per term).
         count = self.count + 1
         if count <= 5:
             heights = tuple(sorted((*self.heights, x)))
             positions = (0, 1, 2, 3, 4) if count == 5 else ()
-            return replace(self, count=count, heights=heights, positions=positions)
+            return QuantileSketch(self.quantile, count, heights, positions, self.floor)
         q = list(self.heights)
         n = list(self.positions)
         if x < q[0]:
@@ -207,7 +209,7 @@ class QuantileSketch:
                 else:
                     q[i] += step * (q[i + step] - q[i]) / (n[i + step] - n[i])
                 n[i] += step
-        return replace(self, count=count, heights=tuple(q), positions=tuple(n))
+        return QuantileSketch(self.quantile, count, tuple(q), tuple(n), self.floor)
 
     def estimate(self) -> float | None:
         """The current estimate, or ``None`` before five observations."""
