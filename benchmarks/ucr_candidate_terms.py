@@ -30,7 +30,16 @@ each series under these variants, judged by the UCR rule:
   (``ModelConfig.level_unit_sigmas``), a model of its own;
 - ``edges``: the baseline's terms measured from the series' own edges of normal, window
   by window (`stream_detector.alerts.adapt_terms` with the default ``AlertPolicy``, as
-  the worker and the harness's ``anomalyllm`` do; the baseline keeps the trained edges).
+  the worker and the harness's ``anomalyllm`` do; the baseline keeps the trained edges);
+- ``edges_q95``, ``edges_q999``: the same edges at the running 0.95 or 0.999 quantile;
+- ``edges_ratio_max``: each term divided by its edge instead of shifted down by its rise,
+  the edge being the largest value the term has learnt so far (a window scores by how
+  far it breaks its term's record; level and scale learn only values up to 2, as in the
+  default);
+- ``edges_scales``: the edges at each of the three window lengths of ``scales``, each
+  point taking the largest of their scores;
+- ``edges_top2``: with the edges, a window's score is its largest term plus half its
+  second largest (the terms agreeing count).
 
 Each point takes the score of the window whose peak lies nearest
 (`trainer.anomalyllm_detector`), as the harness does. It ran before any of these was
@@ -57,6 +66,8 @@ from scipy.stats import genpareto
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.score_ablation import raw_terms
+from stream_detector.alerts import SensorAlertState, _edge_rise, adapt_terms
+from stream_detector.config import AlertPolicy
 from stream_detector.devtools.tiny import tiny_config
 from stream_detector.model import _MODEL_FREE, AnomalyLLM, WindowScores, instance_norm
 from trainer.anomalyllm_detector import (
@@ -83,7 +94,13 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "difference_memory_only": ("difference_memory", "-memory"),
     "tail_probability": ("tail_probability",),
     "edges": ("edges",),
+    "edges_q95": ("edges", "q95"),
+    "edges_q999": ("edges", "q999"),
+    "edges_ratio_max": ("ratio_max",),
+    "edges_scales": ("edges", "scales"),
+    "edges_top2": ("edges", "top2"),
 }
+EDGE_QUANTILES = {"q95": 0.95, "q999": 0.999}
 # The baseline as a model of its own with ``level_unit_sigmas`` at these values.
 LEVEL_UNITS = {"level_sigma1": 1.0, "level_sigma2": 2.0, "level_sigma3": 3.0}
 VARIANTS.update({name: (name,) for name in LEVEL_UNITS})
@@ -140,13 +157,54 @@ class Scored:
         starts = np.arange(z.shape[1]) * self.stride
         return _nearest_peak_score(score, starts + peaks[largest, np.arange(z.shape[1])], size)
 
-    def with_edges(self) -> tuple[np.ndarray, np.ndarray]:
+    def with_edges(
+        self, quantile: float | None = None, top2: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Window scores and peaks with each term measured from the series' own edges of
-        normal, as the harness's detector measures them (`AnomalyLLMDetector.with_edges`)."""
+        normal, as the harness's detector measures them (`AnomalyLLMDetector.with_edges`),
+        at another running ``quantile`` if given; ``top2``: plus half the second largest
+        adapted term (from the same edges, replayed with ``stream_detector.alerts``)."""
         windows = self.z.shape[1]
         trained = WindowScores(np.zeros(windows), np.zeros(windows), self.z.T, self.peaks.T)
-        scored = AnomalyLLMDetector().with_edges(trained, names=TERMS)[0]
-        return scored.score, scored.peak_offset
+        settings = {} if quantile is None else {"term_quantile": quantile}
+        detector = AnomalyLLMDetector(edge_settings=settings)
+        scored = detector.with_edges(trained, names=TERMS)[0]
+        if not top2:
+            return scored.score, scored.peak_offset
+        adapted = self.adapted_terms(detector.edge_policy)
+        second = np.sort(np.clip(adapted, 0, None), axis=0)[-2]
+        return scored.score + 0.5 * second, scored.peak_offset
+
+    def adapted_terms(self, policy: AlertPolicy) -> np.ndarray:
+        """Each term less its edge's rise before the window, as ``adapt_terms`` measures
+        it. (T, N)"""
+        state, rows = SensorAlertState("series"), []
+        for index, terms in enumerate(self.z.T.tolist()):
+            rises = [
+                _edge_rise(sketch, policy.fallback_warmup_windows) for sketch in state.term_sketches
+            ] or [0.0] * len(terms)
+            rows.append([max(0.0, term) - rise for term, rise in zip(terms, rises, strict=True)])
+            state = adapt_terms(
+                state, terms, names=TERMS, ts_ms=index, threshold=None, policy=policy
+            )[0]
+        return np.asarray(rows).T
+
+    def ratio_to_record(self) -> np.ndarray:
+        """Each term over the largest value it has learnt before the window (at least 1; 1
+        until 200 windows have warmed it up; level and scale learn only values up to 2).
+        (T, N)"""
+        policy = AlertPolicy()
+        values = np.clip(self.z, 0, None)
+        rows = []
+        for row, term in enumerate(TERMS):
+            learnt = values[row].copy()
+            if term in policy.bounded_terms:
+                learnt[learnt > policy.term_learn_limit] = -np.inf
+            record = np.concatenate([[-np.inf], np.maximum.accumulate(learnt)[:-1]])
+            count = np.concatenate([[0], np.cumsum(np.isfinite(learnt))[:-1]])
+            edge = np.where(count >= policy.fallback_warmup_windows, np.maximum(record, 1), 1)
+            rows.append(values[row] / edge)
+        return np.stack(rows)
 
     def left_join_memory(self) -> np.ndarray:
         """The memory term's unit-scaled value with the series' earlier windows in the bank."""
@@ -267,14 +325,23 @@ def series_hits(values: np.ndarray, train_end: int, begin: int, end: int) -> dic
         if "tail_probability" in changes:
             z = one.surprisal()
         if "edges" in changes:
-            score, peak = one.with_edges()
+            quantile = next((EDGE_QUANTILES[key] for key in changes if key in EDGE_QUANTILES), None)
+            score, peak = one.with_edges(quantile, top2="top2" in changes)
             points = _nearest_peak_score(score, np.arange(len(score)) * one.stride + peak, size)
+            if "scales" in changes:
+                for factor in (0.5, 2.0):
+                    other = scored[factor]
+                    score, peak = other.with_edges()
+                    starts = np.arange(len(score)) * other.stride
+                    points = np.maximum(points, _nearest_peak_score(score, starts + peak, size))
+        elif "ratio_max" in changes:
+            points = one.points(one.ratio_to_record(), peaks, size)
         elif name in LEVEL_UNITS:
             level = Scored(values, train_end, one.length, LEVEL_UNITS[name])
             points = level.points(level.z, level.peaks, size)
         else:
             points = one.points(z, peaks, size)
-        if "scales" in changes:
+        if "scales" in changes and "edges" not in changes:
             others = (scored[f].points(scored[f].z, scored[f].peaks, size) for f in (0.5, 2.0))
             points = np.maximum.reduce([points, *others])
         hits[name] = ucr_hit(ucr_location(points, train_end), begin, end)
