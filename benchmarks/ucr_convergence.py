@@ -6,7 +6,7 @@ Each series is fitted once per training setting, as the harness's ``anomalyllm``
 fit`), and scored at the UCR runs' resolution (at most 1,024 windows, stride at most 16):
 
 - ``quick``: the profile of the UCR runs (4 epochs over at most 128 windows, 16 steps);
-- ``default``: `trainer fit`'s profile (8 epochs over at most 192 windows, 48 steps);
+- ``default``: `trainer fit`'s profile (8 epochs over at most 192 windows, 40 steps);
 - ``long``: 40 epochs over at most 512 windows (up to 520 steps), stopped when the
   validation loss (the last fifth of the training part's windows) has not improved for 5
   epochs, and the best epoch's weights kept, as every profile does.
