@@ -163,17 +163,19 @@ class Scored:
         """Window scores and peaks with each term measured from the series' own edges of
         normal, as the harness's detector measures them (`AnomalyLLMDetector.with_edges`),
         at another running ``quantile`` if given; ``top2``: plus half the second largest
-        adapted term (from the same edges, replayed with ``stream_detector.alerts``)."""
-        windows = self.z.shape[1]
-        trained = WindowScores(np.zeros(windows), np.zeros(windows), self.z.T, self.peaks.T)
+        adapted term (the same edges, replayed once with ``stream_detector.alerts``)."""
         settings = {} if quantile is None else {"term_quantile": quantile}
         detector = AnomalyLLMDetector(edge_settings=settings)
+        if top2:
+            adapted = self.adapted_terms(detector.edge_policy)
+            ranked = np.sort(np.clip(adapted, 0, None), axis=0)
+            largest = adapted.argmax(axis=0)  # the term adapt_terms takes the score from
+            peaks = self.peaks[largest, np.arange(adapted.shape[1])]
+            return ranked[-1] + 0.5 * ranked[-2], peaks
+        windows = self.z.shape[1]
+        trained = WindowScores(np.zeros(windows), np.zeros(windows), self.z.T, self.peaks.T)
         scored = detector.with_edges(trained, names=TERMS)[0]
-        if not top2:
-            return scored.score, scored.peak_offset
-        adapted = self.adapted_terms(detector.edge_policy)
-        second = np.sort(np.clip(adapted, 0, None), axis=0)[-2]
-        return scored.score + 0.5 * second, scored.peak_offset
+        return scored.score, scored.peak_offset
 
     def adapted_terms(self, policy: AlertPolicy) -> np.ndarray:
         """Each term less its edge's rise before the window, as ``adapt_terms`` measures

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.score_ablation import raw_terms
 from trainer import train
-from trainer.anomalyllm_detector import MAX_SCORING_STRIDE, AnomalyLLMDetector, _nearest_peak_score
+from trainer.anomalyllm_detector import AnomalyLLMDetector, _nearest_peak_score
 from trainer.data import load_ucr
 from trainer.evaluate import select_ucr, ucr_hit, ucr_location
 from trainer.train import TrainConfig, sliding_windows
@@ -63,19 +63,17 @@ def fit_and_score(series, name: str) -> dict[str, object]:
     detector.fit(series.values[: series.train_end])
     fit_s = time.perf_counter() - started
     model, result = detector.model, detector.result
-    length = model.config.window_length
-    size = len(series.values)
-    stride = min(MAX_SCORING_STRIDE, max(1, -(-(size - length + 1) // MAX_SCORED_WINDOWS)))
-    scored = detector.window_scores(series.values, stride)
-    starts = np.arange(len(scored.score)) * stride
-    hits = {"default": _hit(scored.score, starts + scored.peak_offset, series)}
-    raw, offsets = raw_terms(
-        model, sliding_windows(series.values, length, stride), ("discrepancy",)
-    )
+    hits = {"default": _hit(detector.score(series.values), series)}
+    stride = detector._stride(len(series.values))  # the harness's, as `score` used
+    windows = sliding_windows(series.values, model.config.window_length, stride)
+    raw, offsets = raw_terms(model, windows, ("discrepancy",))
     with torch.inference_mode():
         row = model.config.score_terms.index("discrepancy")
         centre, unit = model.term_centre[row, 0].item(), model.term_spread[row, 0].item()
-    hits["discrepancy"] = _hit((raw[0] - centre) / unit, starts + offsets[0], series)
+    starts = np.arange(len(windows)) * stride
+    size = len(series.values)
+    points = _nearest_peak_score((raw[0] - centre) / unit, starts + offsets[0], size)
+    hits["discrepancy"] = _hit(points, series)
     return {
         **result.summary(),
         "steps_per_epoch": -(-result.train_windows // SETTINGS[name].batch_size),
@@ -86,8 +84,7 @@ def fit_and_score(series, name: str) -> dict[str, object]:
     }
 
 
-def _hit(scores: np.ndarray, peaks: np.ndarray, series) -> bool:
-    points = _nearest_peak_score(scores, peaks, len(series.values))
+def _hit(points: np.ndarray, series) -> bool:
     return ucr_hit(ucr_location(points, series.train_end), series.anomaly_begin, series.anomaly_end)
 
 
