@@ -39,7 +39,11 @@ each series under these variants, judged by the UCR rule:
 - ``edges_scales``: the edges at each of the three window lengths of ``scales``, each
   point taking the largest of their scores;
 - ``edges_top2``: with the edges, a window's score is its largest term plus half its
-  second largest (the terms agreeing count).
+  second largest (the terms agreeing count);
+- ``steps``, ``edges_steps``: the baseline, and ``edges``, with the model's "steps" term
+  fused as well (`AnomalyLLM._steps_distance`: the changes between the window's newest
+  readings against the nearest bank window's, in the channel's units; a model of its
+  own, calibrated like the others).
 
 Each point takes the score of the window whose peak lies nearest
 (`trainer.anomalyllm_detector`), as the harness does. It ran before any of these was
@@ -99,6 +103,8 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "edges_ratio_max": ("ratio_max",),
     "edges_scales": ("edges", "scales"),
     "edges_top2": ("edges", "top2"),
+    "steps": ("steps",),
+    "edges_steps": ("edges", "steps"),
 }
 EDGE_QUANTILES = {"q95": 0.95, "q999": 0.999}
 # The baseline as a model of its own with ``level_unit_sigmas`` at these values.
@@ -112,14 +118,20 @@ class Scored:
     """One window length's calibrated terms (T, N), their peaks, and what built them."""
 
     def __init__(
-        self, values: np.ndarray, train_end: int, length: int, level_unit_sigmas: float = 0.0
+        self,
+        values: np.ndarray,
+        train_end: int,
+        length: int,
+        level_unit_sigmas: float = 0.0,
+        terms: tuple[str, ...] = TERMS,
     ) -> None:
+        self.terms = terms
         config = tiny_config(
             level_unit_sigmas=level_unit_sigmas,
             window_length=length,
             patch_length=length // PATCHES_PER_WINDOW,
             patch_stride=length // PATCHES_PER_WINDOW,
-            score_terms=TERMS,
+            score_terms=terms,
             tail_readings=min(MAX_SCORING_STRIDE, length - 1),
         )
         torch.manual_seed(0)
@@ -136,18 +148,18 @@ class Scored:
         total = len(values) - length + 1
         self.stride = min(MAX_SCORING_STRIDE, max(1, math.ceil(total / MAX_SCORED_WINDOWS)))
         self.windows = sliding_windows(values, length, self.stride)
-        self.raw, self.peaks = raw_terms(self.model, self.windows, TERMS)  # (T, N) each
+        self.raw, self.peaks = raw_terms(self.model, self.windows, self.terms)  # (T, N) each
         with torch.inference_mode():
             z = self.model.scaled_terms(torch.from_numpy(self.raw).unsqueeze(-1))
         self.z = z[:, :, 0].numpy()
         # The normal windows each term is calibrated on (`AnomalyLLM.calibrate`): the
         # held-back ones, and the bank's too for the terms nothing was fitted for.
-        held = raw_terms(self.model, self.held, TERMS)[0]
-        free = tuple(term for term in TERMS if term in _MODEL_FREE)
+        held = raw_terms(self.model, self.held, self.terms)[0]
+        free = tuple(term for term in self.terms if term in _MODEL_FREE)
         bank = raw_terms(self.model, self.bank, free)[0]
         self.normal = [
             np.concatenate([held[row], bank[free.index(term)]]) if term in free else held[row]
-            for row, term in enumerate(TERMS)
+            for row, term in enumerate(self.terms)
         ]
 
     def points(self, z: np.ndarray, peaks: np.ndarray, size: int) -> np.ndarray:
@@ -174,7 +186,7 @@ class Scored:
             return ranked[-1] + 0.5 * ranked[-2], peaks
         windows = self.z.shape[1]
         trained = WindowScores(np.zeros(windows), np.zeros(windows), self.z.T, self.peaks.T)
-        scored = detector.with_edges(trained, names=TERMS)[0]
+        scored = detector.with_edges(trained, names=self.terms)[0]
         return scored.score, scored.peak_offset
 
     def adapted_terms(self, policy: AlertPolicy) -> np.ndarray:
@@ -187,7 +199,7 @@ class Scored:
             ] or [0.0] * len(terms)
             rows.append([max(0.0, term) - rise for term, rise in zip(terms, rises, strict=True)])
             state = adapt_terms(
-                state, terms, names=TERMS, ts_ms=index, threshold=None, policy=policy
+                state, terms, names=self.terms, ts_ms=index, threshold=None, policy=policy
             )[0]
         return np.asarray(rows).T
 
@@ -198,7 +210,7 @@ class Scored:
         policy = AlertPolicy()
         values = np.clip(self.z, 0, None)
         rows = []
-        for row, term in enumerate(TERMS):
+        for row, term in enumerate(self.terms):
             learnt = values[row].copy()
             if term in policy.bounded_terms:
                 learnt[learnt > policy.term_learn_limit] = -np.inf
@@ -219,7 +231,7 @@ class Scored:
             if count:
                 nearest = dots[index, :count].max()
                 distance[index] = math.sqrt(max(0.0, 2 * (self.length - nearest)) / self.length)
-        row = TERMS.index("memory")
+        row = self.terms.index("memory")
         centre, unit = self.model.term_centre[row, 0].item(), self.model.term_spread[row, 0].item()
         return (np.minimum(self.raw[row], distance) - centre) / unit
 
@@ -312,7 +324,16 @@ def series_hits(values: np.ndarray, train_end: int, begin: int, end: int) -> dic
     }
     size = len(values)
     hits = {}
+    stepped = Scored(values, train_end, one.length, terms=(*TERMS, "steps"))
     for name, changes in VARIANTS.items():
+        if "steps" in changes:
+            if "edges" in changes:
+                score, peak = stepped.with_edges()
+                points = _nearest_peak_score(score, np.arange(len(score)) * one.stride + peak, size)
+            else:
+                points = stepped.points(stepped.z, stepped.peaks, size)
+            hits[name] = ucr_hit(ucr_location(points, train_end), begin, end)
+            continue
         z, peaks = one.z.copy(), one.peaks
         if "left_join" in changes:
             z[TERMS.index("memory")] = extra["left_join"]

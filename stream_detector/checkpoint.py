@@ -142,6 +142,8 @@ def load_checkpoint(directory: Path, device: str | torch.device = "cpu") -> Chec
         state = load_file(weights)
         if "memory" in state and hasattr(model, "memory"):
             model.memory = torch.empty_like(state["memory"])  # as many windows as calibrated on
+        if "step_memory" in state and hasattr(model, "step_memory"):
+            model.step_memory = torch.empty_like(state["step_memory"])
         model.load_state_dict(state)
     except (SafetensorError, RuntimeError) as error:
         raise CheckpointError(f"{weights} does not match its config: {error}") from error

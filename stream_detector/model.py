@@ -51,10 +51,14 @@ _EPS = 1e-5
 # (shape), how far the window's mean and spread lie outside their normal range, and how
 # far its latest reading lies from the rest of the window (the newest point's surprise), and
 # how far one of its newest readings lies from the midpoint of its two neighbours (a spike
-# or a step too short to change a window's shape, level or spread).
-SCORE_TERMS = ("discrepancy", "memory", "level", "scale", "tail", "point")
+# or a step too short to change a window's shape, level or spread), and how far the changes
+# between its newest readings lie from the nearest bank window's (motion training never
+# showed, in the channel's units).
+SCORE_TERMS = ("discrepancy", "memory", "level", "scale", "tail", "point", "steps")
 # The product's default (see the README's ablation for each term's share).
 DEFAULT_SCORE_TERMS = ("discrepancy", "memory", "level", "scale", "point")
+# The "steps" term compares the newest 1/STEPS_FRACTION of a window's readings.
+STEPS_FRACTION = 4
 # A term's unit is never below this many sampling errors (`spread_floor`).
 _FLOOR_ERRORS = 3.0
 # Terms where both directions are unusual (a drop as much as a rise); they count only
@@ -150,8 +154,9 @@ class ModelConfig:
         unknown = set(self.score_terms) - set(SCORE_TERMS)
         if unknown or not self.score_terms:
             raise ValueError(f"score_terms must be some of {SCORE_TERMS}, not {self.score_terms}")
-        if "memory" in self.score_terms and self.memory_size < 1:
-            raise ValueError("the 'memory' score term needs memory_size >= 1")
+        for name in {"memory", "steps"} & set(self.score_terms):
+            if self.memory_size < 1:
+                raise ValueError(f"the {name!r} score term needs memory_size >= 1")
         if not 1 <= self.tail_readings < self.window_length:
             raise ValueError("tail_readings must be at least 1 and shorter than the window")
         if "point" in self.score_terms and self.window_length < 3:
@@ -165,9 +170,16 @@ class ModelConfig:
         return self.score_terms != ("discrepancy",)
 
     @property
+    def steps_readings(self) -> int:
+        """The newest readings whose changes the "steps" term compares: a fraction of the
+        window, and at least ``tail_readings``, so a stride of that many covers them all."""
+        fraction = self.window_length // STEPS_FRACTION
+        return min(self.window_length - 1, max(self.tail_readings, fraction))
+
+    @property
     def memory_slots(self) -> int:
         """Windows in the memory bank: ``memory_size``, or fewer within the memory budget."""
-        if "memory" not in self.score_terms:
+        if not {"memory", "steps"} & set(self.score_terms):
             return 0
         budget = _MAX_MEMORY_VALUES // (self.channels * self.window_length)
         return max(1, min(self.memory_size, budget))
@@ -472,6 +484,9 @@ class AnomalyLLM(nn.Module):
             terms, channels = len(config.score_terms), config.channels
             memory = torch.zeros(channels, config.memory_slots, config.window_length)
             self.register_buffer("memory", memory)  # (C, M, L)
+            if "steps" in config.score_terms:  # checkpoints from before the term lack it
+                steps = torch.zeros(channels, config.memory_slots, config.steps_readings)
+                self.register_buffer("step_memory", steps)  # (C, M, S): the bank's changes
             self.register_buffer("term_centre", torch.zeros(terms, channels))  # (T, C)
             self.register_buffer("term_spread", torch.ones(terms, channels))  # (T, C)
             two_sided = [name in _TWO_SIDED for name in config.score_terms]
@@ -555,6 +570,8 @@ class AnomalyLLM(nn.Module):
                 term, position = deviation.max(dim=-1)
                 term = term / (head.std(dim=-1, unbiased=False) + _EPS)
                 offset = position + (length - newest)
+            elif name == "steps":
+                term, offset = self._steps_distance(x)
             else:  # point: a newest reading's distance from the midpoint of its neighbours
                 term, offset = self._point_residual(x)
             terms.append(term)
@@ -590,6 +607,27 @@ class AnomalyLLM(nn.Module):
         channels = torch.arange(x.shape[1], device=x.device)
         residual = (x_norm - self.memory[channels, nearest]) ** 2  # (B, C, L)
         return distance, self._stretch(residual)
+
+    def _steps_distance(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Root-mean-square distance from the changes between the newest ``steps_readings``
+        readings (first differences, in the channel's units) to the nearest changes of a
+        bank window's newest readings, and the stretch where they differ most. (B, C) each
+
+        A matrix-profile discord on the differenced series without normalisation: a
+        stretch whose readings move in a way training never showed, at the amplitude
+        training showed it, even where the window's shape, level and spread look normal.
+        """
+        steps = self.step_memory.shape[-1]
+        changes = x[..., -steps - 1 :].float().diff(dim=-1)  # (B, C, S)
+        with torch.autocast(x.device.type, enabled=False):
+            dots = torch.einsum("bcs,cms->bcm", changes, self.step_memory)
+        # The nearest maximises 2 a.b - |b|^2, which leaves out |a|^2, the same for all.
+        closeness = 2 * dots - self.step_memory.pow(2).sum(dim=-1).unsqueeze(0)
+        nearest = _argmax_last(closeness)
+        channels = torch.arange(x.shape[1], device=x.device)
+        residual = (changes - self.step_memory[channels, nearest]) ** 2  # (B, C, S)
+        distance = torch.sqrt(residual.mean(dim=-1))
+        return distance, self._stretch(residual) + (x.shape[-1] - steps)
 
     def _normal_middle(self, name: str) -> torch.Tensor:
         """The calibrated middle of a term's normal range per channel (C,)."""
@@ -671,6 +709,10 @@ class AnomalyLLM(nn.Module):
         # The bank holds the windows there are, up to memory_slots (a refresh with more
         # data may grow it); a checkpoint keeps its size (`checkpoint.load_checkpoint`).
         self.memory = instance_norm(chosen).transpose(0, 1).contiguous()  # (C, M, L)
+        if "steps" in self.config.score_terms:
+            steps = self.config.steps_readings
+            changes = chosen[..., -steps - 1 :].diff(dim=-1)  # (M, C, S)
+            self.step_memory = changes.transpose(0, 1).contiguous()
 
     def _terms_of(self, windows: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
         """The named score terms of windows (N, C, L), in batches. (T, N, C)"""

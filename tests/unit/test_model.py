@@ -218,6 +218,30 @@ def test_the_point_term_finds_a_spike_among_the_newest_readings_and_where_it_is(
     assert float(model.raw_terms(early).values[0, 0, 0]) < 0.1
 
 
+def test_the_steps_term_finds_changes_training_never_showed_and_where_they_are() -> None:
+    # Windows of 32 readings, the newest 8 compared. A slow sine changes by at most about
+    # 0.2 a reading; the same readings run twice as fast change twice as much, although
+    # the window's shape, level and spread stay close to normal.
+    model = tiny_model(score_terms=("steps",), tail_readings=8, memory_size=64).eval()
+    assert model.config.steps_readings == 8
+    normal = sine_windows(200)
+    model.calibrate(normal[:150], normal[150:])
+    bank_window = normal[7:8]
+    assert float(model.raw_terms(bank_window + 5.0).values.max()) < 1e-5  # level is no change
+    faster = normal[100:101].clone()
+    time = torch.arange(8) * 2 * torch.pi / 8
+    faster[0, 0, -8:] = torch.sin(time)
+    raw = model.raw_terms(torch.cat([normal[120:130], faster]))
+    assert float(raw.values[0, -1, 0]) > 3 * float(raw.values[0, :-1, 0].max())
+    assert 24 <= int(raw.offsets[0, -1, 0]) < 32  # among the newest 8 readings
+    # Older than the newest 8: the window scored 8 readings earlier judged it.
+    early = normal[100:101].clone()
+    early[0, 0, 8:16] = torch.sin(time)
+    assert float(model.raw_terms(early).values.max()) < float(raw.values[0, -1, 0]) / 3
+    # At least the newest tail_readings (the stride), so consecutive windows cover all.
+    assert tiny_config(score_terms=("steps",), tail_readings=16).steps_readings == 16
+
+
 def test_a_score_peaks_where_its_largest_term_lies(fused_model: AnomalyLLM) -> None:
     normal = sine_windows(1)
     spiked = normal.clone()
