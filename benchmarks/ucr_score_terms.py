@@ -21,7 +21,8 @@ memory bank, so they differ only in:
 These variants keep the trained scale of every term (``anomalyllm-fixed-edges``). The
 default (``DEFAULT_KEY``) also measures each term from the series' own edges of normal,
 window by window (`stream_detector.alerts.adapt_terms`, as the worker and the harness's
-detector do); ``edges`` records both, and the default variant is exactly what the
+detector do); ``edges`` records both, and the default without its steps term measured
+the same way (``adapted_without_steps``); the default variant is exactly what the
 harness's ``anomalyllm`` computes. ``--peer`` runs other detectors (``discord``,
 ``discord-self``) on the same series in the same run.
 
@@ -62,6 +63,18 @@ from trainer.train import sliding_windows
 MAPPINGS = ("peak", "mean")
 CONFIRMATIONS = ((1, 1), (3, 5))
 DEFAULT_KEY = f"{'+'.join(DEFAULT_SCORE_TERMS)}|extreme|errors|peak|1of1"
+# The default measured from the series' own edges ("adapted"), and the same without the
+# steps term (the default of stops 28 and 29), from the same fits.
+EDGE_ROWS = {
+    "adapted": DEFAULT_SCORE_TERMS,
+    "adapted_without_steps": tuple(term for term in DEFAULT_SCORE_TERMS if term != "steps"),
+}
+
+
+def trained_scores(z: np.ndarray, offsets: np.ndarray, terms: tuple[str, ...]) -> WindowScores:
+    """The window scores of ``terms`` fused on their trained scale, as the model gives them."""
+    rows = [SCORE_TERMS.index(term) for term in terms]
+    return WindowScores(fused(z, terms), fused_peak(z, offsets, terms), z[rows].T, offsets[rows].T)
 
 
 def confirmed(scores: np.ndarray, k: int, n: int) -> np.ndarray:
@@ -139,16 +152,15 @@ def main() -> None:
             key = f"{'+'.join(terms)}|{scaling}|{floor}|{mapping}|{k}of{n}"
             hits[key] = ucr_hit(location, series.anomaly_begin, series.anomaly_end)
         z = scalings["extreme", "errors"]
-        rows = [SCORE_TERMS.index(term) for term in DEFAULT_SCORE_TERMS]
-        fixed = WindowScores(
-            fused(z, DEFAULT_SCORE_TERMS),
-            fused_peak(z, offsets, DEFAULT_SCORE_TERMS),
-            z[rows].T,
-            offsets[rows].T,
-        )
-        adapted = detector.with_edges(fixed, threshold=detector.threshold)[0]
+        scored_by = {
+            name: detector.with_edges(
+                trained_scores(z, offsets, terms), threshold=detector.threshold, names=terms
+            )[0]
+            for name, terms in EDGE_ROWS.items()
+        }
+        scored_by["fixed"] = trained_scores(z, offsets, DEFAULT_SCORE_TERMS)
         edges = {}
-        for name, scored in (("adapted", adapted), ("fixed", fixed)):
+        for name, scored in scored_by.items():
             points = point_scores(
                 scored.score, scored.peak_offset, length, stride, len(series.values), "peak", 0
             )
@@ -178,7 +190,7 @@ def main() -> None:
         "default": DEFAULT_KEY,
         "key": "terms|scaling|unit floor|point mapping|k-of-n confirmation",
         "hits": dict(sorted(totals.items(), key=lambda item: -item[1])),
-        "edges": {name: sum(r["edges"][name] for r in records) for name in ("adapted", "fixed")},
+        "edges": {name: sum(r["edges"][name] for r in records) for name in records[0]["edges"]},
         "peer_hits": {name: sum(r["peers"][name] for r in records) for name in args.peer},
         "wall_s": round(time.perf_counter() - started, 1),
         "records": records,

@@ -56,7 +56,7 @@ _EPS = 1e-5
 # showed, in the channel's units).
 SCORE_TERMS = ("discrepancy", "memory", "level", "scale", "tail", "point", "steps")
 # The product's default (see the README's ablation for each term's share).
-DEFAULT_SCORE_TERMS = ("discrepancy", "memory", "level", "scale", "point")
+DEFAULT_SCORE_TERMS = ("discrepancy", "memory", "level", "scale", "point", "steps")
 # The "steps" term compares the newest 1/STEPS_FRACTION of a window's readings.
 STEPS_FRACTION = 4
 # A term's unit is never below this many sampling errors (`spread_floor`).
