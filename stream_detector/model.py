@@ -710,9 +710,19 @@ class AnomalyLLM(nn.Module):
         # data may grow it); a checkpoint keeps its size (`checkpoint.load_checkpoint`).
         self.memory = instance_norm(chosen).transpose(0, 1).contiguous()  # (C, M, L)
         if "steps" in self.config.score_terms:
-            steps = self.config.steps_readings
-            changes = chosen[..., -steps - 1 :].diff(dim=-1)  # (M, C, S)
-            self.step_memory = changes.transpose(0, 1).contiguous()
+            self.step_memory = self._every_stretch_of_changes(windows)
+
+    def _every_stretch_of_changes(self, windows: torch.Tensor) -> torch.Tensor:
+        """The steps term's bank: the changes (first differences) of every stretch of
+        ``steps_readings`` in the windows (N, C, L), so a stretch of training matches at
+        any offset, whatever the stride the windows were cut at. Where there are more
+        than ``memory_slots``, every stretch of evenly spaced windows. (C, M, S)"""
+        steps, slots = self.config.steps_readings, self.config.memory_slots
+        stretches = windows.float().diff(dim=-1).unfold(-1, steps, 1)  # (N, C, L - S, S)
+        per_window = stretches.shape[2]
+        spacing = max(1, math.ceil(len(windows) * per_window / slots))
+        chosen = stretches[::spacing].transpose(1, 2).reshape(-1, windows.shape[1], steps)
+        return chosen[:slots].transpose(0, 1).contiguous().to(self.term_centre.device)
 
     def _terms_of(self, windows: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
         """The named score terms of windows (N, C, L), in batches. (T, N, C)"""
