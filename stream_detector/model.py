@@ -3,12 +3,13 @@
 Liu et al., "Large Language Model Guided Knowledge Distillation for Time Series
 Anomaly Detection" (arXiv 2401.15123). Shapes in comments: B batch, C channels,
 L window length, N patches, H hidden size, d embedding size, K prototypes, M memory
-windows, T score terms.
+windows, S readings the steps term compares, T score terms.
 
 The paper's score is the teacher-student distance. The product's default score
 (``ModelConfig.score_terms``) fuses it with terms the same model computes: the distance to
-the nearest of M normal training windows (shape), and how far the window's level and
-spread lie outside the range seen on normal windows. Each term is standardised on normal
+the nearest of M normal training windows (shape), how far the window's level and
+spread lie outside the range seen on normal windows, and how far its newest readings move
+unlike any stretch of training (steps). Each term is standardised on normal
 windows; the worker and the trainer run whatever the checkpoint's config says.
 
 This is the only module that talks to transformers.
@@ -672,7 +673,7 @@ class AnomalyLLM(nn.Module):
         ``memory_windows`` (N, C, L) are normal training windows, thinned evenly to
         ``memory_slots``; ``held_back`` (H, C, L) are normal windows the model and the bank
         never saw. On the common scale 0 is typical and 1 is the most extreme normal
-        window: a one-sided term (discrepancy, memory, point) is measured from its median
+        window: a one-sided term (discrepancy, memory, point, steps) is measured from its median
         in units of the largest excess over it; a two-sided term (level, scale) from the
         middle of its range, in units of half that range. The normal windows are the
         held-back ones, and for a term that nothing was fitted for (level, scale, point)
