@@ -53,8 +53,8 @@ _EPS = 1e-5
 # far its latest reading lies from the rest of the window (the newest point's surprise), and
 # how far one of its newest readings lies from the midpoint of its two neighbours (a spike
 # or a step too short to change a window's shape, level or spread), and how far the changes
-# between its newest readings lie from the nearest bank window's (motion training never
-# showed, in the channel's units).
+# between its newest readings lie from the nearest stretch of the bank's (motion training
+# never showed, in the channel's units).
 SCORE_TERMS = ("discrepancy", "memory", "level", "scale", "tail", "point", "steps")
 # The product's default (see the README's ablation for each term's share).
 DEFAULT_SCORE_TERMS = ("discrepancy", "memory", "level", "scale", "point", "steps")
@@ -611,8 +611,8 @@ class AnomalyLLM(nn.Module):
 
     def _steps_distance(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Root-mean-square distance from the changes between the newest ``steps_readings``
-        readings (first differences, in the channel's units) to the nearest changes of a
-        bank window's newest readings, and the stretch where they differ most. (B, C) each
+        readings (first differences, in the channel's units) to the nearest stretch of
+        changes in the bank, and the stretch where they differ most. (B, C) each
 
         A matrix-profile discord on the differenced series without normalisation: a
         stretch whose readings move in a way training never showed, at the amplitude
@@ -673,12 +673,13 @@ class AnomalyLLM(nn.Module):
         ``memory_windows`` (N, C, L) are normal training windows, thinned evenly to
         ``memory_slots``; ``held_back`` (H, C, L) are normal windows the model and the bank
         never saw. On the common scale 0 is typical and 1 is the most extreme normal
-        window: a one-sided term (discrepancy, memory, point, steps) is measured from its median
-        in units of the largest excess over it; a two-sided term (level, scale) from the
-        middle of its range, in units of half that range. The normal windows are the
-        held-back ones, and for a term that nothing was fitted for (level, scale, point)
-        the bank's windows too. So a term with heavy tails on normal data counts for
-        less, and the fused score (the largest term) above 1 means beyond anything normal.
+        window: a one-sided term (discrepancy, memory, point, steps) is measured from its
+        median in units of the largest excess over it; a two-sided term (level, scale)
+        from the middle of its range, in units of half that range. The normal windows are
+        the held-back ones, and for a term that nothing was fitted for (level, scale,
+        point) the bank's windows too. So a term with heavy tails on normal data counts
+        for less, and the fused score (the largest term) above 1 means beyond anything
+        normal.
         """
         if not self.config.fused:
             return
