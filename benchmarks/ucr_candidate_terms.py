@@ -42,8 +42,8 @@ each series under these variants, judged by the UCR rule:
   second largest (the terms agreeing count);
 - ``steps``, ``edges_steps``: the baseline, and ``edges``, with the model's "steps" term
   fused as well (`AnomalyLLM._steps_distance`: the changes between the window's newest
-  readings against the nearest bank window's, in the channel's units; a model of its
-  own, calibrated like the others).
+  readings against the nearest stretch of the bank's, in the channel's units; a model of
+  its own, calibrated like the others; the default since stop 30).
 
 Each point takes the score of the window whose peak lies nearest
 (`trainer.anomalyllm_detector`), as the harness does. It ran before any of these was
