@@ -326,15 +326,8 @@ def series_hits(values: np.ndarray, train_end: int, begin: int, end: int) -> dic
     hits = {}
     stepped = Scored(values, train_end, one.length, terms=(*TERMS, "steps"))
     for name, changes in VARIANTS.items():
-        if "steps" in changes:
-            if "edges" in changes:
-                score, peak = stepped.with_edges()
-                points = _nearest_peak_score(score, np.arange(len(score)) * one.stride + peak, size)
-            else:
-                points = stepped.points(stepped.z, stepped.peaks, size)
-            hits[name] = ucr_hit(ucr_location(points, train_end), begin, end)
-            continue
-        z, peaks = one.z.copy(), one.peaks
+        base = stepped if "steps" in changes else one
+        z, peaks = base.z.copy(), base.peaks
         if "left_join" in changes:
             z[TERMS.index("memory")] = extra["left_join"]
         if "-memory" in changes:
@@ -349,8 +342,8 @@ def series_hits(values: np.ndarray, train_end: int, begin: int, end: int) -> dic
             z = one.surprisal()
         if "edges" in changes:
             quantile = next((EDGE_QUANTILES[key] for key in changes if key in EDGE_QUANTILES), None)
-            score, peak = one.with_edges(quantile, top2="top2" in changes)
-            points = _nearest_peak_score(score, np.arange(len(score)) * one.stride + peak, size)
+            score, peak = base.with_edges(quantile, top2="top2" in changes)
+            points = _nearest_peak_score(score, np.arange(len(score)) * base.stride + peak, size)
             if "scales" in changes:
                 for factor in (0.5, 2.0):
                     other = scored[factor]
@@ -363,7 +356,7 @@ def series_hits(values: np.ndarray, train_end: int, begin: int, end: int) -> dic
             level = Scored(values, train_end, one.length, LEVEL_UNITS[name])
             points = level.points(level.z, level.peaks, size)
         else:
-            points = one.points(z, peaks, size)
+            points = base.points(z, peaks, size)
         if "scales" in changes and "edges" not in changes:
             others = (scored[f].points(scored[f].z, scored[f].peaks, size) for f in (0.5, 2.0))
             points = np.maximum.reduce([points, *others])
