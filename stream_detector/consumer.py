@@ -46,6 +46,10 @@ class ConsumerError(RuntimeError):
     """The consumer hit an error it cannot continue from (fatal, or a failed commit)."""
 
 
+# What the broker's client raises: a worker keeps its work and retries on either.
+KAFKA_ERRORS = (ConsumerError, KafkaException)
+
+
 class ConsumedMessage(NamedTuple):
     """One polled record, detached from librdkafka (a named tuple: one is built for every
     record, and a tuple builds several times faster than a frozen dataclass)."""

@@ -20,10 +20,14 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 
-from confluent_kafka import KafkaError, TopicPartition
-
 from stream_detector.metrics import Metrics
-from stream_detector.publisher import Delivery, Failure, Publisher, PublishError
+from stream_detector.publisher import (
+    ConsumerPosition,
+    Delivery,
+    Failure,
+    Publisher,
+    PublishError,
+)
 from stream_detector.schemas import AlertEvent, ScoreRecord
 
 logger = logging.getLogger(__name__)
@@ -86,7 +90,7 @@ class Outbox:
         self._entries.append((output, delivery))
         return delivery
 
-    def acknowledge(self, offsets: tuple[list[TopicPartition], object] | None = None) -> None:
+    def acknowledge(self, offsets: ConsumerPosition | None = None) -> None:
         """Return once the broker holds every output; raise ``PublishError`` if it does not.
 
         In exactly-once mode ``offsets`` (the consumer's next offsets and its group
@@ -126,7 +130,7 @@ class Outbox:
                 break
         self._raise_unless_acknowledged()
 
-    def _commit_transaction(self, offsets: tuple[list[TopicPartition], object]) -> None:
+    def _commit_transaction(self, offsets: ConsumerPosition) -> None:
         # Records that produce() itself refused never joined the transaction, so their
         # replacements can go into it; the broker's refusals abort it.
         self._replace_refused(produce=True)
@@ -136,7 +140,7 @@ class Outbox:
             self._mark_unavailable(self._topic_refusals())
             raise PublishError(
                 f"{len(unqueued)} outputs were refused before they joined the transaction, "
-                f"e.g. {unqueued[0].error.str()}"
+                f"e.g. {unqueued[0].reason}"
             )
         if not self._in_transaction:  # nothing was produced: commit the offsets alone
             self.publisher.begin()
@@ -177,27 +181,27 @@ class Outbox:
             if delivery is None or delivery.failure is not Failure.RECORD:
                 kept.append((output, delivery))
                 continue
-            assert delivery.error is not None
+            assert delivery.reason is not None
             self.metrics.undeliverable_outputs.labels(delivery.topic).inc()
-            replacement = self._dead_letter_for(output, delivery.topic, delivery.error)
+            replacement = self._dead_letter_for(output, delivery.topic, delivery.reason)
             if replacement is not None:
                 kept.append((replacement, self._produce(replacement) if produce else None))
                 replaced = True
         self._entries = kept
         return replaced
 
-    def _dead_letter_for(self, output: Output, topic: str, error: KafkaError) -> DeadLetter | None:
+    def _dead_letter_for(self, output: Output, topic: str, reason: str) -> DeadLetter | None:
         if not isinstance(output, DeadLetter):
             logger.warning(
                 "%s refused by %s (%s): sent to the dead-letter topic instead",
                 _describe(output),
                 topic,
-                error.str(),
+                reason,
             )
             return DeadLetter(
                 output.sensor_id.encode(),
                 output.to_json(),
-                f"undeliverable: {topic} refused it: {error.str()}",
+                f"undeliverable: {topic} refused it: {reason}",
                 self._source_topic,
                 -1,
                 -1,
@@ -213,14 +217,14 @@ class Outbox:
                 "%s refused by %s even with its value cut (%s): dropped",
                 _describe(output),
                 topic,
-                error.str(),
+                reason,
             )
             return None
         logger.warning(
             "%s refused by %s (%s): cut to %d bytes",
             _describe(output),
             topic,
-            error.str(),
+            reason,
             smaller[0],
         )
         return dataclasses.replace(output, max_value_bytes=smaller[0])
@@ -234,7 +238,7 @@ class Outbox:
             return
         if any(delivery and delivery.failure is Failure.FATAL for delivery in pending):
             self.publisher.reopen()
-        errors = [delivery.error.str() for delivery in pending if delivery and delivery.error]
+        errors = [delivery.reason for delivery in pending if delivery and delivery.reason]
         in_flight = len(pending) - len(errors)
         example = f", e.g. {errors[0]}" if errors else "; is the broker reachable?"
         raise PublishError(
@@ -244,10 +248,10 @@ class Outbox:
 
     def _topic_refusals(self) -> dict[str, str]:
         return {
-            delivery.topic: delivery.error.str()
+            delivery.topic: delivery.reason
             for _, delivery in self._entries
             if delivery is not None
-            and delivery.error is not None
+            and delivery.reason is not None
             and delivery.failure is Failure.TOPIC
         }
 

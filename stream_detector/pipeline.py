@@ -1,7 +1,7 @@
 """What the worker does with polled readings, in three steps the run loop calls in turn.
 
-1. ``ingest``: decode each message (invalid ones go to the dead-letter topic with their
-   reason), append the valid readings to their windows in Redis (one round trip per
+1. ``ingest``: decode each message (``ingest``: invalid ones go to the dead-letter topic
+   with their reason), append the valid readings to their windows in Redis (one round trip per
    channel count, so one for a fleet of single-channel sensors), queue the due windows.
 2. ``score_due``: take the batches the batcher releases, score them, fold each score into
    its sensor's alert state (read from Redis once per step), publish scores and alerts.
@@ -18,24 +18,20 @@ steps replays the uncommitted input; ``WindowStore`` skips readings already appl
 re-reports every window not yet acknowledged.
 
 When Redis loses its state (``RedisStateLost``), the pipeline drops its unfinished work
-and rewinds its partitions ``redis.rebuild_lookback_s`` back, so the windows (and alert
-states) are rebuilt from Kafka; the outputs of the replayed readings are produced again,
-with the same ids. Readings older than the lookback are not recovered: the gap is logged
-and kept in ``last_rebuild``.
+and rewinds its partitions ``redis.rebuild_lookback_s`` back (``recovery``), so the
+windows (and alert states) are rebuilt from Kafka; the outputs of the replayed readings
+are produced again, with the same ids. Readings older than the lookback are not
+recovered: the gap is logged and kept in ``last_rebuild``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, NamedTuple
-
-from confluent_kafka import KafkaException
+from typing import Any
 
 from stream_detector import alerts
 from stream_detector.batcher import Batch, Batcher, RejectedWindow
@@ -45,19 +41,19 @@ from stream_detector.config import (
     kafka_producer_config,
     mask_url,
 )
-from stream_detector.consumer import ConsumedMessage, ConsumerError, ReadingConsumer, next_offsets
+from stream_detector.consumer import (
+    KAFKA_ERRORS,
+    ConsumedMessage,
+    ReadingConsumer,
+    next_offsets,
+)
 from stream_detector.failpoints import FailPoints
+from stream_detector.ingest import PositionedReading, SensorRoster, dead_letter, decode
 from stream_detector.metrics import Metrics
 from stream_detector.outbox import DeadLetter, Outbox
 from stream_detector.publisher import Delivery, Publisher, PublishError
-from stream_detector.schemas import (
-    REASON_CODES,
-    AlertEvent,
-    InvalidReading,
-    Reading,
-    ScoreRecord,
-    decode_reading,
-)
+from stream_detector.recovery import Recovery
+from stream_detector.schemas import REASON_CODES, AlertEvent, InvalidReading, ScoreRecord
 from stream_detector.scorer import ModelEvent, ModelRegistry, Scorer, resolve_device
 from stream_detector.windows import RedisStateLost, WindowStore, WindowStoreError
 
@@ -78,19 +74,7 @@ DEAD_LETTER_CODES = REASON_CODES | {
     "undeliverable",
 }
 # Failures of Redis or the broker: the pipeline keeps its work, and calling again retries it.
-RETRYABLE = (WindowStoreError, PublishError, ConsumerError, KafkaException)
-
-
-class PositionedReading(NamedTuple):
-    """A valid reading and where in Kafka it came from (what ``WindowStore`` needs; a named
-    tuple, as one is built for every reading)."""
-
-    sensor_id: str
-    ts_ms: int
-    values: tuple[float, ...]
-    topic: str
-    partition: int
-    offset: int
+RETRYABLE = (WindowStoreError, PublishError, *KAFKA_ERRORS)
 
 
 class Pipeline:
@@ -130,13 +114,10 @@ class Pipeline:
         self._next_commit_s = 0.0
         self._next_acknowledge_s = 0.0
         self.failpoints = FailPoints(settings.failpoints)
-        # sensor -> (its partition, when last seen): the sensors this worker holds, oldest
-        # first, bounded by limits.max_sensors_per_worker.
-        self._sensors: OrderedDict[str, tuple[tuple[str, int], float]] = OrderedDict()
-        # Partitions a rebuild rewound -> (lookback start ms, first unprocessed offset).
-        self._replay: dict[tuple[str, int], tuple[int, float]] = {}
-        self._unchecked: set[tuple[str, int]] = set()  # assigned; Redis not yet checked
-        self.last_rebuild: dict[str, Any] | None = None
+        self._sensors = SensorRoster(
+            settings.limits.max_sensors_per_worker, settings.redis.sensor_ttl_s
+        )
+        self._recovery = Recovery(consumer, settings.redis.rebuild_lookback_s)
         self._reset()
 
     def _reset(self) -> None:
@@ -161,43 +142,28 @@ class Pipeline:
         self._new += messages
         self._uncommitted += messages
         self.metrics.readings.inc(len(messages))
-        if self._unchecked and self._new:
+        if self._recovery.unchecked and self._new:
             lost = self._partitions_without_windows()
             if lost:
                 self._rebuild(lost)
                 return
         now_ms, now_s = time.time_ns() // 1_000_000, self._clock()
         for message in self._new:
-            if self._before_lookback(message):
+            if self._recovery.skip(message):
                 continue
             try:
-                reading = self._decode(message, now_ms)
-                self._admit(reading.sensor_id, (message.topic, message.partition), now_s)
+                reading = decode(message, self.settings.limits, self._channels_of, now_ms)
+                self._sensors.admit(reading.sensor_id, (message.topic, message.partition), now_s)
             except InvalidReading as invalid:
                 self.metrics.invalid_readings.labels(invalid.code).inc()
-                self._outbox.send(
-                    DeadLetter(
-                        message.key,
-                        message.value,
-                        invalid.reason,
-                        message.topic,
-                        message.partition,
-                        message.offset,
-                    )
-                )
+                self._outbox.send(dead_letter(message, invalid.reason))
                 continue
-            positioned = PositionedReading(
-                reading.sensor_id,
-                reading.ts_ms,
-                reading.values,
-                message.topic,
-                message.partition,
-                message.offset,
-            )
+            positioned = PositionedReading.of(reading, message)
             self._to_append.setdefault(len(reading.values), []).append(positioned)
             if message.timestamp_ms is not None:
                 self._ingest_ts[(reading.sensor_id, reading.ts_ms)] = message.timestamp_ms
         self._new = []
+        self.metrics.sensors.set(len(self._sensors))
         try:
             for channels in list(self._to_append):
                 self._append(channels, self._to_append[channels])
@@ -206,66 +172,11 @@ class Pipeline:
             self._rebuild()
         self._ingest_ts = {}
 
-    def _before_lookback(self, message: ConsumedMessage) -> bool:
-        """True for an already processed record older than a rebuild's lookback: skip it.
-
-        Only brokers that ignore the time in an offsets-for-times lookup send these.
-        """
-        partition = (message.topic, message.partition)
-        if partition not in self._replay:
-            return False
-        since_ms, until = self._replay[partition]
-        if message.offset >= until or (
-            message.timestamp_ms is not None and message.timestamp_ms >= since_ms
-        ):
-            del self._replay[partition]
-            return False
-        return message.timestamp_ms is not None
-
-    def _admit(self, sensor_id: str, partition: tuple[str, int], now_s: float) -> None:
-        """Track the sensor (seen at ``now_s``), or raise ``InvalidReading`` when the
-        worker holds too many.
-
-        Sensors silent for ``redis.sensor_ttl_s`` (whose windows Redis has expired) and the
-        sensors of revoked partitions no longer count.
-        """
-        if sensor_id in self._sensors:
-            self._sensors[sensor_id] = (partition, now_s)
-            self._sensors.move_to_end(sensor_id)
-            return
-        expired_before_s = now_s - self.settings.redis.sensor_ttl_s
-        while self._sensors and next(iter(self._sensors.values()))[1] < expired_before_s:
-            self._sensors.popitem(last=False)
-        limit = self.settings.limits.max_sensors_per_worker
-        if len(self._sensors) >= limit:
-            raise InvalidReading(
-                f"too_many_sensors: this worker already holds {limit} sensors "
-                "(limits.max_sensors_per_worker)"
-            )
-        self._sensors[sensor_id] = (partition, now_s)
-        self.metrics.sensors.set(len(self._sensors))
-
-    def _decode(self, message: ConsumedMessage, now_ms: int) -> Reading:
-        reading = decode_reading(
-            message.key,
-            message.value,
-            expected_channels=None,
-            limits=self.settings.limits,
-            now_ms=now_ms,
-        )
-        model_name = self.settings.model.model_for(reading.sensor_id)
+    def _channels_of(self, sensor_id: str) -> tuple[str, int | None]:
+        """The model that scores the sensor, and its channel count (None: not loaded)."""
+        model_name = self.settings.model.model_for(sensor_id)
         shape = self.registry.shape_of(model_name)
-        if shape is None:
-            raise InvalidReading(
-                f"no_model: sensor {reading.sensor_id!r} is scored by model {model_name!r}, "
-                "which has no version loaded"
-            )
-        if len(reading.values) != shape[0]:
-            raise InvalidReading(
-                f"wrong_channels: {len(reading.values)} channels, model {model_name!r} "
-                f"expects {shape[0]}"
-            )
-        return reading
+        return model_name, None if shape is None else shape[0]
 
     def _store(self, channels: int) -> WindowStore:
         if channels not in self._stores:
@@ -499,73 +410,37 @@ class Pipeline:
     def _rebuild(self, lost: set[tuple[str, int]] | None = None) -> None:
         """Rewind the partitions whose windows Redis lost (all owned ones by default).
 
-        A lost partition goes back to its first record of the lookback, or to its first
-        unprocessed one if that is older; the others go back to their first uncommitted
-        record. Unfinished work is dropped (the replay redoes it) before the stores accept
-        the new state, so no reading is applied out of order. A failure part-way raises,
-        and the next attempt meets the loss again and rewinds again.
+        Unfinished work is dropped (the replay redoes it) before the stores accept the new
+        state, so no reading is applied out of order (``recovery``: how far back). A
+        failure part-way raises, and the next attempt meets the loss again and rewinds
+        again.
         """
         lost = self.partitions & (self.partitions if lost is None else lost)
         self.metrics.state_losses.inc()
-        lookback_s = self.settings.redis.rebuild_lookback_s
-        since_ms = time.time_ns() // 1_000_000 - int(lookback_s * 1000)
-        oldest = self.consumer.offsets_for_time(sorted(lost), since_ms)
-        resume = self.consumer.resume_offsets(sorted(lost))
-        seeks: dict[tuple[str, int], int] = {}  # back to the first uncommitted record held
-        for message in self._uncommitted:
-            partition = (message.topic, message.partition)
-            if partition in self.partitions:
-                seeks[partition] = min(seeks.get(partition, message.offset), message.offset)
-                resume[partition] = min(resume.get(partition, message.offset), message.offset)
-        replay: dict[tuple[str, int], tuple[int, float]] = {}
-        for partition in lost:
-            first = oldest.get(partition, -1)
-            until = resume.get(partition, math.inf)
-            if 0 <= first < until:
-                seeks[partition] = first
-                replay[partition] = (since_ms, until)
-        self.consumer.seek(seeks)
+        rewind = self._recovery.rewind(self.partitions, lost, self._uncommitted)
         if self.publisher.transactional:
             self._outbox.abort()
         self._reset()
         for store in self._stores.values():
             store.detect_state_loss()
-        self._replay.update(replay)
-        replayed = {f"{t}:{p}": (seeks[(t, p)], until) for (t, p), (_, until) in replay.items()}
-        self.metrics.rebuild_messages.inc(
-            sum(until - start for start, until in replayed.values() if until != math.inf)
-        )
-        self.last_rebuild = {
-            "at_ms": time.time_ns() // 1_000_000,
-            "lookback_s": lookback_s,
-            "replay_from": {name: start for name, (start, _) in replayed.items()},
-        }
-        logger.error(
-            "Redis lost the window and alert state of %s: rebuilding from Kafka, replaying "
-            "%s (records since %d ms). Readings older than %.0f s are not recovered: sensors "
-            "whose windows need them score again once refilled.",
-            sorted(f"{t}:{p}" for t, p in lost),
-            replayed,
-            since_ms,
-            lookback_s,
-        )
+        self._recovery.rebuilt(lost, rewind)
+        self.metrics.rebuild_messages.inc(rewind.replayed_records())
+
+    @property
+    def last_rebuild(self) -> dict[str, Any] | None:
+        """When the last rebuild happened, its lookback, and where each partition replayed
+        from (None: none yet)."""
+        return self._recovery.last_rebuild
 
     def _partitions_without_windows(self) -> set[tuple[str, int]]:
-        """Newly assigned partitions the group has read from but Redis holds nothing for.
-
-        Redis lost them while no worker was looking (it restarted together with the
-        workers, or between their runs): the epoch marker cannot tell, because the first
-        worker to arrive creates a fresh one.
-        """
-        partitions = sorted(self._unchecked)
-        committed = self.consumer.committed_offsets(partitions)
+        """Newly assigned partitions the group has read from but Redis holds nothing for."""
+        partitions = sorted(self._recovery.unchecked)
         channel_counts = {shape[0] for shape in map(self.registry.shape_of, self.registry.loaded)}
         applied: set[tuple[str, int]] = set()
         for channels in channel_counts | set(self._stores):
             offsets = self._store(channels).applied_offsets(partitions)
             applied |= {partition for partition, offset in offsets.items() if offset is not None}
-        self._unchecked -= set(partitions)
-        return {p for p in partitions if committed.get(p, -1) > 0 and p not in applied}
+        return self._recovery.lost_before_arrival(applied)
 
     def start_lag_reports(self, interval_s: float) -> None:
         """Measure the consumer lag every ``interval_s`` in a daemon thread.
@@ -580,7 +455,7 @@ class Pipeline:
                 try:
                     self.metrics.set_lag(self.consumer.lag(timeout_s=min(interval_s, 5.0)))
                     self.broker_reachable = True
-                except (KafkaException, ConsumerError, RuntimeError) as error:
+                except (*KAFKA_ERRORS, RuntimeError) as error:
                     self.broker_reachable = False
                     self.metrics.set_lag({})  # unknown: no gauge rather than a stale one
                     logger.warning("could not measure consumer lag: %s", error)
@@ -588,11 +463,19 @@ class Pipeline:
         self._lag_thread = threading.Thread(target=report, name="consumer-lag", daemon=True)
         self._lag_thread.start()
 
-    def poll_timeout_s(self) -> float:
-        """How long the next poll may wait: until the oldest queued window is due, at most."""
+    def poll(self) -> list[ConsumedMessage]:
+        """The next records, ``kafka.poll_batch_size`` at most, waiting no longer than until
+        the oldest queued window is due (``kafka.poll_timeout_ms`` at most)."""
         timeout_s = self.settings.kafka.poll_timeout_ms / 1000
         until_deadline = self.batcher.seconds_to_deadline(self._clock())
-        return timeout_s if until_deadline is None else min(timeout_s, until_deadline)
+        if until_deadline is not None:
+            timeout_s = min(timeout_s, until_deadline)
+        return self.consumer.poll_batch(self.settings.kafka.poll_batch_size, timeout_s)
+
+    @property
+    def serving(self) -> bool:
+        """Whether at least one model is loaded."""
+        return bool(self.registry.loaded)
 
     def finish(self) -> None:
         """Score everything queued and commit (before partitions go or the worker stops)."""
@@ -632,20 +515,16 @@ class Pipeline:
     def on_assign(self, partitions: list[tuple[str, int]]) -> None:
         """Track the partitions this worker owns; check Redis still has their windows."""
         self.partitions |= set(partitions)
-        self._unchecked |= set(partitions)
+        self._recovery.assigned(partitions)
         self.metrics.assigned_partitions.set(len(self.partitions))
 
     def on_revoke(self, partitions: list[tuple[str, int]]) -> None:
         """Finish the in-flight work before the partitions go, or drop it for the next owner."""
         self.partitions -= set(partitions)
         self.metrics.assigned_partitions.set(len(self.partitions))
-        gone = set(partitions)
-        for sensor_id in [s for s, (part, _) in self._sensors.items() if part in gone]:
-            del self._sensors[sensor_id]
+        self._sensors.forget(partitions)
         self.metrics.sensors.set(len(self._sensors))
-        for partition in gone:
-            self._replay.pop(partition, None)
-        self._unchecked -= gone
+        self._recovery.revoked(partitions)
         try:
             self.finish()
         except Exception as error:  # the next owner replays whatever we could not commit

@@ -112,6 +112,11 @@ class JsonRecord(Protocol):
     def to_json(self) -> bytes: ...
 
 
+# The consumer's next offsets and its group metadata: what a transaction commits with the
+# outputs (exactly-once mode).
+ConsumerPosition = tuple[Sequence[TopicPartition], object]
+
+
 class PublishError(RuntimeError):
     """Outputs were not acknowledged by the broker; do not store or commit input offsets."""
 
@@ -133,6 +138,11 @@ class Delivery:
     def failure(self) -> Failure | None:
         """``None`` while acknowledged or still in flight."""
         return None if self.error is None else classify(self.error)
+
+    @property
+    def reason(self) -> str | None:
+        """The broker's (or ``produce``'s) refusal in words; ``None`` if there was none."""
+        return None if self.error is None else self.error.str()
 
     def report(self, error: KafkaError | None) -> None:
         """Record the broker's (or ``produce``'s) answer."""

@@ -29,7 +29,7 @@ def run(settings: Settings, stop: threading.Event) -> int:
     poll_ok = False
     health.add_check("consumer", lambda: poll_ok or bool(pipeline.partitions))
     health.add_check("redis", pipeline.redis_ok)
-    health.add_check("model", lambda: bool(pipeline.registry.loaded))
+    health.add_check("model", lambda: pipeline.serving)
     health.add_check("broker", lambda: pipeline.broker_ok and pipeline.broker_reachable)
     health.add_check("output_topics", lambda: not pipeline.unavailable_topics)
     backoff_s = 0.0  # > 0 while retrying unfinished work: poll nothing new until it is done
@@ -43,9 +43,7 @@ def run(settings: Settings, stop: threading.Event) -> int:
                 pipeline.refresh_models()
                 messages = []
                 if not backoff_s:
-                    messages = pipeline.consumer.poll_batch(
-                        settings.kafka.poll_batch_size, pipeline.poll_timeout_s()
-                    )
+                    messages = pipeline.poll()
                     poll_ok = True
                 pipeline.ingest(messages)  # decode, dead letters, windows (one Redis call)
                 # batcher -> scorer -> alerts -> publisher; a poll short of a full batch

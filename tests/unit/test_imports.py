@@ -20,10 +20,6 @@ ALLOWED = {
     "confluent_kafka": {
         "consumer",  # the only Consumer
         "publisher",  # the only Producer
-        # Both still classify librdkafka's errors and offsets themselves (issue 13's
-        # ingest/outbox/recovery split is to move that behind consumer and publisher).
-        "outbox",
-        "pipeline",
         "devtools.services",  # creates the embedded broker's topics
     },
     "redis": {"windows", "devtools.services"},  # devtools: the embedded Redis's PING
