@@ -43,7 +43,11 @@ each series under these variants, judged by the UCR rule:
 - ``steps``, ``edges_steps``: the baseline, and ``edges``, with the model's "steps" term
   fused as well (`AnomalyLLM._steps_distance`: the changes between the window's newest
   readings against the nearest stretch of the bank's, in the channel's units; a model of
-  its own, calibrated like the others; the default since stop 30).
+  its own, calibrated like the others; the default since stop 30);
+- ``edges_steps_eighth``: ``edges_steps`` with the steps term over the newest eighth of
+  the window instead of a quarter (``ModelConfig.steps_fraction``);
+- ``edges_steps_two_lengths``: ``edges_steps`` with a second steps term, over the newest
+  eighth, fused as a seventh term (its own calibration and edge).
 
 Each point takes the score of the window whose peak lies nearest
 (`trainer.anomalyllm_detector`), as the harness does. It ran before any of these was
@@ -105,6 +109,8 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "edges_top2": ("edges", "top2"),
     "steps": ("steps",),
     "edges_steps": ("edges", "steps"),
+    "edges_steps_eighth": ("edges", "steps", "eighth"),
+    "edges_steps_two_lengths": ("edges", "steps", "two_lengths"),
 }
 EDGE_QUANTILES = {"q95": 0.95, "q999": 0.999}
 # The baseline as a model of its own with ``level_unit_sigmas`` at these values.
@@ -124,6 +130,7 @@ class Scored:
         length: int,
         level_unit_sigmas: float = 0.0,
         terms: tuple[str, ...] = TERMS,
+        steps_fraction: int = 4,
     ) -> None:
         self.terms = terms
         config = tiny_config(
@@ -132,6 +139,7 @@ class Scored:
             patch_length=length // PATCHES_PER_WINDOW,
             patch_stride=length // PATCHES_PER_WINDOW,
             score_terms=terms,
+            steps_fraction=steps_fraction,
             tail_readings=min(MAX_SCORING_STRIDE, length - 1),
         )
         torch.manual_seed(0)
@@ -184,10 +192,7 @@ class Scored:
             largest = adapted.argmax(axis=0)  # the term adapt_terms takes the score from
             peaks = self.peaks[largest, np.arange(adapted.shape[1])]
             return ranked[-1] + 0.5 * ranked[-2], peaks
-        windows = self.z.shape[1]
-        trained = WindowScores(np.zeros(windows), np.zeros(windows), self.z.T, self.peaks.T)
-        scored = detector.with_edges(trained, names=self.terms)[0]
-        return scored.score, scored.peak_offset
+        return edge_scores(detector, self.z, self.peaks, self.terms)
 
     def adapted_terms(self, policy: AlertPolicy) -> np.ndarray:
         """Each term less its edge's rise before the window, as ``adapt_terms`` measures
@@ -285,6 +290,17 @@ class Scored:
         return np.stack(rows)
 
 
+def edge_scores(
+    detector: AnomalyLLMDetector, z: np.ndarray, peaks: np.ndarray, names: tuple[str, ...]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Window scores and peaks of the calibrated terms ``z`` (T, N) measured from the
+    series' own edges of normal, as ``detector`` measures them."""
+    windows = z.shape[1]
+    trained = WindowScores(np.zeros(windows), np.zeros(windows), z.T, peaks.T)
+    scored = detector.with_edges(trained, names=names)[0]
+    return scored.score, scored.peak_offset
+
+
 def log10_tail_probability(reference: np.ndarray, values: np.ndarray) -> np.ndarray:
     """log10 P(a normal value >= each of ``values``): empirical up to the ``TAIL_FROM``
     quantile of the sorted normal ``reference``, a generalised Pareto tail above it."""
@@ -325,8 +341,10 @@ def series_hits(values: np.ndarray, train_end: int, begin: int, end: int) -> dic
     size = len(values)
     hits = {}
     stepped = Scored(values, train_end, one.length, terms=(*TERMS, "steps"))
+    eighth = Scored(values, train_end, one.length, terms=(*TERMS, "steps"), steps_fraction=8)
     for name, changes in VARIANTS.items():
         base = stepped if "steps" in changes else one
+        base = eighth if "eighth" in changes else base
         z, peaks = base.z.copy(), base.peaks
         if "left_join" in changes:
             z[TERMS.index("memory")] = extra["left_join"]
@@ -343,6 +361,11 @@ def series_hits(values: np.ndarray, train_end: int, begin: int, end: int) -> dic
         if "edges" in changes:
             quantile = next((EDGE_QUANTILES[key] for key in changes if key in EDGE_QUANTILES), None)
             score, peak = base.with_edges(quantile, top2="top2" in changes)
+            if "two_lengths" in changes:
+                z = np.vstack([stepped.z, eighth.z[-1:]])
+                peaks = np.vstack([stepped.peaks, eighth.peaks[-1:]])
+                names = (*stepped.terms, "steps")
+                score, peak = edge_scores(AnomalyLLMDetector(), z, peaks, names)
             points = _nearest_peak_score(score, np.arange(len(score)) * base.stride + peak, size)
             if "scales" in changes:
                 for factor in (0.5, 2.0):

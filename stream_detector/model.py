@@ -58,8 +58,6 @@ _EPS = 1e-5
 SCORE_TERMS = ("discrepancy", "memory", "level", "scale", "tail", "point", "steps")
 # The product's default (see the README's ablation for each term's share).
 DEFAULT_SCORE_TERMS = ("discrepancy", "memory", "level", "scale", "point", "steps")
-# The "steps" term compares the newest 1/STEPS_FRACTION of a window's readings.
-STEPS_FRACTION = 4
 # A term's unit is never below this many sampling errors (`spread_floor`).
 _FLOOR_ERRORS = 3.0
 # Terms where both directions are unusual (a drop as much as a rise); they count only
@@ -116,6 +114,10 @@ class ModelConfig:
     # against the data's own variation, not only beyond the few levels training saw.
     # Off by default: 2.0 gained NAB and lost MSL (README, "The level term's unit").
     level_unit_sigmas: float = 0.0
+    # The "steps" term compares the changes between the newest 1/steps_fraction of a
+    # window's readings (``steps_readings``). A quarter: an eighth gained one UCR
+    # development series and a half none (README, "Candidate terms").
+    steps_fraction: int = 4
     # The truncated backbone's own Hugging Face config; filled in when the backbone
     # is loaded so a checkpoint can rebuild it without the original weights.
     backbone_config: dict[str, Any] = field(default_factory=dict)
@@ -164,6 +166,8 @@ class ModelConfig:
             raise ValueError("the 'point' score term needs windows of at least 3 readings")
         if not 0 <= self.level_unit_sigmas < math.inf:
             raise ValueError("level_unit_sigmas must be a finite number >= 0")
+        if self.steps_fraction < 1:
+            raise ValueError("steps_fraction must be at least 1")
 
     @property
     def fused(self) -> bool:
@@ -174,7 +178,7 @@ class ModelConfig:
     def steps_readings(self) -> int:
         """The newest readings whose changes the "steps" term compares: a fraction of the
         window, and at least ``tail_readings``, so a stride of that many covers them all."""
-        fraction = self.window_length // STEPS_FRACTION
+        fraction = self.window_length // self.steps_fraction
         return min(self.window_length - 1, max(self.tail_readings, fraction))
 
     @property

@@ -242,6 +242,13 @@ def test_the_steps_term_finds_changes_training_never_showed_and_where_they_are()
     assert float(model.raw_terms(early).values.max()) < float(raw.values[0, -1, 0]) / 3
     # At least the newest tail_readings (the stride), so consecutive windows cover all.
     assert tiny_config(score_terms=("steps",), tail_readings=16).steps_readings == 16
+    # A quarter of the window by default, another fraction on request, never all of it.
+    wide = {"score_terms": ("steps",), "window_length": 256, "tail_readings": 16}
+    assert tiny_config(**wide).steps_readings == 64
+    assert tiny_config(**wide, steps_fraction=8).steps_readings == 32
+    assert tiny_config(**wide, steps_fraction=1).steps_readings == 255
+    with pytest.raises(ValueError, match="steps_fraction"):
+        tiny_config(**wide, steps_fraction=0).validate()
 
 
 def test_a_score_peaks_where_its_largest_term_lies(fused_model: AnomalyLLM) -> None:
