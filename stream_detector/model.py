@@ -115,8 +115,8 @@ class ModelConfig:
     # Off by default: 2.0 gained NAB and lost MSL (README, "The level term's unit").
     level_unit_sigmas: float = 0.0
     # The "steps" term compares the changes between the newest 1/steps_fraction of a
-    # window's readings (``steps_readings``). A quarter: an eighth gained one UCR
-    # development series and a half none (README, "Candidate terms").
+    # window's readings (``steps_readings``). A quarter: an eighth instead, or beside it,
+    # gained at most one UCR development series (README, "Candidate terms").
     steps_fraction: int = 4
     # The truncated backbone's own Hugging Face config; filled in when the backbone
     # is loaded so a checkpoint can rebuild it without the original weights.
