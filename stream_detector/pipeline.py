@@ -1,8 +1,9 @@
 """What the worker does with polled readings, in three steps the run loop calls in turn.
 
-1. ``ingest``: decode each message (``ingest``: invalid ones go to the dead-letter topic
-   with their reason), append the valid readings to their windows in Redis (one round trip per
-   channel count, so one for a fleet of single-channel sensors), queue the due windows.
+1. ``ingest``: decode each message (module ``ingest``; invalid ones go to the dead-letter
+   topic with their reason), append the valid readings to their windows in Redis (one
+   round trip per channel count, so one for a fleet of single-channel sensors), queue
+   the due windows.
 2. ``score_due``: take the batches the batcher releases, score them, fold each score into
    its sensor's alert state (read from Redis once per step), publish scores and alerts.
 3. ``commit_if_idle``: once no window is queued or in flight, wait for the broker to
