@@ -427,6 +427,12 @@ class Student(nn.Module):
         return self.head(window_tokens.mean(dim=1)), index  # (B, d), (B, C)
 
 
+def _derive_step_norms(model: nn.Module, *_: object) -> None:
+    """Set ``step_norms`` from the steps bank (a ``load_state_dict`` post-hook as well)."""
+    with torch.no_grad():
+        model.step_norms = model.step_memory.pow(2).sum(dim=-1)
+
+
 def _argmax_last(values: torch.Tensor, block: int = 128) -> torch.Tensor:
     """``values.argmax(dim=-1)`` in blocks: on a CPU, torch's argmax over a long last
     dimension (a memory bank of 16,384 windows) takes about ten times as long as amax."""
@@ -492,6 +498,11 @@ class AnomalyLLM(nn.Module):
             if "steps" in config.score_terms:  # checkpoints from before the term lack it
                 steps = torch.zeros(channels, config.memory_slots, config.steps_readings)
                 self.register_buffer("step_memory", steps)  # (C, M, S): the bank's changes
+                # Each stretch's squared norm (C, M), derived from the bank whenever it is
+                # filled or loaded: for a batch of one window, as much work as the distances.
+                norms = torch.zeros(channels, config.memory_slots)
+                self.register_buffer("step_norms", norms, persistent=False)
+                self.register_load_state_dict_post_hook(_derive_step_norms)
             self.register_buffer("term_centre", torch.zeros(terms, channels))  # (T, C)
             self.register_buffer("term_spread", torch.ones(terms, channels))  # (T, C)
             two_sided = [name in _TWO_SIDED for name in config.score_terms]
@@ -627,7 +638,7 @@ class AnomalyLLM(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             dots = torch.einsum("bcs,cms->bcm", changes, self.step_memory)
         # The nearest maximises 2 a.b - |b|^2, which leaves out |a|^2, the same for all.
-        closeness = 2 * dots - self.step_memory.pow(2).sum(dim=-1).unsqueeze(0)
+        closeness = 2 * dots - self.step_norms.unsqueeze(0)
         nearest = _argmax_last(closeness)
         channels = torch.arange(x.shape[1], device=x.device)
         residual = (changes - self.step_memory[channels, nearest]) ** 2  # (B, C, S)
@@ -717,6 +728,7 @@ class AnomalyLLM(nn.Module):
         self.memory = instance_norm(chosen).transpose(0, 1).contiguous()  # (C, M, L)
         if "steps" in self.config.score_terms:
             self.step_memory = self._every_stretch_of_changes(windows)
+            _derive_step_norms(self)
 
     def _every_stretch_of_changes(self, windows: torch.Tensor) -> torch.Tensor:
         """The steps term's bank: the changes (first differences) of every stretch of

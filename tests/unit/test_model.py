@@ -230,6 +230,12 @@ def test_the_steps_term_finds_changes_training_never_showed_and_where_they_are()
     # stretch of those matches, at another level too.
     assert float(model.raw_terms(normal[:1] + 5.0).values.max()) < 1e-5
     assert model.step_memory.shape == (1, 64, 8)
+    # Its squared norms, derived once per bank, follow a bank loaded from a state dict.
+    torch.testing.assert_close(model.step_norms, model.step_memory.pow(2).sum(dim=-1))
+    loaded = tiny_model(seed=1, score_terms=("steps",), tail_readings=8, memory_size=64)
+    loaded.load_state_dict(model.state_dict())
+    torch.testing.assert_close(loaded.step_norms, model.step_norms)
+    assert "step_norms" not in model.state_dict()  # derived, not saved
     faster = normal[100:101].clone()
     time = torch.arange(8) * 2 * torch.pi / 8
     faster[0, 0, -8:] = torch.sin(time)
