@@ -360,12 +360,13 @@ def series_hits(values: np.ndarray, train_end: int, begin: int, end: int) -> dic
             z = one.surprisal()
         if "edges" in changes:
             quantile = next((EDGE_QUANTILES[key] for key in changes if key in EDGE_QUANTILES), None)
-            score, peak = base.with_edges(quantile, top2="top2" in changes)
             if "two_lengths" in changes:
                 z = np.vstack([stepped.z, eighth.z[-1:]])
                 peaks = np.vstack([stepped.peaks, eighth.peaks[-1:]])
                 names = (*stepped.terms, "steps")
                 score, peak = edge_scores(AnomalyLLMDetector(), z, peaks, names)
+            else:
+                score, peak = base.with_edges(quantile, top2="top2" in changes)
             points = _nearest_peak_score(score, np.arange(len(score)) * base.stride + peak, size)
             if "scales" in changes:
                 for factor in (0.5, 2.0):

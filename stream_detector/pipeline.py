@@ -305,8 +305,8 @@ class Pipeline:
         """Sensors grouped by the channel count (hence the store) of their model."""
         groups: dict[int, list[str]] = {}
         for sensor_id in sensor_ids:
-            shape = self.registry.shape_of(self.settings.model.model_for(sensor_id))
-            groups.setdefault(shape[0] if shape else 1, []).append(sensor_id)
+            channels = self._channels_of(sensor_id)[1] or 1
+            groups.setdefault(channels, []).append(sensor_id)
         return groups
 
     # -- 3. commit -------------------------------------------------------------------------
