@@ -78,12 +78,21 @@ def readiness(port: int, timeout_s: float = HTTP_TIMEOUT_S) -> bool | None:
         return None
 
 
-def rss_mib(pid: int) -> float | None:
-    """Resident memory of a process in MiB (None when it is gone or a zombie)."""
+def rss_mib(pid: int, field: str = "VmRSS") -> float | None:
+    """Resident memory of a process in MiB (None when it is gone or a zombie).
+
+    ``field`` picks the line of ``/proc/PID/status``: ``VmRSS`` is all resident pages,
+    ``RssAnon`` only the anonymous ones (heap, queues, tensors), without the pages of
+    mapped libraries that the kernel may drop and fault in again under memory pressure.
+    """
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return None
+    for line in status.splitlines():
+        if line.startswith(f"{field}:"):
+            return round(int(line.split()[1]) / 1024, 1)  # the kernel reports KiB
+    return None
     for line in status.splitlines():
         if line.startswith("VmRSS:"):
             return round(int(line.split()[1]) / 1024, 1)  # the kernel reports KiB
