@@ -61,7 +61,7 @@ from stream_detector.config import (
 from stream_detector.consumer import ReadingConsumer
 from stream_detector.devtools.services import EmbeddedKafka, EmbeddedRedis, create_topics, free_port
 from stream_detector.devtools.tiny import tiny_config
-from stream_detector.devtools.workers import metric_value, start_worker
+from stream_detector.devtools.workers import metric_samples, metric_value, start_worker
 from stream_detector.model import SMOLLM2, AnomalyLLM, ModelConfig
 from stream_detector.publisher import ReadingProducer
 from stream_detector.scorer import ModelRegistry, Scorer, resolve_device
@@ -69,6 +69,8 @@ from stream_detector.windows import WindowStore
 
 RESULTS = Path(__file__).parent / "results" / "e2e_throughput.json"
 PARTITIONS = 4
+# The stages of the worker's end-to-end latency (``detector_stage_seconds``).
+STAGES = ("fetch", "batch", "score", "deliver")
 T0_MS = 1_700_000_000_000
 
 
@@ -360,20 +362,36 @@ def wait_until_idle(port: int, quiet_s: float = 2.0, timeout_s: float = 120.0) -
         time.sleep(0.2)
 
 
-def latency_phase(
-    settings: Settings, sensors: int, rate: float, seconds: float
-) -> dict[str, float | int | None]:
-    """``latency_at``, plus the worker's own mean end-to-end latency over the same phase."""
+def latency_totals(port: int) -> dict[str, tuple[float, float]]:
+    """(sum, count) of the worker's end-to-end latency histogram and of each stage's."""
+    samples = metric_samples(port) or {}
+
+    def total(name: str, stage: str | None = None) -> float:
+        return sum(v for labels, v in samples.get(name, []) if labels.get("stage") == stage)
+
+    totals = {
+        "end_to_end": tuple(total(f"detector_end_to_end_seconds_{s}") for s in ("sum", "count"))
+    }
+    for stage in STAGES:
+        totals[stage] = tuple(total(f"detector_stage_seconds_{s}", stage) for s in ("sum", "count"))
+    return totals
+
+
+def latency_phase(settings: Settings, sensors: int, rate: float, seconds: float) -> dict[str, Any]:
+    """``latency_at``, plus the worker's own mean end-to-end latency over the same phase
+    (a window's newest reading entering Kafka to its score's acknowledgement) and the
+    mean of each stage of it (``detector_stage_seconds``)."""
     port = settings.metrics_port
     wait_until_idle(port)
-    before = [metric_value(port, f"detector_end_to_end_seconds_{s}") for s in ("sum", "count")]
+    before = latency_totals(port)
     result = latency_at(settings, sensors, rate, seconds)
-    after = [metric_value(port, f"detector_end_to_end_seconds_{s}") for s in ("sum", "count")]
-    worker_seconds, worker_count = after[0] - before[0], after[1] - before[1]
-    # Kafka timestamp of the window's newest reading to the acknowledgement of its score.
-    result["worker_mean_ms"] = (
-        round(1000 * worker_seconds / worker_count, 1) if worker_count else None
-    )
+    after = latency_totals(port)
+    means = {}
+    for name in after:
+        seconds_spent, count = (a - b for a, b in zip(after[name], before[name], strict=True))
+        means[name] = round(1000 * seconds_spent / count, 1) if count else None
+    result["worker_mean_ms"] = means.pop("end_to_end")
+    result["worker_stage_mean_ms"] = means
     return result
 
 

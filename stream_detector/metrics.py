@@ -82,6 +82,16 @@ class Metrics:
             buckets=_LATENCY_BUCKETS_S,
             registry=r,
         )
+        self.stage_seconds = Histogram(
+            "detector_stage_seconds",
+            "Where the end-to-end latency goes, per scored window: fetch (its newest reading "
+            "entering Kafka to its window being queued: the broker, the poll, decoding and "
+            "the Redis append), batch (queued to scored), score (its batch's scoring and "
+            "decisions up to its score being produced), deliver (produced to acknowledged)",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
         self.alerts = Counter(
             "detector_alert_events",
             "Alert events published, by state and severity",

@@ -198,6 +198,11 @@ class Pipeline:
         )
         for window in rejected:
             self._reject(window)
+        now_ms, fetch = time.time_ns() // 1_000_000, self.metrics.stage_seconds.labels("fetch")
+        for window in result.due:
+            ingest_ts_ms = self._ingest_ts.get((window.sensor_id, window.end_ts_ms))
+            if ingest_ts_ms is not None:
+                fetch.observe(max(0, now_ms - ingest_ts_ms) / 1000)
 
     def _reject(self, rejected: RejectedWindow) -> None:
         window = rejected.window
@@ -225,10 +230,14 @@ class Pipeline:
 
     def score_due(self, flush_all: bool = False) -> None:
         """Score the batches that are due, decide alerts, publish scores and alert events."""
-        self._in_flight += self.batcher.ready(self._clock(), flush_all)
+        taken_s = self._clock()
+        self._in_flight += self.batcher.ready(taken_s, flush_all)
         if not self._in_flight:
             return
         self.failpoints.hit("before_score")
+        waited = self.metrics.stage_seconds.labels("batch")
+        for item in (item for batch in self._in_flight for item in batch.items):
+            waited.observe(max(0.0, taken_s - item.enqueued_s))
         scored = []
         for batch in self._in_flight:
             started = time.perf_counter()
@@ -288,6 +297,7 @@ class Pipeline:
             )
             if item.ingest_ts_ms is not None:
                 self._latencies.append((item.ingest_ts_ms, delivery))
+            self.metrics.stage_seconds.labels("score").observe(self._clock() - taken_s)
         self._states.update(states)
         self._in_flight = []
 
@@ -369,6 +379,8 @@ class Pipeline:
             if delivery.acknowledged_ms is not None:
                 latency_ms = max(0, delivery.acknowledged_ms - ingest_ts_ms)
                 self.metrics.end_to_end_seconds.observe(latency_ms / 1000)
+                deliver_ms = max(0, delivery.acknowledged_ms - delivery.produced_ms)
+                self.metrics.stage_seconds.labels("deliver").observe(deliver_ms / 1000)
         self._latencies = []
         for output in self._outbox.outputs:
             if isinstance(output, AlertEvent):

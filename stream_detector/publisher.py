@@ -23,7 +23,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -133,6 +133,7 @@ class Delivery:
     # Wall clock (ms) when the acknowledgement was handed to the worker: within a poll
     # of the broker's answer (delivery reports are served on each produce and flush).
     acknowledged_ms: int | None = None
+    produced_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
 
     @property
     def failure(self) -> Failure | None:

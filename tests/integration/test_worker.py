@@ -24,6 +24,7 @@ from stream_detector.config import (
 )
 from stream_detector.devtools import loadgen
 from stream_detector.devtools.services import EmbeddedRedis, free_port
+from stream_detector.devtools.workers import metric_value
 from stream_detector.publisher import ReadingProducer
 from tests.conftest import Topics
 from tests.worker_support import (
@@ -38,9 +39,19 @@ from tests.worker_support import (
     produce,
     running,
     thresholds_of,
+    wait_for,
 )
 
 pytestmark = pytest.mark.integration
+
+
+def stage_counts(port: int) -> set[float]:
+    """The distinct counts of the worker's latency stages and of its end-to-end latency."""
+    counts = {
+        metric_value(port, "detector_stage_seconds_count", stage=stage)
+        for stage in ("fetch", "batch", "score", "deliver")
+    }
+    return counts | {metric_value(port, "detector_end_to_end_seconds_count")}
 
 
 def test_an_injected_anomaly_raises_one_alert_on_its_sensor_and_time(
@@ -55,8 +66,12 @@ def test_an_injected_anomaly_raises_one_alert_on_its_sensor_and_time(
     produce(kafka_bootstrap, topics.readings, plan)
     expected = expected_windows(plan)
 
-    with running(settings_for(model_store)):
+    settings = settings_for(model_store)
+    with running(settings):
         reader.read_until(lambda o: expected <= o.scored())
+        # Every scored window is timed in each stage of its latency once its score is
+        # acknowledged (the commit after it).
+        wait_for(lambda: stage_counts(settings.metrics_port) == {len(expected)}, 10, "timings")
     outputs = reader.read_to_end()
 
     events = list(outputs.unique_alerts().values())
