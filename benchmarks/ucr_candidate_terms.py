@@ -47,7 +47,9 @@ each series under these variants, judged by the UCR rule:
 - ``edges_steps_eighth``: ``edges_steps`` with the steps term over the newest eighth of
   the window instead of a quarter (``ModelConfig.steps_fraction``);
 - ``edges_steps_two_lengths``: ``edges_steps`` with a second steps term, over the newest
-  eighth, fused as a seventh term (its own calibration and edge).
+  eighth, fused as a seventh term (its own calibration and edge);
+- ``edges_steps_q95``, ``edges_steps_two_lengths_q95``: those two with the edges at the
+  running 0.95 quantile (``AlertPolicy.term_quantile``; the default is 0.99).
 
 Each point takes the score of the window whose peak lies nearest
 (`trainer.anomalyllm_detector`), as the harness does. It ran before any of these was
@@ -111,6 +113,8 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "edges_steps": ("edges", "steps"),
     "edges_steps_eighth": ("edges", "steps", "eighth"),
     "edges_steps_two_lengths": ("edges", "steps", "two_lengths"),
+    "edges_steps_q95": ("edges", "steps", "q95"),
+    "edges_steps_two_lengths_q95": ("edges", "steps", "two_lengths", "q95"),
 }
 EDGE_QUANTILES = {"q95": 0.95, "q999": 0.999}
 # The baseline as a model of its own with ``level_unit_sigmas`` at these values.
@@ -364,7 +368,9 @@ def series_hits(values: np.ndarray, train_end: int, begin: int, end: int) -> dic
                 z = np.vstack([stepped.z, eighth.z[-1:]])
                 peaks = np.vstack([stepped.peaks, eighth.peaks[-1:]])
                 names = (*stepped.terms, "steps")
-                score, peak = edge_scores(AnomalyLLMDetector(), z, peaks, names)
+                settings = {} if quantile is None else {"term_quantile": quantile}
+                detector = AnomalyLLMDetector(edge_settings=settings)
+                score, peak = edge_scores(detector, z, peaks, names)
             else:
                 score, peak = base.with_edges(quantile, top2="top2" in changes)
             points = _nearest_peak_score(score, np.arange(len(score)) * base.stride + peak, size)
