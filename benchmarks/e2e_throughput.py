@@ -65,7 +65,7 @@ from stream_detector.devtools.workers import metric_samples, metric_value, start
 from stream_detector.model import SMOLLM2, AnomalyLLM, ModelConfig
 from stream_detector.publisher import ReadingProducer
 from stream_detector.scorer import ModelRegistry, Scorer, resolve_device
-from stream_detector.windows import WindowStore
+from stream_detector.windows import WindowStore, stride_phase
 
 RESULTS = Path(__file__).parent / "results" / "e2e_throughput.json"
 PARTITIONS = 4
@@ -299,9 +299,11 @@ def relay(
     target: str,
     poll_batch_size: int,
     stride: int,
+    spread: bool,
 ) -> None:
     """Pass readings through until terminated: one record per ``stride`` readings of a
-    sensor, stamped with that reading's ts, produced as soon as it is polled."""
+    sensor (at its phase when ``spread``, as the worker's windows), stamped with that
+    reading's ts, produced as soon as it is polled."""
     consumer = ReadingConsumer(
         consumer_config["bootstrap.servers"],
         consumer_config["group.id"],
@@ -315,7 +317,8 @@ def relay(
             reading = json.loads(message.value)
             sensor_id = reading["sensor_id"]
             counts[sensor_id] = counts.get(sensor_id, 0) + 1
-            if counts[sensor_id] % stride == 0:
+            phase = stride_phase(sensor_id, stride) if spread else 0
+            if (counts[sensor_id] + phase) % stride == 0:
                 record = {"sensor_id": sensor_id, "ts_ms": reading["ts"]}
                 producer.produce(target, json.dumps(record).encode(), sensor_id.encode())
         producer.poll(0)
@@ -337,6 +340,7 @@ def relaying(settings: Settings, source: str, target: str) -> Iterator[None]:
             target,
             settings.kafka.poll_batch_size,
             settings.stride,
+            settings.stride_phase == "spread",
         ),
         daemon=True,
     )
@@ -455,6 +459,13 @@ def main() -> None:
         "--batch-deadline-ms", type=int, default=50, help="DETECTOR_BATCH_DEADLINE_MS"
     )
     parser.add_argument(
+        "--stride-phase",
+        choices=["spread", "aligned"],
+        default=Settings.model_fields["stride_phase"].default,
+        help="DETECTOR_STRIDE_PHASE (default: the worker's, spread); the load generator "
+        "samples every sensor in lockstep, so aligned strides make all windows due at once",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="sample the worker with py-spy during the end-to-end phase (needs py-spy and "
@@ -500,6 +511,7 @@ def main() -> None:
             model=ModelSettings(store=str(model_dir)),
             window_length=args.window_length,
             stride=args.stride,
+            stride_phase=args.stride_phase,
             batch_size=args.batch_size,
             batch_deadline_ms=args.batch_deadline_ms,
             metrics_port=free_port(),
@@ -555,6 +567,7 @@ def main() -> None:
             "fetch_wait_max_ms": args.fetch_wait_ms,
             "poll_batch_size": args.poll_batch_size,
             "batch_deadline_ms": args.batch_deadline_ms,
+            "stride_phase": args.stride_phase,
         },
         "readings_per_s": {
             "end_to_end": round(e2e, 1),

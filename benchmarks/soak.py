@@ -74,6 +74,7 @@ from stream_detector.devtools.services import EmbeddedKafka, EmbeddedRedis, crea
 from stream_detector.devtools.workers import metric_samples, readiness, rss_mib, start_worker
 from stream_detector.model import AnomalyLLM
 from stream_detector.publisher import PublishError
+from stream_detector.windows import due_ends
 from trainer.train import fit, profile, sliding_windows
 
 RESULTS = Path(__file__).parent / "results" / "soak.json"
@@ -485,10 +486,13 @@ def count_outputs(
     """Readings, score records and alert events as read back from the topics."""
     topics = settings.kafka.topics
     per_sensor, extra = divmod(produced, load.sensors)  # produce goes step by step
+    spread = settings.stride_phase == "spread"
     expected = {
-        (load.sensor_id(index), load.ts_ms(end))
-        for index in range(load.sensors)
-        for end in range(settings.window_length - 1, per_sensor + (index < extra), settings.stride)
+        (sensor_id, load.ts_ms(end))
+        for index, sensor_id in enumerate(map(load.sensor_id, range(load.sensors)))
+        for end in due_ends(
+            sensor_id, per_sensor + (index < extra), settings.window_length, settings.stride, spread
+        )
     }
     scores = [json.loads(value) for value in topic_values(bootstrap, topics.scores)]
     scored = [(record["sensor_id"], record["ts_ms"]) for record in scores]

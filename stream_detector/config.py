@@ -350,6 +350,11 @@ class Settings(BaseSettings):
     # Readings per window, and readings between two scorings of the same sensor.
     window_length: int = Field(128, ge=2, le=65_536)
     stride: int = Field(16, ge=1)
+    # "spread": each sensor scores at a phase of the stride of its own (from its id), so a
+    # fleet sampled in lockstep makes a steady share of its windows due at every reading
+    # instead of all of them at once every `stride` readings, a burst the worker would
+    # queue. "aligned": every sensor at the same reading counts.
+    stride_phase: Literal["spread", "aligned"] = "spread"
     # Windows per GPU batch, and the longest a window waits for a batch to fill (only
     # while the worker is behind: once it has caught up it scores at once).
     batch_size: int = Field(256, ge=1)

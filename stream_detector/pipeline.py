@@ -229,29 +229,35 @@ class Pipeline:
     # -- 2. score --------------------------------------------------------------------------
 
     def score_due(self, flush_all: bool = False) -> None:
-        """Score the batches that are due, decide alerts, publish scores and alert events."""
+        """Score the batches that are due, decide alerts, publish scores and alert events.
+
+        Batch by batch: a batch's outputs leave before the next batch is scored, and a
+        failure leaves only the batches not yet published for the retry.
+        """
         taken_s = self._clock()
-        self._in_flight += self.batcher.ready(taken_s, flush_all)
+        taken = self.batcher.ready(taken_s, flush_all)
+        self._in_flight += taken
         if not self._in_flight:
             return
         self.failpoints.hit("before_score")
         waited = self.metrics.stage_seconds.labels("batch")
-        for item in (item for batch in self._in_flight for item in batch.items):
+        for item in (item for batch in taken for item in batch.items):
             waited.observe(max(0.0, taken_s - item.enqueued_s))
-        scored = []
-        for batch in self._in_flight:
-            started = time.perf_counter()
-            results = self.scorer.score(batch.model_name, batch.values)
-            self.metrics.inference_seconds.observe(time.perf_counter() - started)
-            self.metrics.batch_size.observe(len(batch))
-            self.metrics.windows_scored.labels(batch.model_name).inc(len(batch))
-            loaded = self.registry.get(batch.model_name)
-            scored += [
-                (item, result, loaded) for item, result in zip(batch.items, results, strict=True)
-            ]
-        states = self._alert_states({item.window.sensor_id for item, _, _ in scored})
+        while self._in_flight:
+            self._publish_batch(self._in_flight[0], taken_s)
+            self._in_flight.pop(0)
+
+    def _publish_batch(self, batch: Batch, taken_s: float) -> None:
+        """Score one batch, fold each score into its sensor's alert state, publish."""
+        started = time.perf_counter()
+        results = self.scorer.score(batch.model_name, batch.values)
+        self.metrics.inference_seconds.observe(time.perf_counter() - started)
+        self.metrics.batch_size.observe(len(batch))
+        self.metrics.windows_scored.labels(batch.model_name).inc(len(batch))
+        loaded = self.registry.get(batch.model_name)
+        states = self._alert_states({item.window.sensor_id for item in batch.items})
         policy = self.settings.alerts
-        for item, result, loaded in scored:
+        for item, result in zip(batch.items, results, strict=True):
             window = item.window
             state, score, peak_offset = states[window.sensor_id], result.score, result.peak_offset
             threshold = loaded.thresholds.for_sensor(window.sensor_id, policy)
@@ -299,7 +305,6 @@ class Pipeline:
                 self._latencies.append((item.ingest_ts_ms, delivery))
             self.metrics.stage_seconds.labels("score").observe(self._clock() - taken_s)
         self._states.update(states)
-        self._in_flight = []
 
     def _alert_states(self, sensor_ids: Iterable[str]) -> dict[str, alerts.SensorAlertState]:
         """Alert state per sensor: not yet stored ones from memory, the others from Redis."""

@@ -40,10 +40,14 @@ Policies:
   and counted (``late`` when older, ``duplicate_ts`` when equal). Windows are never
   rewritten out of order, and their timestamps strictly increase.
 - Due windows: once a window holds ``window_length`` readings, every ``stride``-th
-  accepted reading makes it due. ``append_batch`` returns every due window of the
-  batch with its values (intermediate ones too, so a burst loses no scores), and
-  resets the stride counter inside the same offset-guarded script, so a replay does
-  not make a window due twice.
+  accepted reading makes it due. With ``spread`` strides each sensor has a phase in
+  ``[0, stride)`` (``stride_phase``, from the CRC-32 of its id): its first full window is
+  due at once, the next after ``stride - phase`` readings, then every ``stride``. A fleet
+  sampled in lockstep then makes an even share of its windows due at every reading
+  instead of all of them on every ``stride``-th (``due_ends`` lists them).
+  ``append_batch`` returns every due window of the batch with its values (intermediate
+  ones too, so a burst loses no scores), and resets the stride counter inside the same
+  offset-guarded script, so a replay does not make a window due twice.
 - At-least-once scoring: every due window stays *pending* until ``acknowledge`` (call
   it after its outputs are published): its timestamps and values wait in
   ``G:p:{sensor_id}``, a list that the acknowledgement empties, so it exists only
@@ -64,6 +68,7 @@ import json
 import logging
 import struct
 import uuid
+import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -132,8 +137,8 @@ local due = {}
 local argi = 8 + T
 local S = (#KEYS - 2) / 2
 for i = 3, 2 + S do
-  local meta, vals = ARGV[argi], ARGV[argi + 1]
-  argi = argi + 2
+  local meta, vals, phase = ARGV[argi], ARGV[argi + 1], tonumber(ARGV[argi + 2])
+  argi = argi + 3
   local sensor = i - 2
   local n, since, tail, last_ts, start_ts, fd, ld, pend = 0, 0, 0, 0, 0, 0, 0, 0
   local data, stream = '', ''
@@ -199,6 +204,7 @@ for i = 3, 2 + S do
       last_ts = ts
       n = n + 1
       since = since + 1
+      local filled = n == L  -- full for the first time: its first due window
       if n > L then
         cursor = cursor + rs
         start_ts = start_ts + fd
@@ -235,7 +241,7 @@ for i = 3, 2 + S do
           sensor_due[#sensor_due + 1] = v
         end
         pending_new[#pending_new + 1] = struct.pack('<dd', start_ts, last_ts) .. payload
-        since = 0
+        since = filled and phase or 0
         pend = last_ts
       end
     end
@@ -313,6 +319,22 @@ _EPOCH_LUA = """
 redis.call('SET', KEYS[1], ARGV[1], 'NX')
 return redis.call('GET', KEYS[1])
 """
+
+
+def stride_phase(sensor_id: str, stride: int) -> int:
+    """A sensor's phase within the stride, the same in every worker and every run."""
+    return zlib.crc32(sensor_id.encode()) % stride
+
+
+def due_ends(
+    sensor_id: str, readings: int, window_length: int, stride: int, spread: bool
+) -> list[int]:
+    """Which of a sensor's first ``readings`` (0-based, none late or lost) end a due window."""
+    if readings < window_length:
+        return []
+    first = window_length - 1
+    phase = stride_phase(sensor_id, stride) if spread else 0
+    return [first, *range(first + stride - phase, readings, stride)]
 
 
 class WindowStoreError(RuntimeError):
@@ -405,6 +427,7 @@ class WindowStore:
         window_length: int,
         channels: int = 1,
         stride: int = 1,
+        spread: bool = False,
         key_prefix: str = "det",
         ttl_s: int = 86_400,
         cluster: bool = False,
@@ -436,6 +459,7 @@ class WindowStore:
         self.window_length = window_length
         self.channels = channels
         self.stride = stride
+        self.spread = spread
         self.key_prefix = key_prefix
         self.ttl_s = ttl_s
         self._append = client.register_script(_APPEND_LUA)
@@ -457,6 +481,7 @@ class WindowStore:
             window_length=settings.window_length,
             channels=channels,
             stride=settings.stride,
+            spread=settings.stride_phase == "spread",
             key_prefix=prefix,
             ttl_s=settings.redis.sensor_ttl_s,
             cluster=settings.redis.cluster,
@@ -607,8 +632,9 @@ class WindowStore:
             1,
             field,
         ]
-        for meta, chunks in sensors.values():
-            args += [bytes(meta), b"".join(chunks)]
+        for sensor_id, (meta, chunks) in sensors.items():
+            phase = stride_phase(sensor_id, self.stride) if self.spread else 0
+            args += [bytes(meta), b"".join(chunks), phase]
         keys = [
             self._epoch_key(group),
             self._offsets_key(group),

@@ -43,6 +43,7 @@ from stream_detector.devtools.tiny import tiny_config, tiny_model
 from stream_detector.devtools.workers import metric_value
 from stream_detector.model import AnomalyLLM
 from stream_detector.publisher import ReadingProducer
+from stream_detector.windows import due_ends
 from tests.conftest import Topics
 from trainer.train import fit, profile, sliding_windows
 
@@ -103,11 +104,10 @@ def make_plan(sensors: int, readings: int, anomalies: tuple[loadgen.InjectedAnom
 
 def expected_windows(plan: loadgen.LoadPlan, first: int = 0) -> set[tuple[str, int]]:
     """(sensor, end ts) of every window the worker must score for readings first..end."""
-    ends = range(WINDOW - 1, plan.readings_per_sensor, STRIDE)
     return {
-        (plan.sensor_id(i), plan.ts_ms(step))
-        for i in range(plan.sensors)
-        for step in ends
+        (sensor_id, plan.ts_ms(step))
+        for sensor_id in map(plan.sensor_id, range(plan.sensors))
+        for step in due_ends(sensor_id, plan.readings_per_sensor, WINDOW, STRIDE, spread=True)
         if step >= first
     }
 

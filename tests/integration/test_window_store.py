@@ -16,7 +16,13 @@ from redis.connection import Connection
 from stream_detector.__main__ import main
 from stream_detector.config import Settings
 from stream_detector.devtools.services import free_port
-from stream_detector.windows import RedisStateLost, WindowStore, WindowStoreError
+from stream_detector.windows import (
+    RedisStateLost,
+    WindowStore,
+    WindowStoreError,
+    due_ends,
+    stride_phase,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +61,7 @@ def redis_client(redis_url: str, key_prefix: str) -> Iterator[redis.Redis]:
 
 @pytest.fixture
 def make_store(redis_client: redis.Redis, key_prefix: str) -> Callable[..., WindowStore]:
-    def make(**options: int) -> WindowStore:
+    def make(**options: int | bool) -> WindowStore:
         settings = {"window_length": 4, "channels": 1, "stride": 1, "ttl_s": 600, **options}
         return WindowStore(redis_client, key_prefix=key_prefix, **settings)
 
@@ -322,14 +328,51 @@ def test_unreachable_redis_is_reported() -> None:
         store.append_batch(series("s1", 1))
 
 
-def test_irregular_timestamps_and_values_match_a_reference_model(
+def test_spread_strides_make_a_share_of_a_lockstep_fleet_due_at_every_reading(
     make_store: Callable[..., WindowStore],
+) -> None:
+    length, stride, steps = 8, 4, 24
+    sensors = [f"s{i}" for i in range(40)]  # ten of each phase
+    for partition, spread in enumerate((False, True)):  # a partition each: keys of their own
+        store = make_store(window_length=length, stride=stride, spread=spread)
+        ends: dict[str, list[int]] = {s: [] for s in sensors}
+        due_per_step = []
+        for step in range(steps):
+            batch = [
+                Reading(
+                    s,
+                    T0_MS + step * 1000,
+                    (float(step),),
+                    partition=partition,
+                    offset=step * len(sensors) + i,
+                )
+                for i, s in enumerate(sensors)
+            ]
+            result = store.append_batch(batch)
+            store.acknowledge({}, {w.sensor_id: w.end_ts_ms for w in result.due})
+            for window in result.due:
+                ends[window.sensor_id].append((window.end_ts_ms - T0_MS) // 1000)
+            due_per_step.append(len(result.due))
+        assert ends == {s: due_ends(s, steps, length, stride, spread) for s in sensors}
+        # Every sensor's first full window is due at once; then, aligned, all of them on
+        # every 4th reading, spread, ten at each reading.
+        later = due_per_step[length:]
+        assert due_per_step[length - 1] == len(sensors)
+        assert later == ([10] * len(later) if spread else [0, 0, 0, 40] * (len(later) // 4))
+
+
+@pytest.mark.parametrize("spread", [False, True])
+def test_irregular_timestamps_and_values_match_a_reference_model(
+    make_store: Callable[..., WindowStore], spread: bool
 ) -> None:
     rng = random.Random(7)
     length, stride, channels = 16, 3, 2
-    store = make_store(window_length=length, stride=stride, channels=channels)
+    store = make_store(window_length=length, stride=stride, channels=channels, spread=spread)
     sensors = ["s1", "s2", "s3"]
+    phases = {s: stride_phase(s, stride) if spread else 0 for s in sensors}
+    assert len(set(phases.values())) > 1 or not spread, "pick sensors of different phases"
     reference = {s: deque(maxlen=length) for s in sensors}
+    accepted = dict.fromkeys(sensors, 0)
     since = dict.fromkeys(sensors, 0)
     last_ts = dict.fromkeys(sensors, T0_MS)
     offset = 0
@@ -346,9 +389,11 @@ def test_irregular_timestamps_and_values_match_a_reference_model(
         for reading in batch:
             reference[reading.sensor_id].append(reading)
             since[reading.sensor_id] += 1
+            accepted[reading.sensor_id] += 1
             window = reference[reading.sensor_id]
             if len(window) == length and since[reading.sensor_id] >= stride:
-                since[reading.sensor_id] = 0
+                first = accepted[reading.sensor_id] == length
+                since[reading.sensor_id] = phases[reading.sensor_id] if first else 0
                 expected.append((reading.sensor_id, window[0].ts_ms, window[-1].ts_ms))
                 expected_values = np.array([r.values for r in window], dtype=np.float32).T
         result = store.append_batch(batch)

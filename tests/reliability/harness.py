@@ -33,7 +33,7 @@ import torch
 
 from stream_detector import alerts
 from stream_detector.devtools import loadgen
-from stream_detector.windows import Window, WindowStore
+from stream_detector.windows import Window, WindowStore, due_ends
 from tests.worker_support import POLICY, WINDOW, Outputs, TrainedModel
 
 SCORE_RTOL = 1e-3
@@ -58,11 +58,11 @@ def reference(
     plan: loadgen.LoadPlan, trained: TrainedModel, model_version: str, stride: int
 ) -> Reference:
     """Score every window of the plan's true readings and decide alerts from scratch."""
-    ends = list(range(WINDOW - 1, plan.readings_per_sensor, stride))
     scores: dict[tuple[str, int], float] = {}
     event_ids, alert_ids = set(), set()
     for index in range(plan.sensors):
         sensor_id = plan.sensor_id(index)
+        ends = due_ends(sensor_id, plan.readings_per_sensor, WINDOW, stride, spread=True)
         values = loadgen.series(plan, index).astype(np.float32)
         windows = np.stack([values[end - WINDOW + 1 : end + 1] for end in ends])[:, None, :]
         with torch.inference_mode():
@@ -115,7 +115,7 @@ def verify(
     for index in range(plan.sensors):
         sensor_id = plan.sensor_id(index)
         covered = np.zeros(plan.readings_per_sensor, dtype=bool)
-        for end in range(WINDOW - 1, plan.readings_per_sensor, ref.stride):
+        for end in due_ends(sensor_id, plan.readings_per_sensor, WINDOW, ref.stride, spread=True):
             key = (sensor_id, plan.ts_ms(end))
             if key in first and key not in wrong:
                 covered[end - WINDOW + 1 : end + 1] = True
