@@ -432,9 +432,10 @@ def main() -> None:
     )
     parser.add_argument(
         "--latency-fractions",
-        type=lambda text: [float(x) for x in text.split(",")],
+        type=lambda text: [float(x) for x in text.split(",") if x],
         default=[0.5, 0.25],
-        help="shares of the measured capacity to measure latency at (default 0.5,0.25)",
+        help="shares of the measured capacity to measure latency at (default 0.5,0.25; "
+        "empty: none)",
     )
     parser.add_argument("--bootstrap", help="an existing broker (default: embedded tansu)")
     parser.add_argument("--redis", help="an existing Redis URL (default: embedded)")

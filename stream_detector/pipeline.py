@@ -129,6 +129,7 @@ class Pipeline:
         self._ingest_ts: dict[tuple[str, int], int] = {}  # (sensor, ts) -> Kafka timestamp
         self._in_flight: list[Batch] = []  # batches taken from the batcher, not yet published
         self._uncommitted: list[ConsumedMessage] = []
+        self._uncommitted_since_s: float | None = None  # when the oldest of them was polled
         self._outbox.clear()
         self._acknowledged = False  # outputs are safe; Redis and offsets still to do
         self._states: dict[str, alerts.SensorAlertState] = {}  # not yet stored in Redis
@@ -141,6 +142,8 @@ class Pipeline:
     def ingest(self, messages: Sequence[ConsumedMessage]) -> None:
         """Decode and window newly polled messages, then retry any earlier unfinished append."""
         self._new += messages
+        if messages and not self._uncommitted:
+            self._uncommitted_since_s = self._clock()
         self._uncommitted += messages
         self.metrics.readings.inc(len(messages))
         if self._recovery.unchecked and self._new:
@@ -235,6 +238,10 @@ class Pipeline:
         failure leaves only the batches not yet published for the retry.
         """
         taken_s = self._clock()
+        # Under a steady backlog the batcher is never empty by itself: flushing it once
+        # input has waited COMMIT_INTERVAL_S lets the commit step find the worker idle.
+        since_s = self._uncommitted_since_s
+        flush_all = flush_all or (since_s is not None and taken_s - since_s >= COMMIT_INTERVAL_S)
         taken = self.batcher.ready(taken_s, flush_all)
         self._in_flight += taken
         if not self._in_flight:
@@ -362,6 +369,7 @@ class Pipeline:
                 self.consumer.store(self._uncommitted)
                 self._offsets_stored = True
             self._uncommitted, self._acknowledged = [], False
+            self._uncommitted_since_s = None
             self._outbox.clear()
         if self._offsets_stored and (force or self._clock() >= self._next_commit_s):
             self.failpoints.hit("before_commit")

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from kafka import KafkaConsumer
+from kafka import KafkaConsumer, TopicPartition
 
 from stream_detector import store
 from stream_detector.config import (
@@ -116,6 +116,44 @@ def test_a_kafka_python_subscriber_reads_the_lz4_compressed_outputs_keyed_by_sen
             break
     consumer.close()
     assert seen == expected
+
+
+def committed_readings(bootstrap: str, group: str, topic: str) -> int:
+    """How many of ``topic``'s records ``group`` has committed, over all partitions."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        offsets = (consumer.committed(TopicPartition(topic, p)) for p in partitions)
+        return sum(offset or 0 for offset in offsets)
+    finally:
+        consumer.close()
+
+
+def test_a_steady_backlog_is_committed_while_it_is_worked_off(
+    kafka_bootstrap: str,
+    topics: Topics,
+    model_store: Path,
+    settings_for: Callable[..., Settings],
+) -> None:
+    # Polls of one record come back full for as long as the backlog lasts, and batches
+    # neither fill nor time out: only the flush after a commit interval of waiting input
+    # lets the batcher empty, and the worker commit, before the backlog's end.
+    plan = make_plan(8, 2000)
+    produce(kafka_bootstrap, topics.readings, plan)
+    total = plan.sensors * plan.readings_per_sensor
+    settings = settings_for(model_store, kafka={"poll_batch_size": 1}).model_copy(
+        update={"batch_size": 10**6, "batch_deadline_ms": 10**6}
+    )
+    group, seen = settings.kafka.group_id, []
+    with running(settings):
+        deadline = time.monotonic() + 180
+        while (not seen or seen[-1] < total) and time.monotonic() < deadline:
+            seen.append(committed_readings(kafka_bootstrap, group, topics.readings))
+            time.sleep(0.2)
+    assert seen[-1] == total, f"committed {seen[-1]} of {total}"
+    # Until the windows fill nothing is queued, so the worker commits anyway: look after.
+    filled = plan.sensors * WINDOW
+    assert any(2 * filled < count < total for count in seen), f"none mid-backlog: {seen}"
 
 
 def test_two_workers_split_partitions_and_one_takes_over_without_replay(
