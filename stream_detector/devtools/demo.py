@@ -52,6 +52,7 @@ from stream_detector.model import SMOLLM2
 from stream_detector.publisher import ReadingProducer
 from stream_detector.series_files import DataFormatError, nab_windows_for, read_csv
 from stream_detector.subscriber import Deduplicator, format_line, parse_event
+from stream_detector.windows import due_ends
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ LABELS_FILE = DATA_DIR / "nab_combined_windows.json"
 MODEL_NAME = "demo"
 WINDOW_LENGTH = 64
 STRIDE = 4
+SENSOR_ID = "nab"  # the replayed series' sensor (the invalid messages name it too)
 # The demo's model: windows of 64 readings in 8 patches (``trainer fit --model-config``).
 MODEL_OVERRIDES = {"patch_length": 8, "patch_stride": 8}
 # Invalid messages mixed into the replay, at these fractions of it, to show the dead letters.
@@ -269,10 +271,10 @@ def _replay(
         if delay > 0:
             time.sleep(delay)
         if row in invalid:
-            producer.send(b"nab", invalid[row])
+            producer.send(SENSOR_ID.encode(), invalid[row])
         ts_ms = int(series.ts_ms[row])
-        value = {"sensor_id": "nab", "ts": ts_ms, "value": float(series.values[row])}
-        producer.send(b"nab", json.dumps(value).encode())
+        value = {"sensor_id": SENSOR_ID, "ts": ts_ms, "value": float(series.values[row])}
+        producer.send(SENSOR_ID.encode(), json.dumps(value).encode())
         sent_at[ts_ms] = time.time()
     producer.flush()
     return sent_at
@@ -313,16 +315,18 @@ def _demo_settings(base: Settings, bootstrap: str, redis_url: str, out: Path) ->
     )
 
 
-def _expected_last_ts(series: Series, first: int) -> int:
-    """End of the last window the worker will score: one every STRIDE accepted readings.
+def _expected_last_ts(series: Series, first: int, settings: Settings) -> int:
+    """End of the last window the worker will score (``windows.due_ends`` of the sensor's
+    accepted readings).
 
     A reading whose timestamp repeats the previous one is dropped by the window store (NAB
     files have a few), so it does not count.
     """
     ts = series.ts_ms[first:]
     accepted = ts[np.concatenate([[True], ts[1:] > np.maximum.accumulate(ts)[:-1]])]
-    due = accepted[WINDOW_LENGTH - 1 :: STRIDE]
-    return int(due[-1])
+    spread = settings.stride_phase == "spread"
+    ends = due_ends(SENSOR_ID, len(accepted), WINDOW_LENGTH, STRIDE, spread)
+    return int(accepted[ends[-1]])
 
 
 def run(
@@ -366,7 +370,7 @@ def run(
         finished = False
         try:
             sent_at = _replay(data, first, settings, speed, stop)
-            last_ts = _expected_last_ts(data, first)
+            last_ts = _expected_last_ts(data, first, settings)
             deadline = time.monotonic() + FINISH_TIMEOUT_S
             while last_ts not in observed.scores and time.monotonic() < deadline:
                 if stop.wait(0.2):
