@@ -263,7 +263,7 @@ class Pipeline:
         self.metrics.windows_scored.labels(batch.model_name).inc(len(batch))
         loaded = self.registry.get(batch.model_name)
         states = self._alert_states({item.window.sensor_id for item in batch.items})
-        policy = self.settings.alerts
+        policy, scored = self.settings.alerts, self.metrics.stage_seconds.labels("score")
         for item, result in zip(batch.items, results, strict=True):
             window = item.window
             state, score, peak_offset = states[window.sensor_id], result.score, result.peak_offset
@@ -310,7 +310,7 @@ class Pipeline:
             )
             if item.ingest_ts_ms is not None:
                 self._latencies.append((item.ingest_ts_ms, delivery))
-            self.metrics.stage_seconds.labels("score").observe(self._clock() - taken_s)
+            scored.observe(self._clock() - taken_s)
         self._states.update(states)
 
     def _alert_states(self, sensor_ids: Iterable[str]) -> dict[str, alerts.SensorAlertState]:

@@ -93,7 +93,3 @@ def rss_mib(pid: int, field: str = "VmRSS") -> float | None:
         if line.startswith(f"{field}:"):
             return round(int(line.split()[1]) / 1024, 1)  # the kernel reports KiB
     return None
-    for line in status.splitlines():
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024, 1)  # the kernel reports KiB
-    return None
