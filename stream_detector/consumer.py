@@ -48,6 +48,8 @@ class ConsumerError(RuntimeError):
 
 # What the broker's client raises: a worker keeps its work and retries on either.
 KAFKA_ERRORS = (ConsumerError, KafkaException)
+# A partition of an input topic: (topic, partition number).
+Partition = tuple[str, int]
 
 
 class ConsumedMessage(NamedTuple):

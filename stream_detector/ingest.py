@@ -12,11 +12,9 @@ from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 from stream_detector.config import Limits
-from stream_detector.consumer import ConsumedMessage
+from stream_detector.consumer import ConsumedMessage, Partition
 from stream_detector.outbox import DeadLetter
 from stream_detector.schemas import InvalidReading, Reading, decode_reading
-
-Partition = tuple[str, int]
 
 
 class PositionedReading(NamedTuple):

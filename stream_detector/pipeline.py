@@ -45,6 +45,7 @@ from stream_detector.config import (
 from stream_detector.consumer import (
     KAFKA_ERRORS,
     ConsumedMessage,
+    Partition,
     ReadingConsumer,
     next_offsets,
 )
@@ -108,7 +109,7 @@ class Pipeline:
         self._clock = clock
         self.broker_ok = True  # the last attempt to deliver outputs succeeded
         self.broker_reachable = True  # the last lag query got an answer
-        self.partitions: set[tuple[str, int]] = set()
+        self.partitions: set[Partition] = set()
         self._lag_stop = threading.Event()
         self._lag_thread: threading.Thread | None = None
         self._offsets_stored = False  # stored with the consumer, not yet committed
@@ -433,7 +434,7 @@ class Pipeline:
             )
             stop.wait(self.registry.poll_interval_s)
 
-    def _rebuild(self, lost: set[tuple[str, int]] | None = None) -> None:
+    def _rebuild(self, lost: set[Partition] | None = None) -> None:
         """Rewind the partitions whose windows Redis lost (all owned ones by default).
 
         Unfinished work is dropped (the replay redoes it) before the stores accept the new
@@ -458,11 +459,11 @@ class Pipeline:
         from (None: none yet)."""
         return self._recovery.last_rebuild
 
-    def _partitions_without_windows(self) -> set[tuple[str, int]]:
+    def _partitions_without_windows(self) -> set[Partition]:
         """Newly assigned partitions the group has read from but Redis holds nothing for."""
         partitions = sorted(self._recovery.unchecked)
         channel_counts = {shape[0] for shape in map(self.registry.shape_of, self.registry.loaded)}
-        applied: set[tuple[str, int]] = set()
+        applied: set[Partition] = set()
         for channels in channel_counts | set(self._stores):
             offsets = self._store(channels).applied_offsets(partitions)
             applied |= {partition for partition, offset in offsets.items() if offset is not None}
@@ -538,13 +539,13 @@ class Pipeline:
         finally:
             self.publisher.close(timeout_s)
 
-    def on_assign(self, partitions: list[tuple[str, int]]) -> None:
+    def on_assign(self, partitions: list[Partition]) -> None:
         """Track the partitions this worker owns; check Redis still has their windows."""
         self.partitions |= set(partitions)
         self._recovery.assigned(partitions)
         self.metrics.assigned_partitions.set(len(self.partitions))
 
-    def on_revoke(self, partitions: list[tuple[str, int]]) -> None:
+    def on_revoke(self, partitions: list[Partition]) -> None:
         """Finish the in-flight work before the partitions go, or drop it for the next owner."""
         self.partitions -= set(partitions)
         self.metrics.assigned_partitions.set(len(self.partitions))
@@ -591,7 +592,7 @@ def open_pipeline(settings: Settings, metrics: Metrics) -> Pipeline:
         config=producer_config,
         transactional_id=None if transactional_id is None else str(transactional_id),
     )
-    hooks: dict[str, Callable[[list[tuple[str, int]]], None]] = {}
+    hooks: dict[str, Callable[[list[Partition]], None]] = {}
     consumer = ReadingConsumer(
         settings.kafka.bootstrap_servers,
         settings.kafka.group_id,

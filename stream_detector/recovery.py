@@ -22,11 +22,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from stream_detector.consumer import ConsumedMessage, ReadingConsumer
+from stream_detector.consumer import ConsumedMessage, Partition, ReadingConsumer
 
 logger = logging.getLogger(__name__)
-
-Partition = tuple[str, int]
 
 
 @dataclass(frozen=True)
