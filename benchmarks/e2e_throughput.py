@@ -472,6 +472,12 @@ def main() -> None:
         help="sample the worker with py-spy during the end-to-end phase (needs py-spy and "
         "ptrace rights) and record where its time goes",
     )
+    parser.add_argument(
+        "--profile-stacks",
+        type=Path,
+        help="with --profile, also keep the sampled stacks (py-spy's collapsed format, for "
+        "a flame graph) in this file",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.torch_threads)
@@ -544,6 +550,8 @@ def main() -> None:
             worker.wait(60)
         memory = redis_bytes(redis_url, prefix, args.sensors)
         profile = profile_summary(collapsed) if args.profile else None
+        if args.profile and args.profile_stacks:
+            shutil.copyfile(collapsed, args.profile_stacks)
 
     model_readings = model_windows * args.stride
     result: dict[str, Any] = {
