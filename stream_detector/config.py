@@ -118,8 +118,10 @@ class KafkaSettings(_Group):
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     # Records per poll, at most. A poll returns as soon as one record is there, with what
     # has been fetched behind it; a poll short of this size means the worker has caught
-    # up, and it scores what it has queued without waiting for a batch to fill.
-    poll_batch_size: int = Field(500, ge=1, le=100_000)
+    # up, and it scores what it has queued without waiting for a batch to fill. Under a
+    # backlog a larger poll spreads each Redis call over more readings per sensor: 2,000
+    # ran the e2e benchmark 1.35x faster than 500 (stop 33), and 5,000 no faster.
+    poll_batch_size: int = Field(2000, ge=1, le=100_000)
     poll_timeout_ms: int = Field(100, ge=0)
     # How often the consumer lag gauge is measured; a query that gets no answer turns
     # the broker readiness check off.

@@ -80,11 +80,12 @@ class ConsumedMessage(NamedTuple):
 
 
 def next_offsets(messages: Iterable[ConsumedMessage]) -> list[TopicPartition]:
-    """Per partition, the offset after the newest message: what a commit should record."""
-    newest: dict[tuple[str, int], int] = {}
-    for message in messages:
-        key = (message.topic, message.partition)
-        newest[key] = max(newest.get(key, -1), message.offset)
+    """Per partition, the offset after the newest message: what a commit should record.
+
+    The messages are in the order they were polled, in which a partition's offsets only
+    grow, so its last message is its newest.
+    """
+    newest = {(message.topic, message.partition): message.offset for message in messages}
     return [TopicPartition(topic, part, last + 1) for (topic, part), last in newest.items()]
 
 

@@ -27,6 +27,7 @@ recovered: the gap is logged and kept in ``last_rebuild``.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -101,9 +102,9 @@ class Pipeline:
         self.scorer = scorer
         self.metrics = metrics
         self._outbox = Outbox(publisher, metrics, settings.kafka.topics.readings)
-        self.batcher = Batcher(
-            settings.batch_size, settings.batch_deadline_ms, settings.model.model_for
-        )
+        # Looked up for every reading: the routes are fixed, so the answers are kept.
+        self._model_for = functools.lru_cache(maxsize=1 << 16)(settings.model.model_for)
+        self.batcher = Batcher(settings.batch_size, settings.batch_deadline_ms, self._model_for)
         self._store_factory = store_factory
         self._stores: dict[int, WindowStore] = {}
         self._clock = clock
@@ -179,7 +180,7 @@ class Pipeline:
 
     def _channels_of(self, sensor_id: str) -> tuple[str, int | None]:
         """The model that scores the sensor, and its channel count (None: not loaded)."""
-        model_name = self.settings.model.model_for(sensor_id)
+        model_name = self._model_for(sensor_id)
         shape = self.registry.shape_of(model_name)
         return model_name, None if shape is None else shape[0]
 
