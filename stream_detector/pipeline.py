@@ -33,6 +33,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from stream_detector import alerts
@@ -57,7 +58,13 @@ from stream_detector.outbox import DeadLetter, Outbox
 from stream_detector.publisher import Delivery, Publisher, PublishError
 from stream_detector.recovery import Recovery
 from stream_detector.schemas import REASON_CODES, AlertEvent, InvalidReading, ScoreRecord
-from stream_detector.scorer import ModelEvent, ModelRegistry, Scorer, resolve_device
+from stream_detector.scorer import (
+    ModelEvent,
+    ModelRegistry,
+    Scorer,
+    WindowScore,
+    resolve_device,
+)
 from stream_detector.windows import RedisStateLost, WindowStore, WindowStoreError
 
 logger = logging.getLogger(__name__)
@@ -121,6 +128,7 @@ class Pipeline:
             settings.limits.max_sensors_per_worker, settings.redis.sensor_ttl_s
         )
         self._recovery = Recovery(consumer, settings.redis.rebuild_lookback_s)
+        self._scorer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scoring")
         self._reset()
 
     def _reset(self) -> None:
@@ -129,7 +137,10 @@ class Pipeline:
         self._new: list[ConsumedMessage] = []  # polled, not yet decoded
         self._to_append: dict[int, list[PositionedReading]] = {}  # channel count -> readings
         self._ingest_ts: dict[tuple[str, int], int] = {}  # (sensor, ts) -> Kafka timestamp
-        self._in_flight: list[Batch] = []  # batches taken from the batcher, not yet published
+        # Batches taken from the batcher (and when), not yet published; while _scoring is
+        # set, the first of them is being scored.
+        self._in_flight: list[tuple[Batch, float]] = []
+        self._scoring: Future[list[WindowScore]] | None = None
         self._uncommitted: list[ConsumedMessage] = []
         self._uncommitted_since_s: float | None = None  # when the oldest of them was polled
         self._outbox.clear()
@@ -237,30 +248,46 @@ class Pipeline:
         """Score the batches that are due, decide alerts, publish scores and alert events.
 
         Batch by batch: a batch's outputs leave before the next batch is scored, and a
-        failure leaves only the batches not yet published for the retry.
+        failure leaves only the batches not yet published for the retry. The model runs
+        in a thread of its own (torch releases the GIL inside its calls), so under a
+        backlog the run loop polls and appends the next readings while a batch is scored:
+        unless ``flush_all``, this returns with the batch still being scored, and waits
+        for it only once another batch is ready behind it, which bounds the windows
+        queued when the model is the slower part.
         """
-        taken_s = self._clock()
+        now_s = self._clock()
         # Under a steady backlog the batcher is never empty by itself: flushing it once
         # input has waited COMMIT_INTERVAL_S lets the commit step find the worker idle.
         since_s = self._uncommitted_since_s
-        flush_all = flush_all or (since_s is not None and taken_s - since_s >= COMMIT_INTERVAL_S)
-        taken = self.batcher.ready(taken_s, flush_all)
-        self._in_flight += taken
-        if not self._in_flight:
-            return
-        self.failpoints.hit("before_score")
+        flush_all = flush_all or (since_s is not None and now_s - since_s >= COMMIT_INTERVAL_S)
+        taken = self.batcher.ready(now_s, flush_all)
         waited = self.metrics.stage_seconds.labels("batch")
         for item in (item for batch in taken for item in batch.items):
-            waited.observe(max(0.0, taken_s - item.enqueued_s))
+            waited.observe(max(0.0, now_s - item.enqueued_s))
+        self._in_flight += [(batch, now_s) for batch in taken]
+        blocked = False
         while self._in_flight:
-            self._publish_batch(self._in_flight[0], taken_s)
+            batch, taken_s = self._in_flight[0]
+            if self._scoring is None:
+                self.failpoints.hit("before_score")
+                self._scoring = self._scorer_thread.submit(self._score, batch)
+            if not (flush_all or self._scoring.done()):
+                if blocked or len(self._in_flight) == 1:
+                    return
+                blocked = True
+            scoring, self._scoring = self._scoring, None
+            self._publish_batch(batch, scoring.result(), taken_s)
             self._in_flight.pop(0)
 
-    def _publish_batch(self, batch: Batch, taken_s: float) -> None:
-        """Score one batch, fold each score into its sensor's alert state, publish."""
+    def _score(self, batch: Batch) -> list[WindowScore]:
+        """The model's scores of one batch (in the scoring thread)."""
         started = time.perf_counter()
         results = self.scorer.score(batch.model_name, batch.values)
         self.metrics.inference_seconds.observe(time.perf_counter() - started)
+        return results
+
+    def _publish_batch(self, batch: Batch, results: list[WindowScore], taken_s: float) -> None:
+        """Fold each of a batch's scores into its sensor's alert state, publish."""
         self.metrics.batch_size.observe(len(batch))
         self.metrics.windows_scored.labels(batch.model_name).inc(len(batch))
         loaded = self.registry.get(batch.model_name)
@@ -498,6 +525,8 @@ class Pipeline:
         until_deadline = self.batcher.seconds_to_deadline(self._clock())
         if until_deadline is not None:
             timeout_s = min(timeout_s, until_deadline)
+        if self._scoring is not None:
+            timeout_s = 0.0  # nothing fetched: publish the batch being scored at once
         return self.consumer.poll_batch(self.settings.kafka.poll_batch_size, timeout_s)
 
     @property
@@ -535,6 +564,7 @@ class Pipeline:
         self._lag_stop.set()
         if self._lag_thread is not None:
             self._lag_thread.join(timeout_s)
+        self._scorer_thread.shutdown(cancel_futures=True)
         try:
             self.consumer.close()
         finally:
