@@ -4,8 +4,10 @@
    topic with their reason), append the valid readings to their windows in Redis (one
    round trip per channel count, so one for a fleet of single-channel sensors), queue
    the due windows.
-2. ``score_due``: take the batches the batcher releases, score them, fold each score into
-   its sensor's alert state (read from Redis once per step), publish scores and alerts.
+2. ``score_due``: take the batches the batcher releases, score them (in a thread of their
+   own, so under a backlog the next poll is decoded and appended meanwhile), fold each
+   score into its sensor's alert state (read from Redis once per step), publish scores
+   and alerts.
 3. ``commit_if_idle``: once no window is queued or in flight, wait for the broker to
    acknowledge every output (or commit the transaction), then store the alert states and
    acknowledge the windows in one atomic Redis call, and commit the input offsets.
