@@ -67,7 +67,7 @@ from stream_detector.scorer import (
     WindowScore,
     resolve_device,
 )
-from stream_detector.windows import RedisStateLost, WindowStore, WindowStoreError
+from stream_detector.windows import RedisStateLost, Window, WindowStore, WindowStoreError
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +149,7 @@ class Pipeline:
         self._acknowledged = False  # outputs are safe; Redis and offsets still to do
         self._states: dict[str, alerts.SensorAlertState] = {}  # not yet stored in Redis
         self._emitted: dict[str, int] = {}  # sensor -> newest published window end
+        self._taken_until: dict[str, int] = {}  # sensor -> newest window end taken to score
         # Kafka timestamp of each published window's newest reading, and its score's delivery.
         self._latencies: list[tuple[int, Delivery]] = []
 
@@ -204,6 +205,7 @@ class Pipeline:
 
     def _append(self, channels: int, readings: list[PositionedReading]) -> None:
         result = self._store(channels).append_batch(readings)
+        due = [window for window in result.due if self._first_report(window)]
         self.metrics.replayed_readings.inc(result.replayed)
         self.metrics.late_readings.labels("late").inc(result.late)
         self.metrics.late_readings.labels("duplicate_ts").inc(result.duplicate_ts)
@@ -211,16 +213,29 @@ class Pipeline:
             logger.warning(
                 "%d sensors changed their channel count: windows restarted", result.reset
             )
-        rejected = self.batcher.add(
-            result.due, self.registry.shape_of, self._clock(), self._ingest_ts
-        )
+        rejected = self.batcher.add(due, self.registry.shape_of, self._clock(), self._ingest_ts)
         for window in rejected:
             self._reject(window)
         now_ms, fetch = time.time_ns() // 1_000_000, self.metrics.stage_seconds.labels("fetch")
-        for window in result.due:
+        for window in due:
             ingest_ts_ms = self._ingest_ts.get((window.sensor_id, window.end_ts_ms))
             if ingest_ts_ms is not None:
                 fetch.observe(max(0, now_ms - ingest_ts_ms) / 1000)
+
+    def _first_report(self, window: Window) -> bool:
+        """Whether the window is new to the work since the last commit.
+
+        After a crash the store hands a sensor's unacknowledged windows back (``recovered``)
+        with every append that replays readings of that sensor, as long as they stay
+        unacknowledged; the replay of a backlog takes many polls before the next commit.
+        A sensor's windows come oldest first, so one no newer than the last taken is
+        already queued or published.
+        """
+        taken = self._taken_until.get(window.sensor_id)
+        if window.recovered and taken is not None and window.end_ts_ms <= taken:
+            return False
+        self._taken_until[window.sensor_id] = window.end_ts_ms
+        return True
 
     def _reject(self, rejected: RejectedWindow) -> None:
         window = rejected.window
@@ -395,7 +410,7 @@ class Pipeline:
             except RedisStateLost:
                 self._rebuild()
                 return
-            self._states, self._emitted = {}, {}
+            self._states, self._emitted, self._taken_until = {}, {}, {}
             if not self.publisher.transactional:
                 self.consumer.store(self._uncommitted)
                 self._offsets_stored = True
