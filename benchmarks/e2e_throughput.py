@@ -134,6 +134,7 @@ def model_only(model_dir: Path, settings: Settings, seconds: float = 10.0) -> fl
         device=device,
         window_length=settings.window_length,
         poll_interval_s=60,
+        trace=settings.trace_model,
     )
     registry.refresh()
     scorer = Scorer(registry, device=device, mixed_precision=settings.mixed_precision)
@@ -220,6 +221,22 @@ def profile_summary(collapsed: Path, top: int = 15) -> dict[str, Any]:
         return {frame: round(count / samples, 3) for frame, count in ranked}
 
     return {"samples": samples, "self": shares(own), "total": shares(total)}
+
+
+def worker_batches(port: int) -> dict[str, float]:
+    """The worker's batches so far: their mean size, and the windows per second of the
+    wall time its scoring took (beside the loop and the services on the same CPU)."""
+    samples = metric_samples(port) or {}
+
+    def total(name: str) -> float:
+        return sum(value for _, value in samples.get(name, []))
+
+    windows, batches = total("detector_batch_size_sum"), total("detector_batch_size_count")
+    seconds = total("detector_inference_seconds_sum")
+    return {
+        "mean_windows": round(windows / max(batches, 1), 1),
+        "scoring_windows_per_s": round(windows / seconds, 1) if seconds else 0.0,
+    }
 
 
 def paced_readings(bootstrap: str, topic: str, sensors: int, rate: float, seconds: float) -> int:
@@ -475,6 +492,12 @@ def main() -> None:
         "samples every sensor in lockstep, so aligned strides make all windows due at once",
     )
     parser.add_argument(
+        "--trace-model",
+        action=argparse.BooleanOptionalAction,
+        default=Settings.model_fields["trace_model"].default,
+        help="DETECTOR_TRACE_MODEL (default: the worker's, on)",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="sample the worker with py-spy during the end-to-end phase (needs py-spy and "
@@ -529,6 +552,7 @@ def main() -> None:
             stride_phase=args.stride_phase,
             batch_size=args.batch_size,
             batch_deadline_ms=args.batch_deadline_ms,
+            trace_model=args.trace_model,
             metrics_port=free_port(),
             log_level="WARNING",
         )
@@ -545,6 +569,7 @@ def main() -> None:
             sampling = (worker.pid, collapsed) if args.profile else None
             e2e_windows = end_to_end(settings, windows, sampling)
             e2e = e2e_windows * args.stride  # readings/s, as model_only's
+            batches = worker_batches(settings.metrics_port)
             latency, relay_latency = {}, {}
             with relaying(settings, *relayed):
                 for fraction in args.latency_fractions:
@@ -585,6 +610,7 @@ def main() -> None:
             "poll_batch_size": args.poll_batch_size,
             "batch_deadline_ms": args.batch_deadline_ms,
             "stride_phase": args.stride_phase,
+            "trace_model": args.trace_model,
         },
         "readings_per_s": {
             "end_to_end": round(e2e, 1),
@@ -603,6 +629,8 @@ def main() -> None:
         # The same rates through a pass-through relay (no Redis, no model): the path's floor.
         "relay_latency_at_fraction_of_capacity": relay_latency,
         "redis_bytes_per_sensor": memory,
+        # During the end-to-end phase: windows per batch, and the scoring's own rate.
+        "worker_batches": batches,
         "worker_profile": profile,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

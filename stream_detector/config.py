@@ -364,6 +364,9 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Autocast on CUDA; ignored on CPU.
     mixed_precision: bool = True
+    # On a CPU, score with each model's trace (`scorer.trace_scoring`): it runs on the
+    # scoring thread beside the worker's loop instead of taking turns with it for the GIL.
+    trace_model: bool = True
     metrics_port: int = Field(8000, ge=1, le=65_535)
     # Testing only (the reliability suite): failpoint name -> the hit on which the worker
     # kills itself with SIGKILL. See stream_detector.failpoints.

@@ -628,6 +628,7 @@ def open_pipeline(settings: Settings, metrics: Metrics) -> Pipeline:
         device=device,
         window_length=settings.window_length,
         poll_interval_s=settings.model.current_poll_interval_s,
+        trace=settings.trace_model,
     )
     producer_config = kafka_producer_config(settings)
     transactional_id = producer_config.pop("transactional.id", None)

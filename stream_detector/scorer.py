@@ -4,12 +4,20 @@
 version it loads it and swaps it in. A version that fails to load (tampered weights, a
 missing file, an incompatible window length) is refused: logged, reported, remembered so
 it is not retried every poll, and the version already loaded keeps serving.
+
+On a CPU each loaded model is traced (`trace_scoring`): the traced graph runs without
+Python between its operations, so it holds the GIL only to start. The worker scores a
+batch on a thread while its loop decodes and appends the next poll; an eagerly run model
+takes the GIL back after every one of its hundreds of small operations, and under a busy
+loop waits up to a switch interval (5 ms) each time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +29,7 @@ import torch
 from stream_detector import store
 from stream_detector.alerts import InvalidThresholds, Thresholds
 from stream_detector.checkpoint import CheckpointError
-from stream_detector.model import AnomalyLLM
+from stream_detector.model import AnomalyLLM, Scores
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +49,8 @@ class LoadedModel:
     version: str
     model: AnomalyLLM
     thresholds: Thresholds
+    # The model's `AnomalyLLM.score`, or its trace (`trace_scoring`).
+    score: Callable[[torch.Tensor], Scores]
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -70,12 +80,14 @@ class ModelRegistry:
         device: torch.device,
         window_length: int,
         poll_interval_s: float,
+        trace: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store_root = store_root  # a path or a URL: kept as given
         self.model_names = tuple(dict.fromkeys(model_names))
         self.device = device
         self.window_length = window_length
+        self.trace = trace and device.type == "cpu"
         self.poll_interval_s = poll_interval_s
         self._clock = clock
         self._next_poll_s = 0.0
@@ -148,13 +160,59 @@ class ModelRegistry:
             )
             return ModelEvent(name, version, str(error))
         old = self._models.get(name)
-        self._models[name] = LoadedModel(name, version, checkpoint.model, thresholds)
+        model = checkpoint.model.eval()
+        score = trace_scoring(model) if self.trace else model.score
+        self._models[name] = LoadedModel(name, version, model, thresholds, score)
         self._shapes[name] = self._models[name].shape
         self._refused.pop(name, None)
         logger.info(
             "serving model %s version %s (was %s)", name, version, old.version if old else "none"
         )
         return ModelEvent(name, version, None)
+
+
+class _ScoreTensors(torch.nn.Module):
+    """`AnomalyLLM.score` with its fields as a tuple of tensors, which tracing needs."""
+
+    def __init__(self, model: AnomalyLLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return _fields(self.model.score(x))
+
+
+def _fields(scores: Scores) -> tuple[torch.Tensor, ...]:
+    return tuple(getattr(scores, field.name) for field in dataclasses.fields(scores))
+
+
+def trace_scoring(model: AnomalyLLM) -> Callable[[torch.Tensor], Scores]:
+    """``model.score`` as a traced graph, checked against the model on another batch size;
+    the model itself when it cannot be traced or its trace scores otherwise (a branch on
+    the data would be frozen at the traced batch's)."""
+    channels, length = model.config.channels, model.config.window_length
+    generator = torch.Generator().manual_seed(0)
+    example, check = (torch.randn(n, channels, length, generator=generator) for n in (8, 3))
+    try:
+        with torch.inference_mode(), warnings.catch_warnings():
+            # The tracer warns of every shape read as a number; windows have one shape.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            traced = torch.jit.trace(_ScoreTensors(model), example, check_trace=False)
+            same = all(
+                torch.equal(got, expected)
+                for got, expected in zip(traced(check), _fields(model.score(check)), strict=True)
+            )
+    except Exception as error:  # whatever tracing raises, the model still scores
+        logger.warning("scoring model eagerly: it cannot be traced (%s)", error)
+        return model.score
+    if not same:
+        logger.warning("scoring model eagerly: its trace scores otherwise than the model")
+        return model.score
+
+    def score(x: torch.Tensor) -> Scores:
+        return Scores(*traced(x))
+
+    return score
 
 
 class WindowScore(NamedTuple):
@@ -196,7 +254,7 @@ class Scorer:
             torch.inference_mode(),
             torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast),
         ):
-            result = loaded.model.score(batch)
+            result = loaded.score(batch)
         scores = result.score.float().cpu().numpy()
         prototypes = result.nearest_prototype.cpu().numpy()
         attributions = result.attribution.float().cpu().numpy()

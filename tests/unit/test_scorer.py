@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -10,20 +12,23 @@ import torch
 
 from stream_detector import store
 from stream_detector.devtools.tiny import tiny_model
-from stream_detector.scorer import ModelRegistry, Scorer, resolve_device
+from stream_detector.scorer import ModelRegistry, Scorer, resolve_device, trace_scoring
 
 pytestmark = pytest.mark.unit
 
 THRESHOLDS = {"default": {"threshold": 2.0, "method": "quantile", "q": 0.99}}
 
 
-def registry_for(root: Path, clock: list[float], window_length: int = 32) -> ModelRegistry:
+def registry_for(
+    root: Path, clock: list[float], window_length: int = 32, trace: bool = True
+) -> ModelRegistry:
     return ModelRegistry(
         root,
         ["pumps"],
         device=torch.device("cpu"),
         window_length=window_length,
         poll_interval_s=10.0,
+        trace=trace,
         clock=lambda: clock[0],
     )
 
@@ -86,6 +91,44 @@ def test_scores_match_the_model_and_name_the_most_attributed_channel(tmp_path: P
         assert result.nearest_prototype == int(expected.nearest_prototype[i, top])
     with pytest.raises(LookupError, match="no version loaded"):
         Scorer(registry, device=torch.device("cpu"), mixed_precision=False).score("fans", windows)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_loaded_model_scores_through_its_trace_exactly_as_the_model(
+    tmp_path: Path, channels: int
+) -> None:
+    store.publish_version(tmp_path, "pumps", tiny_model(channels=channels))
+    registry = registry_for(tmp_path, [0.0])
+    registry.refresh()
+    loaded = registry.get("pumps")
+    assert loaded.score != loaded.model.score  # the trace
+    rng = np.random.default_rng(1)
+    for batch in (1, 5, 40):  # the trace was taken on 8 windows
+        windows = torch.from_numpy(rng.normal(size=(batch, channels, 32)).astype(np.float32))
+        with torch.inference_mode():
+            traced, eager = loaded.score(windows), loaded.model.score(windows)
+        for field in dataclasses.fields(eager):
+            assert torch.equal(getattr(traced, field.name), getattr(eager, field.name))
+
+    untraced = registry_for(tmp_path, [0.0], trace=False)
+    untraced.refresh()
+    assert untraced.get("pumps").score == untraced.get("pumps").model.score
+
+
+def test_a_model_its_trace_would_score_otherwise_is_scored_eagerly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model = tiny_model().eval()
+    plain = model.score
+
+    def score_by_batch_size(x: torch.Tensor) -> object:
+        scores = plain(x)  # a branch the tracer sees only as the traced batch takes it
+        return scores if len(x) == 8 else dataclasses.replace(scores, score=scores.score + 1)
+
+    model.score = score_by_batch_size
+    with caplog.at_level(logging.WARNING, logger="stream_detector.scorer"):
+        assert trace_scoring(model) == score_by_batch_size
+    assert "scores otherwise" in caplog.text
 
 
 def test_auto_device_is_cuda_only_when_present(monkeypatch: pytest.MonkeyPatch) -> None:
