@@ -56,6 +56,7 @@ from stream_detector.consumer import (
 from stream_detector.failpoints import FailPoints
 from stream_detector.ingest import PositionedReading, SensorRoster, dead_letter, decode
 from stream_detector.metrics import Metrics
+from stream_detector.model import Scores
 from stream_detector.outbox import DeadLetter, Outbox
 from stream_detector.publisher import Delivery, Publisher, PublishError
 from stream_detector.recovery import Recovery
@@ -142,7 +143,7 @@ class Pipeline:
         # Batches taken from the batcher (and when), not yet published; while _scoring is
         # set, the first of them is being scored.
         self._in_flight: list[tuple[Batch, float]] = []
-        self._scoring: Future[list[WindowScore]] | None = None
+        self._scoring: Future[Scores] | None = None
         self._uncommitted: list[ConsumedMessage] = []
         self._uncommitted_since_s: float | None = None  # when the oldest of them was polled
         self._outbox.clear()
@@ -293,13 +294,13 @@ class Pipeline:
                     return
                 blocked = True
             scoring, self._scoring = self._scoring, None
-            self._publish_batch(batch, scoring.result(), taken_s)
+            self._publish_batch(batch, self.scorer.window_scores(scoring.result()), taken_s)
             self._in_flight.pop(0)
 
-    def _score(self, batch: Batch) -> list[WindowScore]:
+    def _score(self, batch: Batch) -> Scores:
         """The model's scores of one batch (in the scoring thread)."""
         started = time.perf_counter()
-        results = self.scorer.score(batch.model_name, batch.values)
+        results = self.scorer.infer(batch.model_name, batch.values)
         self.metrics.inference_seconds.observe(time.perf_counter() - started)
         return results
 

@@ -210,7 +210,10 @@ def trace_scoring(model: AnomalyLLM) -> Callable[[torch.Tensor], Scores]:
         return model.score
 
     def score(x: torch.Tensor) -> Scores:
-        return Scores(*traced(x))
+        # Run as traced: the profiling executor would re-specialise the graph as batch
+        # sizes change.
+        with torch.jit.optimized_execution(False):
+            return Scores(*traced(x))
 
     return score
 
@@ -243,6 +246,16 @@ class Scorer:
 
     def score(self, model_name: str, windows: np.ndarray) -> list[WindowScore]:
         """Score windows (B, C, L) float32 with the served version of ``model_name``."""
+        return self.window_scores(self.infer(model_name, windows))
+
+    def infer(self, model_name: str, windows: np.ndarray) -> Scores:
+        """The served model's scores of windows (B, C, L) as tensors.
+
+        The part of scoring a thread of its own can run beside a busy loop: a traced model
+        gives up the GIL once, and takes it back once. Every tensor call gives it up and
+        waits up to a switch interval (5 ms) to take it back while the loop holds it, so
+        the verdicts are read out by ``window_scores`` on the loop's own thread.
+        """
         loaded = self.registry.get(model_name)
         if loaded is None:
             raise LookupError(f"model {model_name!r} has no version loaded")
@@ -254,7 +267,10 @@ class Scorer:
             torch.inference_mode(),
             torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast),
         ):
-            result = loaded.score(batch)
+            return loaded.score(batch)
+
+    def window_scores(self, result: Scores) -> list[WindowScore]:
+        """One verdict per window of ``infer``'s result."""
         scores = result.score.float().cpu().numpy()
         prototypes = result.nearest_prototype.cpu().numpy()
         attributions = result.attribution.float().cpu().numpy()

@@ -32,11 +32,14 @@ class HeldScorer:
         self.started = threading.Semaphore(0)
         self.batches: list[list[float]] = []
 
-    def score(self, model_name: str, windows: np.ndarray) -> list[WindowScore]:
+    def infer(self, model_name: str, windows: np.ndarray) -> int:
         self.started.release()
         assert self.release.wait(10)
         self.batches.append(windows[:, 0, -1].tolist())
-        return [WindowScore(0.1, 0, (1.0,), LENGTH - 1) for _ in windows]
+        return len(windows)
+
+    def window_scores(self, scored: int) -> list[WindowScore]:
+        return [WindowScore(0.1, 0, (1.0,), LENGTH - 1) for _ in range(scored)]
 
 
 class ListPublisher:
