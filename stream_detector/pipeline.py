@@ -36,7 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 from stream_detector import alerts
 from stream_detector.batcher import Batch, Batcher, RejectedWindow
@@ -71,6 +71,15 @@ from stream_detector.scorer import (
 from stream_detector.windows import RedisStateLost, Window, WindowStore, WindowStoreError
 
 logger = logging.getLogger(__name__)
+
+
+class InFlight(NamedTuple):
+    """A batch taken from the batcher: when, and its scoring on the scoring thread."""
+
+    batch: Batch
+    taken_s: float
+    scoring: Future[Scores]
+
 
 COMMIT_INTERVAL_S = 1.0
 # Outputs are made durable (a producer flush) and Redis acknowledged at most this often
@@ -140,10 +149,9 @@ class Pipeline:
         self._new: list[ConsumedMessage] = []  # polled, not yet decoded
         self._to_append: dict[int, list[PositionedReading]] = {}  # channel count -> readings
         self._ingest_ts: dict[tuple[str, int], int] = {}  # (sensor, ts) -> Kafka timestamp
-        # Batches taken from the batcher (and when), not yet published; while _scoring is
-        # set, the first of them is being scored.
-        self._in_flight: list[tuple[Batch, float]] = []
-        self._scoring: Future[Scores] | None = None
+        # Batches taken from the batcher, not yet published, each handed to the scoring
+        # thread when taken.
+        self._in_flight: list[InFlight] = []
         self._uncommitted: list[ConsumedMessage] = []
         self._uncommitted_since_s: float | None = None  # when the oldest of them was polled
         self._outbox.clear()
@@ -265,13 +273,13 @@ class Pipeline:
     def score_due(self, flush_all: bool = False) -> None:
         """Score the batches that are due, decide alerts, publish scores and alert events.
 
-        Batch by batch: a batch's outputs leave before the next batch is scored, and a
-        failure leaves only the batches not yet published for the retry. The model runs
-        in a thread of its own (torch releases the GIL inside its calls), so under a
-        backlog the run loop polls and appends the next readings while a batch is scored:
-        unless ``flush_all``, this returns with the batch still being scored, and waits
-        for it only once another batch is ready behind it, which bounds the windows
-        queued when the model is the slower part.
+        Batch by batch, in the order they were taken: a failure leaves only the batches
+        not yet published for the retry. The model runs in a thread of its own (torch
+        releases the GIL inside its calls), which takes each batch as soon as the batcher
+        gives it up, so under a backlog the run loop polls and appends the next readings
+        while batches are scored: unless ``flush_all``, this returns with the oldest batch
+        still being scored, and waits for it only once another batch is ready behind it,
+        which bounds the windows queued when the model is the slower part.
         """
         now_s = self._clock()
         # Under a steady backlog the batcher is never empty by itself: flushing it once
@@ -282,20 +290,26 @@ class Pipeline:
         waited = self.metrics.stage_seconds.labels("batch")
         for item in (item for batch in taken for item in batch.items):
             waited.observe(max(0.0, now_s - item.enqueued_s))
-        self._in_flight += [(batch, now_s) for batch in taken]
+        self._in_flight += [InFlight(batch, now_s, self._submit(batch)) for batch in taken]
         blocked = False
         while self._in_flight:
-            batch, taken_s = self._in_flight[0]
-            if self._scoring is None:
-                self.failpoints.hit("before_score")
-                self._scoring = self._scorer_thread.submit(self._score, batch)
-            if not (flush_all or self._scoring.done()):
+            batch, taken_s, scoring = self._in_flight[0]
+            if not (flush_all or scoring.done()):
                 if blocked or len(self._in_flight) == 1:
                     return
                 blocked = True
-            scoring, self._scoring = self._scoring, None
-            self._publish_batch(batch, self.scorer.window_scores(scoring.result()), taken_s)
+            try:
+                scores = scoring.result()
+            except Exception:
+                # Scored again for the retry.
+                self._in_flight[0] = InFlight(batch, taken_s, self._submit(batch))
+                raise
+            self._publish_batch(batch, self.scorer.window_scores(scores), taken_s)
             self._in_flight.pop(0)
+
+    def _submit(self, batch: Batch) -> Future[Scores]:
+        self.failpoints.hit("before_score")
+        return self._scorer_thread.submit(self._score, batch)
 
     def _score(self, batch: Batch) -> Scores:
         """The model's scores of one batch (in the scoring thread)."""
@@ -543,7 +557,7 @@ class Pipeline:
         until_deadline = self.batcher.seconds_to_deadline(self._clock())
         if until_deadline is not None:
             timeout_s = min(timeout_s, until_deadline)
-        if self._scoring is not None:
+        if self._in_flight:
             timeout_s = 0.0  # nothing fetched: publish the batch being scored at once
         return self.consumer.poll_batch(self.settings.kafka.poll_batch_size, timeout_s)
 

@@ -55,6 +55,20 @@ class ListPublisher:
         return Delivery("scores", 1)
 
 
+class WatchingPublisher(ListPublisher):
+    """Notes, as the first score is published, whether the scorer began another batch."""
+
+    def __init__(self, scorer: HeldScorer) -> None:
+        super().__init__()
+        self.scorer = scorer
+        self.next_batch_started: bool | None = None
+
+    def publish_score(self, record: Any) -> Delivery:
+        if self.next_batch_started is None:
+            self.next_batch_started = self.scorer.started.acquire(timeout=2)
+        return super().publish_score(record)
+
+
 def pipeline(scorer: HeldScorer, publisher: ListPublisher) -> Pipeline:
     loaded = SimpleNamespace(
         name="default",
@@ -112,8 +126,21 @@ def test_a_second_ready_batch_makes_the_loop_wait_for_the_first() -> None:
     assert waiting.is_alive()  # held until the first batch is scored
     scorer.release.set()
     waiting.join(10)
-    # It published the first batch, started the second and went back to the loop.
-    assert publisher.scores == [100, 101, 102, 103]
+    assert not waiting.is_alive() and publisher.scores[:4] == [100, 101, 102, 103]
     worker.score_due(flush_all=True)
     assert scorer.batches == [[100, 101, 102, 103], [200, 201, 202, 203]]
+    assert publisher.scores == [100, 101, 102, 103, 200, 201, 202, 203] and worker.idle
+
+
+def test_the_scoring_thread_takes_the_next_batch_while_the_loop_publishes() -> None:
+    scorer = HeldScorer()
+    publisher = WatchingPublisher(scorer)
+    worker = pipeline(scorer, publisher)
+    queue(worker, range(100, 104))
+    worker.score_due()
+    assert scorer.started.acquire(timeout=10)
+    queue(worker, range(200, 204))
+    scorer.release.set()
+    worker.score_due(flush_all=True)
+    assert publisher.next_batch_started  # the second batch did not wait for the first's outputs
     assert publisher.scores == [100, 101, 102, 103, 200, 201, 202, 203] and worker.idle
