@@ -72,15 +72,6 @@ from stream_detector.windows import RedisStateLost, Window, WindowStore, WindowS
 
 logger = logging.getLogger(__name__)
 
-
-class InFlight(NamedTuple):
-    """A batch taken from the batcher: when, and its scoring on the scoring thread."""
-
-    batch: Batch
-    taken_s: float
-    scoring: Future[Scores]
-
-
 COMMIT_INTERVAL_S = 1.0
 # Outputs are made durable (a producer flush) and Redis acknowledged at most this often
 # when the worker keeps up: scores leave as soon as they are decided; only the
@@ -97,6 +88,14 @@ DEAD_LETTER_CODES = REASON_CODES | {
 }
 # Failures of Redis or the broker: the pipeline keeps its work, and calling again retries it.
 RETRYABLE = (WindowStoreError, PublishError, *KAFKA_ERRORS)
+
+
+class InFlight(NamedTuple):
+    """A batch taken from the batcher: when, and its scoring on the scoring thread."""
+
+    batch: Batch
+    taken_s: float
+    scoring: Future[Scores]
 
 
 class Pipeline:
@@ -274,9 +273,9 @@ class Pipeline:
         """Score the batches that are due, decide alerts, publish scores and alert events.
 
         Batch by batch, in the order they were taken: a failure leaves only the batches
-        not yet published for the retry. The model runs in a thread of its own (torch
-        releases the GIL inside its calls), which takes each batch as soon as the batcher
-        gives it up, so under a backlog the run loop polls and appends the next readings
+        not yet published for the retry. The model runs in a thread of its own (a traced
+        model gives up the GIL for the whole batch), which takes each batch as soon as the
+        batcher gives it up, so under a backlog the run loop polls and appends the next readings
         while batches are scored: unless ``flush_all``, this returns with the oldest batch
         still being scored, and waits for it only once another batch is ready behind it,
         which bounds the windows queued when the model is the slower part.
