@@ -275,10 +275,10 @@ class Pipeline:
         Batch by batch, in the order they were taken: a failure leaves only the batches
         not yet published for the retry. The model runs in a thread of its own (a traced
         model gives up the GIL for the whole batch), which takes each batch as soon as the
-        batcher gives it up, so under a backlog the run loop polls and appends the next readings
-        while batches are scored: unless ``flush_all``, this returns with the oldest batch
-        still being scored, and waits for it only once another batch is ready behind it,
-        which bounds the windows queued when the model is the slower part.
+        batcher gives it up, so under a backlog the run loop polls and appends the next
+        readings while batches are scored: unless ``flush_all``, this returns with the
+        oldest batch still being scored, and waits for it only once another batch is ready
+        behind it, which bounds the windows queued when the model is the slower part.
         """
         now_s = self._clock()
         # Under a steady backlog the batcher is never empty by itself: flushing it once

@@ -160,7 +160,7 @@ class ModelRegistry:
             )
             return ModelEvent(name, version, str(error))
         old = self._models.get(name)
-        model = checkpoint.model.eval()
+        model = checkpoint.model  # in eval mode (`checkpoint.load_checkpoint`)
         score = trace_scoring(model) if self.trace else model.score
         self._models[name] = LoadedModel(name, version, model, thresholds, score)
         self._shapes[name] = self._models[name].shape
