@@ -132,14 +132,19 @@ def test_a_backlog_of_a_million_readings_is_worked_off_in_bounded_memory(
     try:
         with Sampler(process.pid, port) as sampler:
             started = time.monotonic()
-            reader.read_until(lambda o: set(ref.scores) <= o.scored(), timeout_s=900)
-            worked_off_s = time.monotonic() - started
             try:
+                reader.read_until(lambda o: set(ref.scores) <= o.scored(), timeout_s=900)
+                worked_off_s = time.monotonic() - started
                 wait_for(lambda: total_lag(port) == 0, 60, "the lag to fall back to 0")
             except AssertionError as error:
+                samples = metric_samples(port) or {}
+                progress = {
+                    name: samples.get(name)
+                    for name in ("detector_readings_total", "detector_windows_scored_total")
+                }
                 raise AssertionError(
-                    f"{error}; last samples {sampler.samples[-4:]}; worker log: "
-                    f"{log.read_text()[-3000:]}"
+                    f"{error}; worker exit code {process.poll()}; its counts {progress}; "
+                    f"last samples {sampler.samples[-4:]}; worker log: {log.read_text()[-3000:]}"
                 ) from None
         assert process.poll() is None, log.read_text()[-3000:]
     finally:
