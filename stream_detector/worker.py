@@ -25,7 +25,6 @@ def run(settings: Settings, stop: threading.Event) -> int:
     """Run the worker until ``stop`` is set; return the process exit code."""
     metrics, health = Metrics(), Health(heartbeat_timeout_s=60.0)
     metrics.watch(health)
-    server = MetricsServer(metrics.registry, health, settings.metrics_port).start()
     pipeline = open_pipeline(settings, metrics)
     poll_ok = False
     health.add_check("consumer", lambda: poll_ok or bool(pipeline.partitions))
@@ -33,6 +32,10 @@ def run(settings: Settings, stop: threading.Event) -> int:
     health.add_check("model", lambda: pipeline.serving)
     health.add_check("broker", lambda: pipeline.broker_ok and pipeline.broker_reachable)
     health.add_check("output_topics", lambda: not pipeline.unavailable_topics)
+    # Served once the checks are in: with none, /readyz answers ready. A test that stopped
+    # a worker it saw ready before its consumer had joined the group left tansu's group
+    # unjoinable for the next worker (README, "Known tansu limits").
+    server = MetricsServer(metrics.registry, health, settings.metrics_port).start()
     backoff_s = 0.0  # > 0 while retrying unfinished work: poll nothing new until it is done
     try:
         pipeline.wait_for_a_model(stop)

@@ -19,7 +19,13 @@ import pytest
 from stream_detector import store
 from stream_detector.config import Settings
 from stream_detector.devtools import loadgen
-from stream_detector.devtools.workers import metric_samples, readiness, rss_mib, start_worker
+from stream_detector.devtools.workers import (
+    metric_samples,
+    metric_value,
+    readiness,
+    rss_mib,
+    start_worker,
+)
 from tests.conftest import Topics
 from tests.reliability.harness import (
     final_windows,
@@ -94,10 +100,18 @@ class Sampler:
 
 
 def idle_rss_mib(settings: Settings, log: Path) -> float | None:
-    """Anonymous resident memory of a worker that joined its group and has nothing to read."""
+    """Anonymous resident memory of a worker that joined its group and has nothing to read.
+
+    Stopped only once it owns partitions: a consumer that leaves while its first join is
+    under way leaves tansu's group unjoinable for the worker that comes next.
+    """
     process = start_worker(settings, log)
+    port = settings.metrics_port
     try:
-        wait_for(lambda: readiness(settings.metrics_port) is True, 90, "the worker to join")
+        wait_for(lambda: readiness(port) is True, 90, "the worker to be ready")
+        wait_for(
+            lambda: metric_value(port, "detector_assigned_partitions") > 0, 90, "the worker to join"
+        )
         return rss_mib(process.pid, "RssAnon")
     finally:
         stop_worker(process, log)
