@@ -459,6 +459,13 @@ def main() -> None:
         help="shares of the measured capacity to measure latency at (default 0.5,0.25; "
         "empty: none)",
     )
+    parser.add_argument(
+        "--latency-rates",
+        type=lambda text: [float(x) for x in text.split(",") if x],
+        default=[],
+        help="also measure latency at these rates (readings/s), whatever the capacity: "
+        "runs of two versions compared at one load",
+    )
     parser.add_argument("--bootstrap", help="an existing broker (default: embedded tansu)")
     parser.add_argument("--redis", help="an existing Redis URL (default: embedded)")
     parser.add_argument(
@@ -572,9 +579,12 @@ def main() -> None:
             batches = worker_batches(settings.metrics_port)
             latency, relay_latency = {}, {}
             with relaying(settings, *relayed):
-                for fraction in args.latency_fractions:
-                    print(f"latency at {fraction:.0%} of {e2e:.0f} readings/s ...", flush=True)
-                    rate, name = e2e * fraction, f"{fraction:.0%}"
+                phases = [
+                    (f"{fraction:.0%}", e2e * fraction) for fraction in args.latency_fractions
+                ]
+                phases += [(f"{rate:.0f}/s", rate) for rate in args.latency_rates]
+                for name, rate in phases:
+                    print(f"latency at {name} ({rate:.0f} readings/s) ...", flush=True)
                     seconds = max(args.latency_seconds, 2 * args.stride * args.sensors / rate)
                     latency[name] = latency_phase(settings, args.sensors, rate, seconds)
                     relay_latency[name] = latency_at(settings, args.sensors, rate, seconds, relayed)
