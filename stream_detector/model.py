@@ -323,17 +323,30 @@ def load_backbone(
     """Load a pretrained causal LM truncated to its first `layers` blocks.
 
     The truncated, dequantised weights are cached as safetensors, so only the first
-    load pays for reading (and for GGUF, dequantising) the full model.
+    load pays for reading (and for GGUF, dequantising) the full model. Every load, the
+    first included, then builds the backbone from the cache. Building from the config
+    draws random initial weights before the cached ones replace them, and loading the
+    original model draws none: had the first load returned the original, the layers
+    built after it would start from another random state, and `trainer fit` on a
+    machine with an empty cache would train another model (the demo's threshold was
+    1.492 there instead of 1.770).
     """
     cache = cache_dir / f"{name.strip('/').replace('/', '--')}-k{layers}"
     weights, config_file = cache / "model.safetensors", cache / "config.json"
-    if weights.exists() and config_file.exists():
-        backbone_config = json.loads(config_file.read_text())
-        base = base_from_config(backbone_config)
-        base.load_state_dict(load_file(weights))
-        return base, backbone_config
+    if not (weights.exists() and config_file.exists()):
+        _cache_backbone(name, layers, cache)
+    backbone_config = json.loads(config_file.read_text())
+    base = base_from_config(backbone_config)
+    base.load_state_dict(load_file(weights))
+    return base, backbone_config
+
+
+def _cache_backbone(name: str, layers: int, cache: Path) -> None:
+    """Write the pretrained backbone's first `layers` blocks to ``cache``, leaving the
+    random state as it was."""
     started = time.perf_counter()
-    base = _truncate(_load_pretrained_base(name), layers)
+    with torch.random.fork_rng(devices=[]):
+        base = _truncate(_load_pretrained_base(name), layers)
     backbone_config = base.config.to_diff_dict()
     backbone_config["model_type"] = base.config.model_type
     # Where the weights came from and how they were quantised: meaningless once dequantised.
@@ -342,11 +355,10 @@ def load_backbone(
     cache.mkdir(parents=True, exist_ok=True)
     partial = cache / "model.safetensors.partial"
     save_file({k: v.contiguous() for k, v in base.state_dict().items()}, partial)
-    config_file.write_text(json.dumps(backbone_config, indent=2, sort_keys=True))
-    partial.replace(weights)
+    (cache / "config.json").write_text(json.dumps(backbone_config, indent=2, sort_keys=True))
+    partial.replace(cache / "model.safetensors")
     elapsed_s = time.perf_counter() - started
     log.info("cached backbone %s (K=%d) in %s after %.1f s", name, layers, cache, elapsed_s)
-    return base, backbone_config
 
 
 class Patcher(nn.Module):

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from stream_detector.devtools.tiny import TINY_LLAMA, tiny_config, tiny_model
-from stream_detector.model import AnomalyLLM, ModelConfig, _argmax_last, instance_norm
+from stream_detector.model import (
+    AnomalyLLM,
+    ModelConfig,
+    _argmax_last,
+    instance_norm,
+    load_backbone,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -357,3 +364,25 @@ def test_the_blockwise_argmax_is_torchs(size: int) -> None:
     values = torch.randn(3, 2, size, generator=torch.Generator().manual_seed(size))
     values[0, 0, size // 2] = values[0, 0, 0] = 10.0  # a tie: the first, as torch's
     assert torch.equal(_argmax_last(values), values.argmax(dim=-1))
+
+
+def test_the_first_load_of_a_backbone_leaves_the_random_state_a_cached_load_leaves(
+    tmp_path: Path,
+) -> None:
+    """`trainer fit` on a machine whose backbone cache is empty trains the model it trains
+    anywhere else: the layers built after the backbone start from the same random state."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = dict(TINY_LLAMA)
+    config = AutoConfig.for_model(settings.pop("model_type"), **settings)
+    original = tmp_path / "tiny-lm"
+    AutoModelForCausalLM.from_config(config).save_pretrained(original)
+    loads = []
+    for _ in range(2):  # the cache is empty, then filled
+        torch.manual_seed(0)
+        base, _ = load_backbone(str(original), 1, cache_dir=tmp_path / "cache")
+        loads.append((torch.rand(4), base.state_dict()))
+    (first_draws, first_weights), (cached_draws, cached_weights) = loads
+    assert torch.equal(first_draws, cached_draws)
+    for name, weight in first_weights.items():
+        assert torch.equal(weight, cached_weights[name]), name
