@@ -200,11 +200,12 @@ class _EmbeddedProcess(Startable):
         text = self._log.read().decode("utf-8", errors="replace")
         return "\n".join(text.splitlines()[-lines:])
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop the process (stop_signal, then SIGKILL) and remove its temp directory."""
+    def stop(self, timeout_s: float = 10.0, stop_signal: signal.Signals | None = None) -> None:
+        """Stop the process (``stop_signal``, by default the class's; then SIGKILL) and
+        remove its temp directory."""
         if self._process is not None:
             if self._process.poll() is None:
-                self._process.send_signal(self.stop_signal)
+                self._process.send_signal(stop_signal or self.stop_signal)
                 try:
                     self._process.wait(timeout=timeout_s)
                 except subprocess.TimeoutExpired:

@@ -412,8 +412,7 @@ def test_a_broker_fault_loses_nothing(
             # was produced twice: the worker saw no failure), and the scores stopped for
             # over 90 s after the restart. An abrupt loss of the broker is the unreachable
             # case.
-            broker.stop_signal = signal.SIGTERM
-            broker.stop(timeout_s=30)
+            broker.stop(timeout_s=30, stop_signal=signal.SIGTERM)
             rig.expect_unready()
             broker.start()  # same port, same S3 bucket
         else:
