@@ -334,16 +334,16 @@ def load_backbone(
     cache = cache_dir / f"{name.strip('/').replace('/', '--')}-k{layers}"
     weights, config_file = cache / "model.safetensors", cache / "config.json"
     if not (weights.exists() and config_file.exists()):
-        _cache_backbone(name, layers, cache)
+        _cache_backbone(name, layers, weights, config_file)
     backbone_config = json.loads(config_file.read_text())
     base = base_from_config(backbone_config)
     base.load_state_dict(load_file(weights))
     return base, backbone_config
 
 
-def _cache_backbone(name: str, layers: int, cache: Path) -> None:
-    """Write the pretrained backbone's first `layers` blocks to ``cache``, leaving the
-    random state as it was."""
+def _cache_backbone(name: str, layers: int, weights: Path, config_file: Path) -> None:
+    """Write the pretrained backbone's first `layers` blocks to ``weights`` and
+    ``config_file``, leaving the random state as it was."""
     started = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         base = _truncate(_load_pretrained_base(name), layers)
@@ -352,13 +352,15 @@ def _cache_backbone(name: str, layers: int, cache: Path) -> None:
     # Where the weights came from and how they were quantised: meaningless once dequantised.
     backbone_config.pop("quantization_config", None)
     backbone_config.pop("_name_or_path", None)
-    cache.mkdir(parents=True, exist_ok=True)
-    partial = cache / "model.safetensors.partial"
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    partial = weights.with_name(f"{weights.name}.partial")
     save_file({k: v.contiguous() for k, v in base.state_dict().items()}, partial)
-    (cache / "config.json").write_text(json.dumps(backbone_config, indent=2, sort_keys=True))
-    partial.replace(cache / "model.safetensors")
+    config_file.write_text(json.dumps(backbone_config, indent=2, sort_keys=True))
+    partial.replace(weights)
     elapsed_s = time.perf_counter() - started
-    log.info("cached backbone %s (K=%d) in %s after %.1f s", name, layers, cache, elapsed_s)
+    log.info(
+        "cached backbone %s (K=%d) in %s after %.1f s", name, layers, weights.parent, elapsed_s
+    )
 
 
 class Patcher(nn.Module):

@@ -34,7 +34,8 @@ def run(settings: Settings, stop: threading.Event) -> int:
     health.add_check("output_topics", lambda: not pipeline.unavailable_topics)
     # Served once the checks are in: with none, /readyz answers ready. A test that stopped
     # a worker it saw ready before its consumer had joined the group left tansu's group
-    # unjoinable for the next worker (README, "Known tansu limits").
+    # unjoinable for the next worker (README: "A consumer that leaves during its first
+    # join breaks tansu's group").
     server = MetricsServer(metrics.registry, health, settings.metrics_port).start()
     backoff_s = 0.0  # > 0 while retrying unfinished work: poll nothing new until it is done
     try:
