@@ -306,8 +306,10 @@ def latency_at(
         "rate_readings_per_s": round(rate, 1),
         "seconds": round(seconds, 1),
         "readings": sent,
-        # Every sensor's window is full already: one score per `stride` of its readings.
-        "scores_expected": sent // sensors // settings.stride * sensors,
+        # Every sensor's window is full already: one score per `stride` of its readings,
+        # which fall at its own phase of the stride, so its count is within one of its
+        # share and the fleet's is about `sent / stride`.
+        "scores_expected": round(sent / settings.stride),
         "scores": len(values),
         "p50_ms": round(float(np.percentile(values, 50)), 1) if len(values) else None,
         "p99_ms": round(float(np.percentile(values, 99)), 1) if len(values) else None,
