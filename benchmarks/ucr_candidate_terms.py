@@ -76,7 +76,7 @@ from scipy.stats import genpareto
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.score_ablation import raw_terms
-from stream_detector.alerts import SensorAlertState, _edge_rise, adapt_terms
+from stream_detector.alerts import SensorAlertState, adapt_terms, edge_rise
 from stream_detector.config import AlertPolicy
 from stream_detector.devtools.tiny import tiny_config
 from stream_detector.model import _MODEL_FREE, AnomalyLLM, WindowScores, instance_norm
@@ -204,7 +204,7 @@ class Scored:
         state, rows = SensorAlertState("series"), []
         for index, terms in enumerate(self.z.T.tolist()):
             rises = [
-                _edge_rise(sketch, policy.fallback_warmup_windows) for sketch in state.term_sketches
+                edge_rise(sketch, policy.fallback_warmup_windows) for sketch in state.term_sketches
             ] or [0.0] * len(terms)
             rows.append([max(0.0, term) - rise for term, rise in zip(terms, rises, strict=True)])
             state = adapt_terms(

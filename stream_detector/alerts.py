@@ -362,7 +362,7 @@ def adapt_terms(
     if started != (len(values), policy.term_quantile, threshold):
         sketches = tuple(QuantileSketch(policy.term_quantile, floor=threshold) for _ in values)
     adapted = [
-        value - _edge_rise(sketch, policy.fallback_warmup_windows)
+        value - edge_rise(sketch, policy.fallback_warmup_windows)
         for value, sketch in zip(values, sketches, strict=True)
     ]
     largest = max(range(len(adapted)), key=adapted.__getitem__)
@@ -377,7 +377,7 @@ def adapt_terms(
     return replace(state, term_sketches=sketches), score, largest
 
 
-def _edge_rise(sketch: QuantileSketch, warmup_windows: int) -> float:
+def edge_rise(sketch: QuantileSketch, warmup_windows: int) -> float:
     """How far a term's edge of normal has risen above 1 (0 until warmed up)."""
     estimate = sketch.estimate() if sketch.count >= warmup_windows else None
     return 0.0 if estimate is None else max(0.0, estimate - 1.0)
