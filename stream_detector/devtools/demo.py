@@ -8,9 +8,10 @@
    thresholds as the trainer fits them), as the retraining CronJob would run it. The
    result is cached under ``<out>/cache`` (keyed by data, settings and package version)
    and published to the model store ``<out>/models``.
-3. Replay: the rest of the series goes through the readings topic at ``--speed``
-   readings/s, with a few invalid messages mixed in; a worker runs in a thread, and the
-   alerts it publishes are printed as they arrive.
+3. Replay: a worker runs in a thread; once it serves the model and owns the readings'
+   partitions, the rest of the series goes through the readings topic at ``--speed``
+   readings/s, with a few invalid messages mixed in, and the alerts it publishes are
+   printed as they arrive.
 4. Report: ``<out>/plot.png`` (series, score, threshold, alerts, labels) and
    ``<out>/summary.json``; everything started is stopped.
 """
@@ -48,6 +49,7 @@ from stream_detector.config import (
 )
 from stream_detector.consumer import ReadingConsumer
 from stream_detector.devtools.services import EmbeddedKafka, EmbeddedRedis, create_topics, free_port
+from stream_detector.devtools.workers import metric_value, readiness
 from stream_detector.model import SMOLLM2
 from stream_detector.publisher import ReadingProducer
 from stream_detector.series_files import DataFormatError, nab_windows_for, read_csv
@@ -72,6 +74,7 @@ INVALID_MESSAGES = {
     0.75: b"not json at all",
 }
 FINISH_TIMEOUT_S = 120.0
+READY_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -361,6 +364,16 @@ def run(
         ]
         for thread in threads:
             thread.start()
+        # The replay starts on a running worker, as a stream would: readings sent while it
+        # loads its model and joins its group would time its start-up as their latency.
+        ready_s = _wait_for_worker(settings.metrics_port, stop)
+        if ready_s is not None:
+            console.print(f"\\[demo] the worker was ready, with its partitions, in {ready_s:.1f} s")
+        elif not stop.is_set():
+            console.print(
+                f"[yellow]\\[demo] the worker owns no partition after {READY_TIMEOUT_S:.0f} s; "
+                "replaying anyway[/]"
+            )
         console.print(
             f"\\[demo] model {MODEL_NAME} {version} (threshold {threshold:.3f}); replaying "
             f"{len(data.values) - first} readings at {speed:.0f}/s; metrics on "
@@ -395,6 +408,18 @@ def run(
     if not finished:
         console.print("[red]\\[demo] the pipeline did not score the last window in time[/]")
     return 0 if finished else 1
+
+
+def _wait_for_worker(port: int, stop: threading.Event) -> float | None:
+    """Seconds until the worker on ``port`` is ready and owns partitions (None: not within
+    ``READY_TIMEOUT_S``, or stopped)."""
+    started = time.monotonic()
+    while time.monotonic() - started < READY_TIMEOUT_S:
+        if readiness(port, 1.0) and metric_value(port, "detector_assigned_partitions") > 0:
+            return time.monotonic() - started
+        if stop.wait(0.2):
+            return None
+    return None
 
 
 def _summary(
