@@ -49,7 +49,7 @@ from stream_detector.config import (
 )
 from stream_detector.consumer import ReadingConsumer
 from stream_detector.devtools.services import EmbeddedKafka, EmbeddedRedis, create_topics, free_port
-from stream_detector.devtools.workers import metric_value, readiness
+from stream_detector.devtools.workers import serving_partitions
 from stream_detector.model import SMOLLM2
 from stream_detector.publisher import ReadingProducer
 from stream_detector.series_files import DataFormatError, nab_windows_for, read_csv
@@ -415,7 +415,7 @@ def _wait_for_worker(port: int, stop: threading.Event) -> float | None:
     ``READY_TIMEOUT_S``, or stopped)."""
     started = time.monotonic()
     while time.monotonic() - started < READY_TIMEOUT_S:
-        if readiness(port, 1.0) and metric_value(port, "detector_assigned_partitions") > 0:
+        if serving_partitions(port, timeout_s=1.0):
             return time.monotonic() - started
         if stop.wait(0.2):
             return None

@@ -78,6 +78,13 @@ def readiness(port: int, timeout_s: float = HTTP_TIMEOUT_S) -> bool | None:
         return None
 
 
+def serving_partitions(port: int, timeout_s: float = HTTP_TIMEOUT_S) -> bool:
+    """Whether the worker is ready and owns partitions: it has loaded its model and
+    finished joining its consumer group."""
+    ready = readiness(port, timeout_s) is True
+    return ready and metric_value(port, "detector_assigned_partitions") > 0
+
+
 def rss_mib(pid: int, field: str = "VmRSS") -> float | None:
     """Resident memory of a process in MiB (None when it is gone or a zombie).
 

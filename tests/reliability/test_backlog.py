@@ -21,9 +21,8 @@ from stream_detector.config import Settings
 from stream_detector.devtools import loadgen
 from stream_detector.devtools.workers import (
     metric_samples,
-    metric_value,
-    readiness,
     rss_mib,
+    serving_partitions,
     start_worker,
 )
 from tests.conftest import Topics
@@ -108,10 +107,7 @@ def idle_rss_mib(settings: Settings, log: Path) -> float | None:
     process = start_worker(settings, log)
     port = settings.metrics_port
     try:
-        wait_for(lambda: readiness(port) is True, 90, "the worker to be ready")
-        wait_for(
-            lambda: metric_value(port, "detector_assigned_partitions") > 0, 90, "the worker to join"
-        )
+        wait_for(lambda: serving_partitions(port), 90, "the worker to be ready and join")
         return rss_mib(process.pid, "RssAnon")
     finally:
         stop_worker(process, log)
