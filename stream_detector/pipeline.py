@@ -140,6 +140,7 @@ class Pipeline:
         )
         self._recovery = Recovery(consumer, settings.redis.rebuild_lookback_s)
         self._scorer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scoring")
+        self._in_flight: list[InFlight] = []
         self._reset()
 
     def _reset(self) -> None:
@@ -149,8 +150,11 @@ class Pipeline:
         self._to_append: dict[int, list[PositionedReading]] = {}  # channel count -> readings
         self._ingest_ts: dict[tuple[str, int], int] = {}  # (sensor, ts) -> Kafka timestamp
         # Batches taken from the batcher, not yet published, each handed to the scoring
-        # thread when taken.
-        self._in_flight: list[InFlight] = []
+        # thread when taken. Dropped ones still queued there are not scored: the next
+        # batches would wait behind them.
+        for flight in self._in_flight:
+            flight.scoring.cancel()
+        self._in_flight = []
         self._uncommitted: list[ConsumedMessage] = []
         self._uncommitted_since_s: float | None = None  # when the oldest of them was polled
         self._outbox.clear()

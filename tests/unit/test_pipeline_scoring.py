@@ -144,3 +144,31 @@ def test_the_scoring_thread_takes_the_next_batch_while_the_loop_publishes() -> N
     worker.score_due(flush_all=True)
     assert publisher.next_batch_started  # the second batch did not wait for the first's outputs
     assert publisher.scores == [100, 101, 102, 103, 200, 201, 202, 203] and worker.idle
+
+
+class FailingOnceScorer(HeldScorer):
+    """Fails the first batch it is given; holds every later one until ``release``."""
+
+    def infer(self, model_name: str, windows: np.ndarray) -> int:
+        if not self.batches:
+            self.batches.append(windows[:, 0, -1].tolist())
+            raise RuntimeError("the model failed")
+        return super().infer(model_name, windows)
+
+
+def test_work_dropped_on_revoke_is_not_scored_after_it() -> None:
+    scorer, publisher = FailingOnceScorer(), ListPublisher()
+    worker = pipeline(scorer, publisher)
+    queue(worker, range(100, 108))  # two full batches
+
+    # The first fails; its retry queues behind the second (scored, or dropped before it
+    # started), and both are dropped.
+    worker.on_revoke([])
+    scorer.release.set()
+    queue(worker, range(200, 204))
+    worker.score_due(flush_all=True)  # queued behind whatever still runs
+
+    first, *later = scorer.batches
+    assert first == [100, 101, 102, 103] and first not in later
+    assert later[-1] == [200, 201, 202, 203] and len(later) <= 2
+    assert publisher.scores == [200, 201, 202, 203] and worker.idle
