@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from stream_detector.model import _MODEL_FREE, _TWO_SIDED, SCORE_TERMS, spread_floor
+from stream_detector.model import MODEL_FREE_TERMS, SCORE_TERMS, TWO_SIDED_TERMS, spread_floor
 from trainer.anomalyllm_detector import AnomalyLLMDetector
 from trainer.train import MAX_CALIBRATION_WINDOWS, _thin
 
@@ -66,7 +66,7 @@ class NormalTerms:
         )
         held_back = max(1, int(len(windows) * 0.2))
         held = raw_terms(model, _thin(windows[-held_back:], MAX_CALIBRATION_WINDOWS))[0]
-        normal = raw_terms(model, windows[:-held_back], _MODEL_FREE)[0]
+        normal = raw_terms(model, windows[:-held_back], MODEL_FREE_TERMS)[0]
         bank = torch.from_numpy(windows[:-held_back])
         centre = torch.from_numpy(np.median(held, axis=1)[:, None])
         floors = {
@@ -84,10 +84,10 @@ class NormalTerms:
         """
         out = np.empty_like(raw)
         for index, name in enumerate(SCORE_TERMS):
-            two_sided = name in _TWO_SIDED
+            two_sided = name in TWO_SIDED_TERMS
             reference = self.held[index]
-            if name in _MODEL_FREE:
-                reference = np.concatenate([reference, self.normal[_MODEL_FREE.index(name)]])
+            if name in MODEL_FREE_TERMS:
+                reference = np.concatenate([reference, self.normal[MODEL_FREE_TERMS.index(name)]])
             median = np.median(reference)
             if scaling == "robust-z":
                 centre, unit = median, 1.4826 * np.median(np.abs(reference - median))

@@ -79,13 +79,13 @@ from benchmarks.score_ablation import raw_terms
 from stream_detector.alerts import SensorAlertState, adapt_terms, edge_rise
 from stream_detector.config import AlertPolicy
 from stream_detector.devtools.tiny import tiny_config
-from stream_detector.model import _MODEL_FREE, AnomalyLLM, WindowScores, instance_norm
+from stream_detector.model import MODEL_FREE_TERMS, AnomalyLLM, WindowScores, instance_norm
 from trainer.anomalyllm_detector import (
     MAX_SCORING_STRIDE,
     PATCHES_PER_WINDOW,
     AnomalyLLMDetector,
-    _nearest_peak_score,
     choose_window_length,
+    nearest_peak_score,
 )
 from trainer.data import load_ucr
 from trainer.evaluate import select_ucr, ucr_hit, ucr_location
@@ -167,7 +167,7 @@ class Scored:
         # The normal windows each term is calibrated on (`AnomalyLLM.calibrate`): the
         # held-back ones, and the bank's too for the terms nothing was fitted for.
         held = raw_terms(self.model, self.held, self.terms)[0]
-        free = tuple(term for term in self.terms if term in _MODEL_FREE)
+        free = tuple(term for term in self.terms if term in MODEL_FREE_TERMS)
         bank = raw_terms(self.model, self.bank, free)[0]
         self.normal = [
             np.concatenate([held[row], bank[free.index(term)]]) if term in free else held[row]
@@ -179,7 +179,7 @@ class Scored:
         largest = z.argmax(axis=0)
         score = np.clip(z.max(axis=0), 0, None)
         starts = np.arange(z.shape[1]) * self.stride
-        return _nearest_peak_score(score, starts + peaks[largest, np.arange(z.shape[1])], size)
+        return nearest_peak_score(score, starts + peaks[largest, np.arange(z.shape[1])], size)
 
     def with_edges(
         self, quantile: float | None = None, top2: bool = False
@@ -373,13 +373,13 @@ def series_hits(values: np.ndarray, train_end: int, begin: int, end: int) -> dic
                 score, peak = edge_scores(detector, z, peaks, names)
             else:
                 score, peak = base.with_edges(quantile, top2="top2" in changes)
-            points = _nearest_peak_score(score, np.arange(len(score)) * base.stride + peak, size)
+            points = nearest_peak_score(score, np.arange(len(score)) * base.stride + peak, size)
             if "scales" in changes:
                 for factor in (0.5, 2.0):
                     other = scored[factor]
                     score, peak = other.with_edges()
                     starts = np.arange(len(score)) * other.stride
-                    points = np.maximum(points, _nearest_peak_score(score, starts + peak, size))
+                    points = np.maximum(points, nearest_peak_score(score, starts + peak, size))
         elif "ratio_max" in changes:
             points = one.points(one.ratio_to_record(), peaks, size)
         elif name in LEVEL_UNITS:

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.score_ablation import raw_terms
 from trainer import train
-from trainer.anomalyllm_detector import AnomalyLLMDetector, _nearest_peak_score
+from trainer.anomalyllm_detector import AnomalyLLMDetector, nearest_peak_score
 from trainer.data import load_ucr
 from trainer.evaluate import select_ucr, ucr_hit, ucr_location
 from trainer.train import TrainConfig, sliding_windows
@@ -72,7 +72,7 @@ def fit_and_score(series, name: str) -> dict[str, object]:
         centre, unit = model.term_centre[row, 0].item(), model.term_spread[row, 0].item()
     starts = np.arange(len(windows)) * stride
     size = len(series.values)
-    points = _nearest_peak_score((raw[0] - centre) / unit, starts + offsets[0], size)
+    points = nearest_peak_score((raw[0] - centre) / unit, starts + offsets[0], size)
     hits["discrepancy"] = _hit(points, series)
     return {
         **result.summary(),

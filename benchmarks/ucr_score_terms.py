@@ -54,7 +54,7 @@ from benchmarks.score_ablation import (
     raw_terms,
 )
 from stream_detector.model import DEFAULT_SCORE_TERMS, SCORE_TERMS, WindowScores
-from trainer.anomalyllm_detector import MAX_SCORING_STRIDE, _nearest_peak_score
+from trainer.anomalyllm_detector import MAX_SCORING_STRIDE, nearest_peak_score
 from trainer.data import load_ucr
 from trainer.detectors import get_detector
 from trainer.evaluate import evaluate_ucr_series, select_ucr, ucr_hit, ucr_location
@@ -98,7 +98,7 @@ def point_scores(
     as one score per point."""
     starts = np.arange(len(scores)) * stride - lag * stride
     if mapping == "peak":
-        return _nearest_peak_score(scores, starts + peaks, size)
+        return nearest_peak_score(scores, starts + peaks, size)
     total, count = np.zeros(size + 1), np.zeros(size + 1)
     first, last = np.clip(starts, 0, size), np.clip(starts + length, 0, size)
     np.add.at(total, first, scores)

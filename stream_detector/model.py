@@ -62,10 +62,10 @@ DEFAULT_SCORE_TERMS = ("discrepancy", "memory", "level", "scale", "point", "step
 _FLOOR_ERRORS = 3.0
 # Terms where both directions are unusual (a drop as much as a rise); they count only
 # beyond the range seen on normal windows, so a drift within it costs nothing.
-_TWO_SIDED = ("level", "scale")
+TWO_SIDED_TERMS = ("level", "scale")
 # Terms no network or memory bank was fitted for: every normal window shows their normal
 # range, the bank's as well as the held-back ones.
-_MODEL_FREE = ("level", "scale", "point")
+MODEL_FREE_TERMS = ("level", "scale", "point")
 # The most memory-bank values kept, whatever the channels and window length (32 MiB).
 _MAX_MEMORY_VALUES = 8 * 1024 * 1024
 # Normal windows kept in the memory bank by default: the budget above, for one channel
@@ -519,7 +519,7 @@ class AnomalyLLM(nn.Module):
                 self.register_load_state_dict_post_hook(_derive_step_norms)
             self.register_buffer("term_centre", torch.zeros(terms, channels))  # (T, C)
             self.register_buffer("term_spread", torch.ones(terms, channels))  # (T, C)
-            two_sided = [name in _TWO_SIDED for name in config.score_terms]
+            two_sided = [name in TWO_SIDED_TERMS for name in config.score_terms]
             self.register_buffer(
                 "two_sided", torch.tensor(two_sided).view(-1, 1, 1), persistent=False
             )  # (T, 1, 1)
@@ -717,9 +717,9 @@ class AnomalyLLM(nn.Module):
         held = self._terms_of(held_back, names)  # (T, H, C)
         centre = held.median(dim=1).values
         spread = held.amax(dim=1) - centre
-        free = torch.tensor([name in _MODEL_FREE for name in names], device=held.device)
+        free = torch.tensor([name in MODEL_FREE_TERMS for name in names], device=held.device)
         if free.any():
-            free_names = tuple(name for name in names if name in _MODEL_FREE)
+            free_names = tuple(name for name in names if name in MODEL_FREE_TERMS)
             normal = torch.cat([held[free], self._terms_of(memory_windows, free_names)], dim=1)
             low, high, middle = normal.amin(dim=1), normal.amax(dim=1), normal.median(dim=1).values
             sided = self.two_sided.view(-1, 1)[free]

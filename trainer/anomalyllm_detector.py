@@ -365,7 +365,7 @@ class AnomalyLLMDetector:
             latest = _latest_window(starts + length - 1, len(series))
             score = _at_latest(scored.score, latest, 0.0).astype(np.float32)
             return RowScores(score, _at_latest(starts + scored.peak_offset, latest, rows))
-        score = _nearest_peak_score(scored.score, starts + scored.peak_offset, len(series))
+        score = nearest_peak_score(scored.score, starts + scored.peak_offset, len(series))
         return RowScores(score, rows)
 
 
@@ -434,7 +434,7 @@ def _latest_window_score(scores: np.ndarray, ends: np.ndarray, size: int) -> np.
     return _at_latest(scores, _latest_window(ends, size), 0.0).astype(np.float32)
 
 
-def _nearest_peak_score(scores: np.ndarray, peaks: np.ndarray, size: int) -> np.ndarray:
+def nearest_peak_score(scores: np.ndarray, peaks: np.ndarray, size: int) -> np.ndarray:
     """Each point gets the score of the window whose peak (`Scores.peak_offset`, from the
     window's start) lies nearest to it; where several windows peak at one point, the
     highest. A window whose largest term is the teacher-student distance peaks at its

@@ -9,8 +9,8 @@ import torch
 from stream_detector.devtools.tiny import tiny_model
 from trainer.anomalyllm_detector import (
     AnomalyLLMDetector,
-    _nearest_peak_score,
     choose_window_length,
+    nearest_peak_score,
 )
 from trainer.train import sliding_windows
 
@@ -33,13 +33,13 @@ def test_a_window_without_a_period_falls_back_and_a_short_part_caps_it() -> None
 def test_each_point_takes_the_score_of_the_window_that_peaks_nearest() -> None:
     # Windows of 40 points every 10 points, peaking at their centres: 20, 30, 40, 50.
     scores = np.array([0.0, 0.0, 5.0, 0.0])
-    points = _nearest_peak_score(scores, np.array([20, 30, 40, 50]), 70)
+    points = nearest_peak_score(scores, np.array([20, 30, 40, 50]), 70)
     assert int(np.argmax(points)) == 36  # the first point nearer 40 than 30
     assert points[36:46].tolist() == [5.0] * 10  # a tie (45) goes to the earlier window
     assert points[46] == 0.0 and points[0] == 0.0 and points[69] == 0.0
     # The third window's point term found a spike at 57, which the fourth window, peaking
     # at its centre, also covers: the point takes the higher score of the two.
-    points = _nearest_peak_score(np.array([0.0, 1.0, 5.0, 2.0]), np.array([20, 30, 57, 57]), 70)
+    points = nearest_peak_score(np.array([0.0, 1.0, 5.0, 2.0]), np.array([20, 30, 57, 57]), 70)
     assert int(np.argmax(points)) == 44 and points[44:].tolist() == [5.0] * 26
 
 
