@@ -68,6 +68,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -88,7 +89,8 @@ from trainer.anomalyllm_detector import (
     nearest_peak_score,
 )
 from trainer.data import load_ucr
-from trainer.evaluate import select_ucr, ucr_hit, ucr_location
+from trainer.detectors import get_detector
+from trainer.evaluate import evaluate_ucr_series, select_ucr, ucr_hit, ucr_location
 from trainer.train import calibrate_score, profile, sliding_windows
 
 TERMS = ("memory", "level", "scale", "point")
@@ -328,46 +330,64 @@ def scaled_length(base: int, factor: float, train_rows: int) -> int:
     return max(min(length, 512, half), 2 * PATCHES_PER_WINDOW)
 
 
-def series_hits(values: np.ndarray, train_end: int, begin: int, end: int) -> dict[str, bool]:
-    base = choose_window_length(values[:train_end])
-    scored = {
-        factor: Scored(values, train_end, scaled_length(base, factor, train_end))
-        for factor in SCALES
-    }
-    one = scored[1.0]
-    centre = np.full(one.z.shape[1], one.length // 2)
-    extra = {
-        "left_join": one.left_join_memory(),
-        "roughness": one.roughness(relative=False),
-        "relative_roughness": one.roughness(relative=True),
-        "difference_memory": one.difference_memory(),
-    }
+def series_hits(
+    values: np.ndarray, train_end: int, begin: int, end: int, variants: list[str]
+) -> dict[str, bool]:
+    """Whether each of ``variants`` finds the series' anomaly; builds only what they need."""
+    base_length = choose_window_length(values[:train_end])
+    built: dict[object, Any] = {}
+
+    def scored(factor: float) -> Scored:
+        if factor not in built:
+            length = scaled_length(base_length, factor, train_end)
+            built[factor] = Scored(values, train_end, length)
+        return built[factor]
+
+    def steps_model(fraction: int) -> Scored:
+        if ("steps", fraction) not in built:
+            length = scored(1.0).length
+            built["steps", fraction] = Scored(
+                values, train_end, length, terms=(*TERMS, "steps"), steps_fraction=fraction
+            )
+        return built["steps", fraction]
+
+    def extra(key: str) -> np.ndarray:
+        if key not in built:
+            one = scored(1.0)
+            built[key] = {
+                "left_join": one.left_join_memory,
+                "roughness": lambda: one.roughness(relative=False),
+                "relative_roughness": lambda: one.roughness(relative=True),
+                "difference_memory": one.difference_memory,
+            }[key]()
+        return built[key]
+
     size = len(values)
     hits = {}
-    stepped = Scored(values, train_end, one.length, terms=(*TERMS, "steps"))
-    eighth = Scored(values, train_end, one.length, terms=(*TERMS, "steps"), steps_fraction=8)
-    for name, changes in VARIANTS.items():
-        base = stepped if "steps" in changes else one
-        base = eighth if "eighth" in changes else base
+    for name in variants:
+        changes = VARIANTS[name]
+        base = steps_model(8 if "eighth" in changes else 4) if "steps" in changes else scored(1.0)
         z, peaks = base.z.copy(), base.peaks
+        centre = np.full(z.shape[1], base.length // 2)
         if "left_join" in changes:
-            z[TERMS.index("memory")] = extra["left_join"]
+            z[TERMS.index("memory")] = extra("left_join")
         if "-memory" in changes:
             keep = [row for row, term in enumerate(TERMS) if term != "memory"]
             z, peaks = z[keep], peaks[keep]
         added = [key for key in changes if key in ("roughness", "relative_roughness")]
         added += ["difference_memory"] if "difference_memory" in changes else []
         if added:
-            z = np.vstack([z, *(extra[key][None] for key in added)])
+            z = np.vstack([z, *(extra(key)[None] for key in added)])
             peaks = np.vstack([peaks, *(centre[None] for _ in added)])
         if "tail_probability" in changes:
-            z = one.surprisal()
+            z = base.surprisal()
         if "edges" in changes:
             quantile = next((EDGE_QUANTILES[key] for key in changes if key in EDGE_QUANTILES), None)
             if "two_lengths" in changes:
-                z = np.vstack([stepped.z, eighth.z[-1:]])
-                peaks = np.vstack([stepped.peaks, eighth.peaks[-1:]])
-                names = (*stepped.terms, "steps")
+                eighth = steps_model(8)
+                z = np.vstack([base.z, eighth.z[-1:]])
+                peaks = np.vstack([base.peaks, eighth.peaks[-1:]])
+                names = (*base.terms, "steps")
                 settings = {} if quantile is None else {"term_quantile": quantile}
                 detector = AnomalyLLMDetector(edge_settings=settings)
                 score, peak = edge_scores(detector, z, peaks, names)
@@ -376,19 +396,19 @@ def series_hits(values: np.ndarray, train_end: int, begin: int, end: int) -> dic
             points = nearest_peak_score(score, np.arange(len(score)) * base.stride + peak, size)
             if "scales" in changes:
                 for factor in (0.5, 2.0):
-                    other = scored[factor]
+                    other = scored(factor)
                     score, peak = other.with_edges()
                     starts = np.arange(len(score)) * other.stride
                     points = np.maximum(points, nearest_peak_score(score, starts + peak, size))
         elif "ratio_max" in changes:
-            points = one.points(one.ratio_to_record(), peaks, size)
+            points = base.points(base.ratio_to_record(), peaks, size)
         elif name in LEVEL_UNITS:
-            level = Scored(values, train_end, one.length, LEVEL_UNITS[name])
+            level = Scored(values, train_end, base.length, LEVEL_UNITS[name])
             points = level.points(level.z, level.peaks, size)
         else:
             points = base.points(z, peaks, size)
         if "scales" in changes and "edges" not in changes:
-            others = (scored[f].points(scored[f].z, scored[f].peaks, size) for f in (0.5, 2.0))
+            others = (scored(f).points(scored(f).z, scored(f).peaks, size) for f in (0.5, 2.0))
             points = np.maximum.reduce([points, *others])
         hits[name] = ucr_hit(ucr_location(points, train_end), begin, end)
     return hits
@@ -397,34 +417,55 @@ def series_hits(values: np.ndarray, train_end: int, begin: int, end: int) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--ids", nargs="+", required=True)
+    parser.add_argument("--ids", nargs="+", help="UCR ids or ranges (default: every series)")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=list(VARIANTS),
+        help="the variants to score (default: all; the baseline always)",
+    )
+    parser.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        help="a detector to run on the same series in the same run, e.g. discord",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    variants = ["baseline", *(name for name in args.variants if name != "baseline")]
     started = time.perf_counter()
     records = []
     for entry in select_ucr(args.data, args.ids):
         series = load_ucr(entry.path)
         values = series.values.astype(np.float32).reshape(len(series.values), -1)
-        hits = series_hits(values, series.train_end, series.anomaly_begin, series.anomaly_end)
-        records.append({"id": series.id, "hits": hits})
-        print(series.id, " ".join(name for name, hit in hits.items() if hit), flush=True)
+        hits = series_hits(
+            values, series.train_end, series.anomaly_begin, series.anomaly_end, variants
+        )
+        peers = {
+            name: evaluate_ucr_series(get_detector(name), series, {})["hit"] for name in args.peer
+        }
+        records.append({"id": series.id, "hits": hits, "peers": peers})
+        found = [name for name, hit in (hits | peers).items() if hit]
+        print(series.id, " ".join(found), flush=True)
     baseline = [record["id"] for record in records if record["hits"]["baseline"]]
     result = {
         "benchmark": "ucr candidate terms (network-free: memory, level, scale, point and more)",
         "series": len(records),
-        "hits": {name: sum(r["hits"][name] for r in records) for name in VARIANTS},
+        "hits": {name: sum(r["hits"][name] for r in records) for name in variants},
+        "peer_hits": {name: sum(r["peers"][name] for r in records) for name in args.peer},
         "changes_against_baseline": {
             name: {
                 "gained": [r["id"] for r in records if r["hits"][name] and r["id"] not in baseline],
                 "lost": [r["id"] for r in records if not r["hits"][name] and r["id"] in baseline],
             }
-            for name in VARIANTS
+            for name in variants
             if name != "baseline"
         },
         "wall_s": round(time.perf_counter() - started, 1),
         "records": records,
     }
-    print(json.dumps(result["hits"], indent=2))
+    print(json.dumps(result["hits"] | result["peer_hits"], indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 
