@@ -49,7 +49,19 @@ each series under these variants, judged by the UCR rule:
 - ``edges_steps_two_lengths``: ``edges_steps`` with a second steps term, over the newest
   eighth, fused as a seventh term (its own calibration and edge);
 - ``edges_steps_q95``, ``edges_steps_two_lengths_q95``: those two with the edges at the
-  running 0.95 quantile (``AlertPolicy.term_quantile``; the default is 0.99).
+  running 0.95 quantile (``AlertPolicy.term_quantile``; the default is 0.99);
+- ``edges_steps_memory_centre``: ``edges_steps`` with a window whose largest term is the
+  memory placed at its centre instead of the stretch that differs most from the nearest
+  bank window (stop 36);
+- ``edges_steps_newest_shape``: ``edges_steps`` plus a seventh term, the memory term of
+  the window's newest quarter alone: its z-normalised readings against the nearest of
+  the bank windows' stretches as long (every eighth of a stretch apart, at most 20,000),
+  one-sided, its unit from the held-back windows as the memory term's;
+- ``edges_steps_forecast``: ``edges_steps`` plus a forecast term: an autoregressive model
+  of order 32 (at most half the window; ridge least squares on the bank's windows, in
+  units of the bank's spread) predicts each of the newest quarter's readings from the
+  window's readings before it, and the term is the root-mean-square error, one-sided,
+  its unit from the held-back windows.
 
 Each point takes the score of the window whose peak lies nearest
 (`trainer.anomalyllm_detector`), as the harness does. It ran before any of these was
@@ -58,6 +70,10 @@ the default (README, "Candidate terms" and "The level term's unit").
 
     python benchmarks/ucr_candidate_terms.py --data ../shared/data/ucr --ids 1 9 14 ... 250 \\
         --out benchmarks/results/ucr_candidate_terms_dev.json
+
+``--variants`` scores only those named (and the baseline), ``--peer`` runs a harness
+detector on the same series in the same run, and without ``--ids`` every series in the
+folder is scored (the whole archive: README, "The whole archive, without a network").
 """
 
 from __future__ import annotations
@@ -72,6 +88,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from numpy.lib.stride_tricks import sliding_window_view
 from scipy.stats import genpareto
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -117,6 +134,9 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "edges_steps_two_lengths": ("edges", "steps", "two_lengths"),
     "edges_steps_q95": ("edges", "steps", "q95"),
     "edges_steps_two_lengths_q95": ("edges", "steps", "two_lengths", "q95"),
+    "edges_steps_memory_centre": ("edges", "steps", "memory_centre"),
+    "edges_steps_newest_shape": ("edges", "steps", "newest_shape"),
+    "edges_steps_forecast": ("edges", "steps", "forecast"),
 }
 EDGE_QUANTILES = {"q95": 0.95, "q999": 0.999}
 # The baseline as a model of its own with ``level_unit_sigmas`` at these values.
@@ -260,6 +280,42 @@ class Scored:
         unit = max((high - low) / 2, 3 / math.sqrt(2 * self.length))
         return np.abs(of(self.windows) - (low + high) / 2) / unit
 
+    def newest_shape_memory(self) -> np.ndarray:
+        """The memory term of each window's newest quarter alone (z-normalised), from the
+        held-back windows' median in units of their largest excess."""
+        size = self.length // 4
+        bank = _z_normalised(_stretches(self.bank[:, 0, :], size, max(1, size // 8), 20_000))
+
+        def distance(windows: np.ndarray) -> np.ndarray:
+            rows = _z_normalised(windows[:, 0, -size:])
+            nearest = np.concatenate(
+                [(rows[i : i + 512] @ bank.T).max(axis=1) for i in range(0, len(rows), 512)]
+            )
+            return np.sqrt(np.clip(2 * (size - nearest), 0, None) / size)
+
+        return _from_held(distance(self.windows), distance(self.held))
+
+    def forecast_error(self, order: int = 32) -> np.ndarray:
+        """The root-mean-square error of an autoregressive forecast of each window's newest
+        quarter, from the held-back windows' median in units of their largest excess."""
+        order = min(order, self.length // 2)
+        values = self.bank[:, 0, :].astype(np.float64)
+        middle, spread = values.mean(), values.std() + 1e-9
+        lags = _stretches((values - middle) / spread, order + 1, 1, 50_000)
+        design = np.c_[lags[:, :-1], np.ones(len(lags))]
+        weights = np.linalg.solve(
+            design.T @ design + 1e-3 * len(design) * np.eye(order + 1), design.T @ lags[:, -1]
+        )
+        newest = max(self.length // 4, 1)
+
+        def error(windows: np.ndarray) -> np.ndarray:
+            scaled = (windows[:, 0, :].astype(np.float64) - middle) / spread
+            lagged = sliding_window_view(scaled[:, -newest - order :], order + 1, axis=1)
+            predicted = lagged[..., :-1] @ weights[:-1] + weights[-1]
+            return np.sqrt(((lagged[..., -1] - predicted) ** 2).mean(axis=1))
+
+        return _from_held(error(self.windows), error(self.held))
+
     def difference_memory(self) -> np.ndarray:
         """Distance of the window's z-normalised first differences to the nearest bank
         window's, from the held-back windows' median in units of their largest excess."""
@@ -294,6 +350,27 @@ class Scored:
             surprisal = np.minimum(-log10_tail_probability(reference, values), MAX_SURPRISAL)
             rows.append(surprisal + 1e-3 * np.clip(self.z[row], 0, None))
         return np.stack(rows)
+
+
+def _stretches(rows: np.ndarray, size: int, step: int, limit: int) -> np.ndarray:
+    """At most ``limit`` stretches of ``size`` readings of the rows (N, L), starting every
+    ``step`` readings, evenly spread over all of them. (S, size)"""
+    per_row = (rows.shape[1] - size) // step + 1
+    chosen = np.linspace(0, len(rows) * per_row - 1, min(limit, len(rows) * per_row))
+    row, start = np.divmod(chosen.astype(int), per_row)
+    return rows[row[:, None], start[:, None] * step + np.arange(size)]
+
+
+def _z_normalised(rows: np.ndarray) -> np.ndarray:
+    rows = rows.astype(np.float32)
+    return (rows - rows.mean(1, keepdims=True)) / (rows.std(1, keepdims=True) + 1e-5)
+
+
+def _from_held(values: np.ndarray, held: np.ndarray) -> np.ndarray:
+    """``values`` from the median of the held-back windows' in units of their largest
+    excess, as a one-sided term is calibrated."""
+    middle = np.median(held)
+    return (values - middle) / max(held.max() - middle, 1e-6)
 
 
 def edge_scores(
@@ -359,6 +436,8 @@ def series_hits(
                 "roughness": lambda: one.roughness(relative=False),
                 "relative_roughness": lambda: one.roughness(relative=True),
                 "difference_memory": one.difference_memory,
+                "newest_shape": lambda: steps_model(4).newest_shape_memory(),
+                "forecast": lambda: steps_model(4).forecast_error(),
             }[key]()
         return built[key]
 
@@ -381,6 +460,9 @@ def series_hits(
             peaks = np.vstack([peaks, *(centre[None] for _ in added)])
         if "tail_probability" in changes:
             z = base.surprisal()
+        if "memory_centre" in changes:
+            peaks = peaks.copy()
+            peaks[TERMS.index("memory")] = centre
         if "edges" in changes:
             quantile = next((EDGE_QUANTILES[key] for key in changes if key in EDGE_QUANTILES), None)
             if "two_lengths" in changes:
@@ -391,6 +473,12 @@ def series_hits(
                 settings = {} if quantile is None else {"term_quantile": quantile}
                 detector = AnomalyLLMDetector(edge_settings=settings)
                 score, peak = edge_scores(detector, z, peaks, names)
+            elif {"memory_centre", "newest_shape", "forecast"} & set(changes):
+                newest = [key for key in ("newest_shape", "forecast") if key in changes]
+                z = np.vstack([z, *(extra(key)[None] for key in newest)])
+                ends = np.full((len(newest), z.shape[1]), base.length - base.length // 8)
+                names = (*base.terms, *newest)
+                score, peak = edge_scores(AnomalyLLMDetector(), z, np.vstack([peaks, ends]), names)
             else:
                 score, peak = base.with_edges(quantile, top2="top2" in changes)
             points = nearest_peak_score(score, np.arange(len(score)) * base.stride + peak, size)
