@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stream_detector.config import AlertPolicy
 from stream_detector.model import DEFAULT_SCORE_TERMS
-from trainer.anomalyllm_detector import AnomalyLLMDetector, _latest_window_score
+from trainer.anomalyllm_detector import AnomalyLLMDetector, latest_window_score
 from trainer.detectors import get_detector
-from trainer.nab import DetectorRun, _warmup, decision_results, load_corpus
+from trainer.nab import DetectorRun, decision_results, load_corpus, warmup_windows
 
 EVERY_TERM = list(DEFAULT_SCORE_TERMS)
 # Variant -> the AlertPolicy fields its edges run with (None: the trained edges).
@@ -84,7 +84,7 @@ def main() -> None:
         assert isinstance(detector, AnomalyLLMDetector)
         detector.fit(values[: series.probation])
         rows = detector.decision_rows(len(values))
-        detector.term_warmup_windows = _warmup(rows, series.probation)
+        detector.term_warmup_windows = warmup_windows(rows, series.probation)
         stride = int(rows[1] - rows[0]) if len(rows) > 1 else 1
         trained = detector.window_scores(values, stride, adapted=False)
         for name, settings in VARIANTS.items():
@@ -92,7 +92,7 @@ def main() -> None:
             if settings is not None:
                 detector.edge_policy = AlertPolicy(**settings)
                 scored = detector.with_edges(trained, threshold=detector.threshold)[0]
-            scores[name].append(_latest_window_score(scored.score, rows, len(values)))
+            scores[name].append(latest_window_score(scored.score, rows, len(values)))
         decision_rows.append(rows)
         thresholds.append(detector.threshold)
         print(f"[{position}/{len(corpus)}] {series.name}", flush=True)

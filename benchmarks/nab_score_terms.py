@@ -42,8 +42,8 @@ from stream_detector.config import AlertPolicy
 from stream_detector.model import DEFAULT_SCORE_TERMS
 from trainer.anomalyllm_detector import (
     MAX_SCORING_STRIDE,
-    _latest_window_score,
     choose_window_length,
+    latest_window_score,
 )
 from trainer.detectors import get_detector
 from trainer.nab import DetectorRun, causal_rank, decision_results, load_corpus, score_corpus
@@ -110,7 +110,7 @@ def main() -> None:
         for terms, floor in variants:
             score = fused(scalings[floor], terms)
             points[f"{'+'.join(terms)}|{floor}"].append(
-                _latest_window_score(score, ends, len(values))
+                latest_window_score(score, ends, len(values))
             )
         print(f"[{position}/{len(corpus)}] {series.name} window {length}", flush=True)
     windows = [series.windows for series in corpus]

@@ -17,7 +17,7 @@ import torch
 
 from stream_detector.model import MODEL_FREE_TERMS, SCORE_TERMS, TWO_SIDED_TERMS, spread_floor
 from trainer.anomalyllm_detector import AnomalyLLMDetector
-from trainer.train import MAX_CALIBRATION_WINDOWS, _thin
+from trainer.train import MAX_CALIBRATION_WINDOWS, thin
 
 SCALINGS = ("extreme", "robust-z")
 FLOORS = ("errors", "relative")
@@ -65,7 +65,7 @@ class NormalTerms:
             train, model.config.window_length, model.config.memory_slots
         )
         held_back = max(1, int(len(windows) * 0.2))
-        held = raw_terms(model, _thin(windows[-held_back:], MAX_CALIBRATION_WINDOWS))[0]
+        held = raw_terms(model, thin(windows[-held_back:], MAX_CALIBRATION_WINDOWS))[0]
         normal = raw_terms(model, windows[:-held_back], MODEL_FREE_TERMS)[0]
         bank = torch.from_numpy(windows[:-held_back])
         centre = torch.from_numpy(np.median(held, axis=1)[:, None])

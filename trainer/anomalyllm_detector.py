@@ -429,7 +429,7 @@ def _at_latest(values: np.ndarray, latest: np.ndarray, before: float | np.ndarra
     return np.where(latest >= 0, values[np.clip(latest, 0, None)], before)
 
 
-def _latest_window_score(scores: np.ndarray, ends: np.ndarray, size: int) -> np.ndarray:
+def latest_window_score(scores: np.ndarray, ends: np.ndarray, size: int) -> np.ndarray:
     """Each point gets the score of the latest window ending at or before it."""
     return _at_latest(scores, _latest_window(ends, size), 0.0).astype(np.float32)
 

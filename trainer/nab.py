@@ -453,7 +453,7 @@ def run_detector(
         detector.fit(values[: series.probation])
         if hasattr(detector, "term_warmup_windows"):  # warmed up as the alert threshold is
             rows = detector.decision_rows(len(values))
-            detector.term_warmup_windows = _warmup(rows, series.probation)
+            detector.term_warmup_windows = warmup_windows(rows, series.probation)
         raw = np.asarray(detector.score(values), dtype=np.float64)
         if raw.shape != (len(values),):
             raise DetectorContractError(
@@ -477,7 +477,7 @@ def run_detector(
     )
 
 
-def _warmup(decision_rows: np.ndarray, probation: int) -> int:
+def warmup_windows(decision_rows: np.ndarray, probation: int) -> int:
     """The windows a running estimate warms up on: those decided in the probationary part
     (at least five, the quantile sketch's minimum)."""
     return max(5, int(np.count_nonzero(decision_rows < probation)))
@@ -519,7 +519,7 @@ def decision_results(run: DetectorRun, policy: AlertPolicy) -> dict[str, Any]:
     """
     windows = [series.windows for series in run.corpus]
     warmups = [  # decision rows in the probationary part: what warms the running quantile
-        _warmup(rows, series.probation)
+        warmup_windows(rows, series.probation)
         for series, rows in zip(run.corpus, run.decision_rows, strict=True)
     ]
     by_level: dict[float, dict[str, ProfileResult]] = {}

@@ -172,7 +172,7 @@ def fit(
     device = torch.device(device)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    windows_t = torch.from_numpy(_thin(windows, config.max_train_windows))
+    windows_t = torch.from_numpy(thin(windows, config.max_train_windows))
     validation_count = max(1, int(len(windows_t) * config.validation_fraction))
     if len(windows_t) - validation_count < model_config.prototypes:
         raise ValueError(
@@ -250,7 +250,7 @@ def calibrate_score(model: AnomalyLLM, windows: np.ndarray, held_back_fraction: 
     held_back = max(1, int(len(windows) * held_back_fraction))
     model.calibrate(
         torch.from_numpy(windows[:-held_back]),
-        torch.from_numpy(_thin(windows[-held_back:], MAX_CALIBRATION_WINDOWS)),
+        torch.from_numpy(thin(windows[-held_back:], MAX_CALIBRATION_WINDOWS)),
     )
 
 
@@ -269,7 +269,7 @@ def refresh(
         held_back = max(1, int(len(windows) * held_back_fraction))
         model.fill_memory(torch.from_numpy(windows[:-held_back]))
         return 0
-    chosen = _thin(windows, REFRESH_MAX_WINDOWS)
+    chosen = thin(windows, REFRESH_MAX_WINDOWS)
     if len(chosen) < model.config.prototypes:
         raise ValueError(
             f"{len(chosen)} training windows are too few for "
@@ -280,7 +280,7 @@ def refresh(
     return len(chosen)
 
 
-def _thin(windows: np.ndarray, limit: int) -> np.ndarray:
+def thin(windows: np.ndarray, limit: int) -> np.ndarray:
     """Keep at most `limit` windows, evenly spaced so the temporal split stays valid."""
     if len(windows) <= limit:
         return windows
