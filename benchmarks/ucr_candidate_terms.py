@@ -287,13 +287,9 @@ class Scored:
         bank = _z_normalised(_stretches(self.bank[:, 0, :], size, max(1, size // 8), 20_000))
 
         def distance(windows: np.ndarray) -> np.ndarray:
-            rows = _z_normalised(windows[:, 0, -size:])
-            nearest = np.concatenate(
-                [(rows[i : i + 512] @ bank.T).max(axis=1) for i in range(0, len(rows), 512)]
-            )
-            return np.sqrt(np.clip(2 * (size - nearest), 0, None) / size)
+            return _nearest_distance(_z_normalised(windows[:, 0, -size:]), bank)
 
-        return _from_held(distance(self.windows), distance(self.held))
+        return _from_held(distance(self.windows), distance(self.held), 1e-6)
 
     def forecast_error(self, order: int = 32) -> np.ndarray:
         """The root-mean-square error of an autoregressive forecast of each window's newest
@@ -314,29 +310,21 @@ class Scored:
             predicted = lagged[..., :-1] @ weights[:-1] + weights[-1]
             return np.sqrt(((lagged[..., -1] - predicted) ** 2).mean(axis=1))
 
-        return _from_held(error(self.windows), error(self.held))
+        return _from_held(error(self.windows), error(self.held), 1e-6)
 
     def difference_memory(self) -> np.ndarray:
         """Distance of the window's z-normalised first differences to the nearest bank
         window's, from the held-back windows' median in units of their largest excess."""
 
         def normalised(windows: np.ndarray) -> np.ndarray:
-            steps = np.diff(windows[:, 0, :].astype(np.float32), axis=1)
-            return (steps - steps.mean(1, keepdims=True)) / (steps.std(1, keepdims=True) + 1e-5)
+            return _z_normalised(np.diff(windows[:, 0, :].astype(np.float32), axis=1))
 
         bank = normalised(self.bank)
 
         def distance(windows: np.ndarray) -> np.ndarray:
-            rows = normalised(windows)
-            nearest = np.concatenate(
-                [(rows[i : i + 512] @ bank.T).max(axis=1) for i in range(0, len(rows), 512)]
-            )
-            size = rows.shape[1]
-            return np.sqrt(np.clip(2 * (size - nearest), 0, None) / size)
+            return _nearest_distance(normalised(windows), bank)
 
-        held = distance(self.held)
-        middle = np.median(held)
-        return (distance(self.windows) - middle) / max(held.max() - middle, 1e-3)
+        return _from_held(distance(self.windows), distance(self.held), 1e-3)
 
     def surprisal(self) -> np.ndarray:
         """-log10 of each term's normal tail probability at every scored window (at most
@@ -366,11 +354,21 @@ def _z_normalised(rows: np.ndarray) -> np.ndarray:
     return (rows - rows.mean(1, keepdims=True)) / (rows.std(1, keepdims=True) + 1e-5)
 
 
-def _from_held(values: np.ndarray, held: np.ndarray) -> np.ndarray:
+def _nearest_distance(rows: np.ndarray, bank: np.ndarray) -> np.ndarray:
+    """Distance of each z-normalised row (N, S) to its nearest in the z-normalised bank
+    (M, S), per reading, as the memory term measures it. (N,)"""
+    nearest = np.concatenate(
+        [(rows[i : i + 512] @ bank.T).max(axis=1) for i in range(0, len(rows), 512)]
+    )
+    size = rows.shape[1]
+    return np.sqrt(np.clip(2 * (size - nearest), 0, None) / size)
+
+
+def _from_held(values: np.ndarray, held: np.ndarray, smallest_unit: float) -> np.ndarray:
     """``values`` from the median of the held-back windows' in units of their largest
-    excess, as a one-sided term is calibrated."""
+    excess (at least ``smallest_unit``), as a one-sided term is calibrated."""
     middle = np.median(held)
-    return (values - middle) / max(held.max() - middle, 1e-6)
+    return (values - middle) / max(held.max() - middle, smallest_unit)
 
 
 def edge_scores(
@@ -476,9 +474,12 @@ def series_hits(
             elif {"memory_centre", "newest_shape", "forecast"} & set(changes):
                 newest = [key for key in ("newest_shape", "forecast") if key in changes]
                 z = np.vstack([z, *(extra(key)[None] for key in newest)])
-                ends = np.full((len(newest), z.shape[1]), base.length - base.length // 8)
+                # Their cause lies in the newest quarter: its centre.
+                quarter = np.full((len(newest), z.shape[1]), base.length - base.length // 8)
                 names = (*base.terms, *newest)
-                score, peak = edge_scores(AnomalyLLMDetector(), z, np.vstack([peaks, ends]), names)
+                score, peak = edge_scores(
+                    AnomalyLLMDetector(), z, np.vstack([peaks, quarter]), names
+                )
             else:
                 score, peak = base.with_edges(quantile, top2="top2" in changes)
             points = nearest_peak_score(score, np.arange(len(score)) * base.stride + peak, size)
