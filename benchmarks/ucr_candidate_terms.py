@@ -53,6 +53,9 @@ each series under these variants, judged by the UCR rule:
 - ``edges_steps_memory_centre``: ``edges_steps`` with a window whose largest term is the
   memory placed at its centre instead of the stretch that differs most from the nearest
   bank window (stop 36);
+- ``edges_steps_two_lengths_memory_centre``: both of the last stop's near misses at once:
+  the second steps term of ``edges_steps_two_lengths`` and the memory windows placed at
+  their centre (stop 37);
 - ``edges_steps_newest_shape``: ``edges_steps`` plus a seventh term, the memory term of
   the window's newest quarter alone: its z-normalised readings against the nearest of
   the bank windows' stretches as long (every eighth of a stretch apart, at most 20,000),
@@ -135,6 +138,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "edges_steps_q95": ("edges", "steps", "q95"),
     "edges_steps_two_lengths_q95": ("edges", "steps", "two_lengths", "q95"),
     "edges_steps_memory_centre": ("edges", "steps", "memory_centre"),
+    "edges_steps_two_lengths_memory_centre": ("edges", "steps", "two_lengths", "memory_centre"),
     "edges_steps_newest_shape": ("edges", "steps", "newest_shape"),
     "edges_steps_forecast": ("edges", "steps", "forecast"),
 }
@@ -465,8 +469,8 @@ def series_hits(
             quantile = next((EDGE_QUANTILES[key] for key in changes if key in EDGE_QUANTILES), None)
             if "two_lengths" in changes:
                 eighth = steps_model(8)
-                z = np.vstack([base.z, eighth.z[-1:]])
-                peaks = np.vstack([base.peaks, eighth.peaks[-1:]])
+                z = np.vstack([z, eighth.z[-1:]])
+                peaks = np.vstack([peaks, eighth.peaks[-1:]])
                 names = (*base.terms, "steps")
                 settings = {} if quantile is None else {"term_quantile": quantile}
                 detector = AnomalyLLMDetector(edge_settings=settings)
