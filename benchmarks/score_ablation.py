@@ -14,8 +14,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from stream_detector.model import MODEL_FREE_TERMS, SCORE_TERMS, TWO_SIDED_TERMS, spread_floor
+from stream_detector.model import (
+    DEFAULT_SCORE_TERMS,
+    MODEL_FREE_TERMS,
+    SCORE_TERMS,
+    TWO_SIDED_TERMS,
+    AnomalyLLM,
+    instance_norm,
+    spread_floor,
+)
 from trainer.anomalyllm_detector import AnomalyLLMDetector
 from trainer.train import MAX_CALIBRATION_WINDOWS, thin
 
@@ -25,11 +34,14 @@ FLOORS = ("errors", "relative")
 # over the normal windows (``ModelConfig.level_unit_sigmas``): a level change must be
 # large, not only new.
 LEVEL_FLOORS = {"level-sigma1": 1.0, "level-sigma2": 2.0, "level-sigma3": 3.0}
+# Every subset of the terms before stop 37's second steps term, and the default (with
+# it): 128 subsets, where every subset of all eight would double the variants.
+_SUBSET_TERMS = tuple(term for term in SCORE_TERMS if term != "short_steps")
 SUBSETS = [
     terms
-    for size in range(1, len(SCORE_TERMS) + 1)
-    for terms in itertools.combinations(SCORE_TERMS, size)
-]
+    for size in range(1, len(_SUBSET_TERMS) + 1)
+    for terms in itertools.combinations(_SUBSET_TERMS, size)
+] + [DEFAULT_SCORE_TERMS]
 
 
 def raw_terms(model, windows: np.ndarray, names=SCORE_TERMS) -> tuple[np.ndarray, np.ndarray]:
@@ -42,6 +54,23 @@ def raw_terms(model, windows: np.ndarray, names=SCORE_TERMS) -> tuple[np.ndarray
         ]
     values = torch.cat([part.values[:, :, 0] for part in parts], dim=1).numpy()
     return values, torch.cat([part.offsets[:, :, 0] for part in parts], dim=1).numpy()
+
+
+def memory_patch_offsets(model: AnomalyLLM, windows: np.ndarray) -> np.ndarray:
+    """Where in each window (N, 1, L) the patch-long stretch lies that differs most from
+    the nearest memory window, both instance-normalised: where the model placed the
+    memory term's cause until stop 37, which places it at the window's centre. (N,)"""
+    width = min(model.config.patch_length, windows.shape[-1])
+    bank = model.memory[0]  # (M, L)
+    offsets = []
+    with torch.inference_mode():
+        for start in range(0, len(windows), 256):
+            part = instance_norm(torch.from_numpy(windows[start : start + 256]).float())[:, 0]
+            nearest = (part @ bank.T).argmax(dim=-1)
+            residual = (part - bank[nearest]) ** 2  # (B, L)
+            means = F.avg_pool1d(residual.unsqueeze(1), width, stride=1)[:, 0]
+            offsets.append(means.argmax(dim=-1) + width // 2)
+    return torch.cat(offsets).numpy()
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,12 @@ each series under these variants, judged by the UCR rule:
   bank window (stop 36);
 - ``edges_steps_two_lengths_memory_centre``: both of the last stop's near misses at once:
   the second steps term of ``edges_steps_two_lengths`` and the memory windows placed at
-  their centre (stop 37);
+  their centre (stop 37; the default since, and every other variant places them as the
+  model did before: at the patch-long stretch that differs most from the nearest bank
+  window, `benchmarks.score_ablation.memory_patch_offsets`);
+- ``default``: the product's default since stop 37 as one model, as `trainer fit` builds
+  it (both steps terms, the memory at the window's centre, the default's edges), less
+  the discrepancy: it should find what the variant above finds, series for series;
 - ``edges_steps_newest_shape``: ``edges_steps`` plus a seventh term, the memory term of
   the window's newest quarter alone: its z-normalised readings against the nearest of
   the bank windows' stretches as long (every eighth of a stretch apart, at most 20,000),
@@ -68,8 +73,9 @@ each series under these variants, judged by the UCR rule:
 
 Each point takes the score of the window whose peak lies nearest
 (`trainer.anomalyllm_detector`), as the harness does. It ran before any of these was
-built into the product (the level units: with their model option, stop 25); none is in
-the default (README, "Candidate terms" and "The level term's unit").
+built into the product (the level units: with their model option, stop 25). Two became
+the default: ``edges_steps`` in stop 30 and ``edges_steps_two_lengths_memory_centre`` in
+stop 37 (README, "Candidate terms" and "The level term's unit").
 
     python benchmarks/ucr_candidate_terms.py --data ../shared/data/ucr --ids 1 9 14 ... 250 \\
         --out benchmarks/results/ucr_candidate_terms_dev.json
@@ -96,7 +102,7 @@ from scipy.stats import genpareto
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.score_ablation import raw_terms
+from benchmarks.score_ablation import memory_patch_offsets, raw_terms
 from stream_detector.alerts import SensorAlertState, adapt_terms, edge_rise
 from stream_detector.config import AlertPolicy
 from stream_detector.devtools.tiny import tiny_config
@@ -139,6 +145,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "edges_steps_two_lengths_q95": ("edges", "steps", "two_lengths", "q95"),
     "edges_steps_memory_centre": ("edges", "steps", "memory_centre"),
     "edges_steps_two_lengths_memory_centre": ("edges", "steps", "two_lengths", "memory_centre"),
+    "default": ("edges", "default"),
     "edges_steps_newest_shape": ("edges", "steps", "newest_shape"),
     "edges_steps_forecast": ("edges", "steps", "forecast"),
 }
@@ -161,6 +168,7 @@ class Scored:
         level_unit_sigmas: float = 0.0,
         terms: tuple[str, ...] = TERMS,
         steps_fraction: int = 4,
+        memory_at_patch: bool = True,
     ) -> None:
         self.terms = terms
         config = tiny_config(
@@ -187,6 +195,10 @@ class Scored:
         self.stride = min(MAX_SCORING_STRIDE, max(1, math.ceil(total / MAX_SCORED_WINDOWS)))
         self.windows = sliding_windows(values, length, self.stride)
         self.raw, self.peaks = raw_terms(self.model, self.windows, self.terms)  # (T, N) each
+        # Every variant but ``memory_centre`` and ``default`` places the memory term as the
+        # defaults before stop 37 did, so their rows reproduce.
+        if memory_at_patch and "memory" in self.terms:
+            self.peaks[self.terms.index("memory")] = memory_patch_offsets(self.model, self.windows)
         with torch.inference_mode():
             z = self.model.scaled_terms(torch.from_numpy(self.raw).unsqueeze(-1))
         self.z = z[:, :, 0].numpy()
@@ -447,7 +459,17 @@ def series_hits(
     hits = {}
     for name in variants:
         changes = VARIANTS[name]
-        base = steps_model(8 if "eighth" in changes else 4) if "steps" in changes else scored(1.0)
+        if "default" in changes:
+            if "default" not in built:
+                terms = (*TERMS, "steps", "short_steps")
+                built["default"] = Scored(
+                    values, train_end, scored(1.0).length, terms=terms, memory_at_patch=False
+                )
+            base = built["default"]
+        elif "steps" in changes:
+            base = steps_model(8 if "eighth" in changes else 4)
+        else:
+            base = scored(1.0)
         z, peaks = base.z.copy(), base.peaks
         centre = np.full(z.shape[1], base.length // 2)
         if "left_join" in changes:

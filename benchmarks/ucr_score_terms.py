@@ -6,7 +6,8 @@ for the normal windows it was calibrated on, then re-scores the series under eac
 variant and judges it by the UCR rule. The variants share the fitted networks and
 memory bank, so they differ only in:
 
-- which terms are fused (every subset of discrepancy, memory, level, scale, tail, point);
+- which terms are fused (every subset of discrepancy, memory, level, scale, tail, point,
+  steps, and the default with short_steps);
 - how a term is put on the common scale: ``extreme`` (the model's: 1 is the most extreme
   normal window) or ``robust-z`` (median and 1.4826 MAD, the previous default);
 - the smallest unit a term may have: ``errors`` (the model's: three sampling errors of a
@@ -21,8 +22,8 @@ memory bank, so they differ only in:
 These variants keep the trained scale of every term (``anomalyllm-fixed-edges``). The
 default (``DEFAULT_KEY``) also measures each term from the series' own edges of normal,
 window by window (`stream_detector.alerts.adapt_terms`, as the worker and the harness's
-detector do); ``edges`` records both, and the default without its steps term measured
-the same way (``adapted_without_steps``); the default variant is exactly what the
+detector do); ``edges`` records both, and the default with each of stop 37's changes off
+measured the same way (``EDGE_ROWS``); the default variant is exactly what the
 harness's ``anomalyllm`` computes. ``--peer`` runs other detectors (``discord``,
 ``discord-self``) on the same series in the same run.
 
@@ -51,6 +52,7 @@ from benchmarks.score_ablation import (
     NormalTerms,
     fused,
     fused_peak,
+    memory_patch_offsets,
     raw_terms,
 )
 from stream_detector.model import DEFAULT_SCORE_TERMS, SCORE_TERMS, WindowScores
@@ -63,11 +65,17 @@ from trainer.train import sliding_windows
 MAPPINGS = ("peak", "mean")
 CONFIRMATIONS = ((1, 1), (3, 5))
 DEFAULT_KEY = f"{'+'.join(DEFAULT_SCORE_TERMS)}|extreme|errors|peak|1of1"
-# The default measured from the series' own edges ("adapted"), and the same without the
-# steps term (the default of stops 28 and 29), from the same fits.
+# The default measured from the series' own edges ("adapted"), and from the same fits
+# with each of stop 37's changes off (the second steps term; the memory term placed at
+# the window's centre), with both off (the default of stops 30 to 36), and without
+# either steps term. Name -> (terms, whether the memory term lies at its patch).
+_WITHOUT_SHORT = tuple(term for term in DEFAULT_SCORE_TERMS if term != "short_steps")
 EDGE_ROWS = {
-    "adapted": DEFAULT_SCORE_TERMS,
-    "adapted_without_steps": tuple(term for term in DEFAULT_SCORE_TERMS if term != "steps"),
+    "adapted": (DEFAULT_SCORE_TERMS, False),
+    "adapted_without_short_steps": (_WITHOUT_SHORT, False),
+    "adapted_memory_at_patch": (DEFAULT_SCORE_TERMS, True),
+    "adapted_stop30": (_WITHOUT_SHORT, True),
+    "adapted_without_steps": (tuple(t for t in _WITHOUT_SHORT if t != "steps"), False),
 }
 
 
@@ -135,7 +143,8 @@ def main() -> None:
         normal = NormalTerms.of(detector, train)
         total = len(series.values) - length + 1
         stride = min(MAX_SCORING_STRIDE, max(1, -(-total // detector.max_scored_windows)))
-        raw, offsets = raw_terms(model, sliding_windows(series.values, length, stride))
+        windows = sliding_windows(series.values, length, stride)
+        raw, offsets = raw_terms(model, windows)
         hits = {}
         scalings = {
             (scaling, floor): normal.scaled(raw, scaling, floor)
@@ -152,11 +161,15 @@ def main() -> None:
             key = f"{'+'.join(terms)}|{scaling}|{floor}|{mapping}|{k}of{n}"
             hits[key] = ucr_hit(location, series.anomaly_begin, series.anomaly_end)
         z = scalings["extreme", "errors"]
+        at_patch = offsets.copy()
+        at_patch[SCORE_TERMS.index("memory")] = memory_patch_offsets(model, windows)
         scored_by = {
             name: detector.with_edges(
-                trained_scores(z, offsets, terms), threshold=detector.threshold, names=terms
+                trained_scores(z, at_patch if patch else offsets, terms),
+                threshold=detector.threshold,
+                names=terms,
             )[0]
-            for name, terms in EDGE_ROWS.items()
+            for name, (terms, patch) in EDGE_ROWS.items()
         }
         scored_by["fixed"] = trained_scores(z, offsets, DEFAULT_SCORE_TERMS)
         edges = {}

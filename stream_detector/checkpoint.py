@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from stream_detector.model import AnomalyLLM, ModelConfig
+from stream_detector.model import STEP_TERMS, AnomalyLLM, ModelConfig
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -140,10 +140,11 @@ def load_checkpoint(directory: Path, device: str | torch.device = "cpu") -> Chec
     model = AnomalyLLM.from_config(ModelConfig.from_dict(model_config))
     try:
         state = load_file(weights)
-        if "memory" in state and hasattr(model, "memory"):
-            model.memory = torch.empty_like(state["memory"])  # as many windows as calibrated on
-        if "step_memory" in state and hasattr(model, "step_memory"):
-            model.step_memory = torch.empty_like(state["step_memory"])
+        # The banks hold as many windows as were calibrated on.
+        banks = ["memory", *(f"{prefix}_memory" for prefix in STEP_TERMS.values())]
+        for bank in banks:
+            if bank in state and hasattr(model, bank):
+                setattr(model, bank, torch.empty_like(state[bank]))
         model.load_state_dict(state)
     except (SafetensorError, RuntimeError) as error:
         raise CheckpointError(f"{weights} does not match its config: {error}") from error

@@ -52,7 +52,9 @@ _RESERVED_KAFKA_KEYS = frozenset(
 KafkaConfig = dict[str, str | int | bool]
 FailPoint = Literal["before_score", "after_produce", "before_commit"]
 # The terms a fused score can have (``stream_detector.model.SCORE_TERMS``, which needs torch).
-ScoreTerm = Literal["discrepancy", "memory", "level", "scale", "tail", "point", "steps"]
+ScoreTerm = Literal[
+    "discrepancy", "memory", "level", "scale", "tail", "point", "steps", "short_steps"
+]
 
 
 def is_secret_key(key: str) -> bool:

@@ -3,14 +3,15 @@
 Liu et al., "Large Language Model Guided Knowledge Distillation for Time Series
 Anomaly Detection" (arXiv 2401.15123). Shapes in comments: B batch, C channels,
 L window length, N patches, H hidden size, d embedding size, K prototypes, M memory
-windows, S readings the steps term compares, T score terms.
+windows, S readings a steps term compares, T score terms.
 
 The paper's score is the teacher-student distance. The product's default score
 (``ModelConfig.score_terms``) fuses it with terms the same model computes: the distance to
 the nearest of M normal training windows (shape), how far the window's level and
 spread lie outside the range seen on normal windows, and how far its newest readings move
-unlike any stretch of training (steps). Each term is standardised on normal
-windows; the worker and the trainer run whatever the checkpoint's config says.
+unlike any stretch of training (steps, over the newest quarter and the newest eighth).
+Each term is standardised on normal windows; the worker and the trainer run whatever the
+checkpoint's config says.
 
 This is the only module that talks to transformers.
 """
@@ -54,10 +55,13 @@ _EPS = 1e-5
 # how far one of its newest readings lies from the midpoint of its two neighbours (a spike
 # or a step too short to change a window's shape, level or spread), and how far the changes
 # between its newest readings lie from the nearest stretch of the bank's (motion training
-# never showed, in the channel's units).
-SCORE_TERMS = ("discrepancy", "memory", "level", "scale", "tail", "point", "steps")
+# never showed, in the channel's units), over the newest quarter and the newest eighth.
+SCORE_TERMS = ("discrepancy", "memory", "level", "scale", "tail", "point", "steps", "short_steps")
 # The product's default (see the README's ablation for each term's share).
-DEFAULT_SCORE_TERMS = ("discrepancy", "memory", "level", "scale", "point", "steps")
+DEFAULT_SCORE_TERMS = ("discrepancy", "memory", "level", "scale", "point", "steps", "short_steps")
+# The terms that compare the changes between a window's newest readings with a bank of
+# stretches of training's changes, and the prefix of their bank's buffers.
+STEP_TERMS = {"steps": "step", "short_steps": "short_step"}
 # A term's unit is never below this many sampling errors (`spread_floor`).
 _FLOOR_ERRORS = 3.0
 # Terms where both directions are unusual (a drop as much as a rise); they count only
@@ -115,9 +119,10 @@ class ModelConfig:
     # Off by default: 2.0 gained NAB and lost MSL (README, "The level term's unit").
     level_unit_sigmas: float = 0.0
     # The "steps" term compares the changes between the newest 1/steps_fraction of a
-    # window's readings (``steps_readings``). A quarter: an eighth instead, or beside it,
-    # gained at most one UCR development series (README, "Candidate terms").
+    # window's readings, "short_steps" those of the newest 1/short_steps_fraction
+    # (``steps_readings``): a quarter and an eighth (README, "Candidate terms").
     steps_fraction: int = 4
+    short_steps_fraction: int = 8
     # The truncated backbone's own Hugging Face config; filled in when the backbone
     # is loaded so a checkpoint can rebuild it without the original weights.
     backbone_config: dict[str, Any] = field(default_factory=dict)
@@ -157,7 +162,7 @@ class ModelConfig:
         unknown = set(self.score_terms) - set(SCORE_TERMS)
         if unknown or not self.score_terms:
             raise ValueError(f"score_terms must be some of {SCORE_TERMS}, not {self.score_terms}")
-        for name in {"memory", "steps"} & set(self.score_terms):
+        for name in {"memory", *STEP_TERMS} & set(self.score_terms):
             if self.memory_size < 1:
                 raise ValueError(f"the {name!r} score term needs memory_size >= 1")
         if not 1 <= self.tail_readings < self.window_length:
@@ -166,25 +171,25 @@ class ModelConfig:
             raise ValueError("the 'point' score term needs windows of at least 3 readings")
         if not 0 <= self.level_unit_sigmas < math.inf:
             raise ValueError("level_unit_sigmas must be a finite number >= 0")
-        if self.steps_fraction < 1:
-            raise ValueError("steps_fraction must be at least 1")
+        if min(self.steps_fraction, self.short_steps_fraction) < 1:
+            raise ValueError("steps_fraction and short_steps_fraction must be at least 1")
 
     @property
     def fused(self) -> bool:
         """Whether the score fuses calibrated terms (False: the paper's raw distance)."""
         return self.score_terms != ("discrepancy",)
 
-    @property
-    def steps_readings(self) -> int:
-        """The newest readings whose changes the "steps" term compares: a fraction of the
-        window, and at least ``tail_readings``, so a stride of that many covers them all."""
-        fraction = self.window_length // self.steps_fraction
-        return min(self.window_length - 1, max(self.tail_readings, fraction))
+    def steps_readings(self, name: str = "steps") -> int:
+        """The newest readings whose changes a steps term (``STEP_TERMS``) compares: its
+        fraction of the window, and at least ``tail_readings``, so a stride of that many
+        covers them all."""
+        share = self.steps_fraction if name == "steps" else self.short_steps_fraction
+        return min(self.window_length - 1, max(self.tail_readings, self.window_length // share))
 
     @property
     def memory_slots(self) -> int:
         """Windows in the memory bank: ``memory_size``, or fewer within the memory budget."""
-        if not {"memory", "steps"} & set(self.score_terms):
+        if not {"memory", *STEP_TERMS} & set(self.score_terms):
             return 0
         budget = _MAX_MEMORY_VALUES // (self.channels * self.window_length)
         return max(1, min(self.memory_size, budget))
@@ -198,10 +203,11 @@ class Scores:
     nearest_prototype: torch.Tensor  # (B, C) index of the nearest prototype per channel
     attribution: torch.Tensor  # (B, C) share of the score per channel, rows sum to 1
     # (B,) where in the window the score's cause lies, per its largest term: the reading
-    # a "point" or "tail" term picked out; for "memory" the patch-long stretch that differs
-    # most from the nearest bank window, for "level" the one furthest beyond the normal
-    # level, for "scale" (a window too wide) the one furthest from the window's mean;
-    # else (the discrepancy, a window too narrow) the window's centre.
+    # a "point" or "tail" term picked out; for a steps term the patch-long stretch of its
+    # newest readings that differs most from the nearest stretch of the bank, for "level"
+    # the one furthest beyond the normal level, for "scale" (a window too wide) the one
+    # furthest from the window's mean; else (the discrepancy, the memory, a window too
+    # narrow) the window's centre.
     peak_offset: torch.Tensor
     # (B, T) each term of a fused score on the common scale (its largest channel), and
     # (B, T) where in the window it lies; T = 0 for the paper's score (not fused).
@@ -442,9 +448,13 @@ class Student(nn.Module):
 
 
 def _derive_step_norms(model: nn.Module, *_: object) -> None:
-    """Set ``step_norms`` from the steps bank (a ``load_state_dict`` post-hook as well)."""
+    """Set each steps bank's ``<prefix>_norms`` from its ``<prefix>_memory`` (a
+    ``load_state_dict`` post-hook as well)."""
     with torch.no_grad():
-        model.step_norms = model.step_memory.pow(2).sum(dim=-1)
+        for prefix in STEP_TERMS.values():
+            if hasattr(model, f"{prefix}_memory"):
+                bank = getattr(model, f"{prefix}_memory")
+                setattr(model, f"{prefix}_norms", bank.pow(2).sum(dim=-1))
 
 
 def _argmax_last(values: torch.Tensor, block: int = 128) -> torch.Tensor:
@@ -509,13 +519,17 @@ class AnomalyLLM(nn.Module):
             terms, channels = len(config.score_terms), config.channels
             memory = torch.zeros(channels, config.memory_slots, config.window_length)
             self.register_buffer("memory", memory)  # (C, M, L)
-            if "steps" in config.score_terms:  # checkpoints from before the term lack it
-                steps = torch.zeros(channels, config.memory_slots, config.steps_readings)
-                self.register_buffer("step_memory", steps)  # (C, M, S): the bank's changes
-                # Each stretch's squared norm (C, M), derived from the bank whenever it is
-                # filled or loaded: for a batch of one window, as much work as the distances.
-                norms = torch.zeros(channels, config.memory_slots)
-                self.register_buffer("step_norms", norms, persistent=False)
+            # Checkpoints from before a steps term lack its bank.
+            for name in STEP_TERMS.keys() & set(config.score_terms):
+                size = (channels, config.memory_slots, config.steps_readings(name))
+                prefix = STEP_TERMS[name]
+                # (C, M, S): the bank's changes. Each stretch's squared norm (C, M), derived
+                # from the bank whenever it is filled or loaded: for a batch of one window,
+                # as much work as the distances.
+                self.register_buffer(f"{prefix}_memory", torch.zeros(size))
+                norms = torch.zeros(size[:2])
+                self.register_buffer(f"{prefix}_norms", norms, persistent=False)
+            if STEP_TERMS.keys() & set(config.score_terms):
                 self.register_load_state_dict_post_hook(_derive_step_norms)
             self.register_buffer("term_centre", torch.zeros(terms, channels))  # (T, C)
             self.register_buffer("term_spread", torch.ones(terms, channels))  # (T, C)
@@ -579,7 +593,7 @@ class AnomalyLLM(nn.Module):
                 distance, index = self.distance(x)
                 term = distance.unsqueeze(1).expand(-1, channels)
             elif name == "memory":
-                term, offset = self._memory_distance(x)
+                term = self._memory_distance(x)
             elif name == "level":
                 values, middle = x.float(), self._normal_middle(name)
                 term = values.mean(dim=-1)
@@ -600,8 +614,8 @@ class AnomalyLLM(nn.Module):
                 term, position = deviation.max(dim=-1)
                 term = term / (head.std(dim=-1, unbiased=False) + _EPS)
                 offset = position + (length - newest)
-            elif name == "steps":
-                term, offset = self._steps_distance(x)
+            elif name in STEP_TERMS:
+                term, offset = self._steps_distance(x, STEP_TERMS[name])
             else:  # point: a newest reading's distance from the midpoint of its neighbours
                 term, offset = self._point_residual(x)
             terms.append(term)
@@ -623,9 +637,14 @@ class AnomalyLLM(nn.Module):
         term, position = residual[..., first:].max(dim=-1)
         return term, position + first + 1
 
-    def _memory_distance(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Distance to the nearest memory window, both instance-normalised, and the
-        stretch where the window differs from it most. (B, C) each"""
+    def _memory_distance(self, x: torch.Tensor) -> torch.Tensor:
+        """Distance to the nearest memory window, both instance-normalised. (B, C)
+
+        Its cause is placed at the window's centre: a shape unlike any normal window's is
+        the whole window's, and the readings that differ most from the nearest bank
+        window are often not where the anomaly lies (a peak that does not come at the
+        window's end lets the nearest window be one that differs at its start; README,
+        "Candidate terms", stop 37)."""
         x_norm = instance_norm(x.float())  # (B, C, L): each row has squared norm L
         # In float32 even under autocast: L - dot cancels, and bf16 keeps 3 digits of dot.
         with torch.autocast(x.device.type, enabled=False):
@@ -633,29 +652,27 @@ class AnomalyLLM(nn.Module):
         nearest = _argmax_last(dots)
         nearest_dot = dots.gather(-1, nearest.unsqueeze(-1)).squeeze(-1)
         length = x.shape[-1]
-        distance = torch.sqrt((2 * (length - nearest_dot)).clamp(min=0) / length)
-        channels = torch.arange(x.shape[1], device=x.device)
-        residual = (x_norm - self.memory[channels, nearest]) ** 2  # (B, C, L)
-        return distance, self._stretch(residual)
+        return torch.sqrt((2 * (length - nearest_dot)).clamp(min=0) / length)
 
-    def _steps_distance(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Root-mean-square distance from the changes between the newest ``steps_readings``
-        readings (first differences, in the channel's units) to the nearest stretch of
-        changes in the bank, and the stretch where they differ most. (B, C) each
+    def _steps_distance(self, x: torch.Tensor, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Root-mean-square distance from the changes between the newest readings a steps
+        term compares (first differences, in the channel's units) to the nearest stretch
+        of changes in its bank (buffers ``<prefix>_memory`` and ``<prefix>_norms``), and
+        the stretch where they differ most. (B, C) each
 
         A matrix-profile discord on the differenced series without normalisation: a
         stretch whose readings move in a way training never showed, at the amplitude
         training showed it, even where the window's shape, level and spread look normal.
         """
-        steps = self.step_memory.shape[-1]
+        bank, norms = getattr(self, f"{prefix}_memory"), getattr(self, f"{prefix}_norms")
+        steps = bank.shape[-1]
         changes = x[..., -steps - 1 :].float().diff(dim=-1)  # (B, C, S)
         with torch.autocast(x.device.type, enabled=False):
-            dots = torch.einsum("bcs,cms->bcm", changes, self.step_memory)
+            dots = torch.einsum("bcs,cms->bcm", changes, bank)
         # The nearest maximises 2 a.b - |b|^2, which leaves out |a|^2, the same for all.
-        closeness = 2 * dots - self.step_norms.unsqueeze(0)
-        nearest = _argmax_last(closeness)
+        nearest = _argmax_last(2 * dots - norms.unsqueeze(0))
         channels = torch.arange(x.shape[1], device=x.device)
-        residual = (changes - self.step_memory[channels, nearest]) ** 2  # (B, C, S)
+        residual = (changes - bank[channels, nearest]) ** 2  # (B, C, S)
         distance = torch.sqrt(residual.mean(dim=-1))
         return distance, self._stretch(residual) + (x.shape[-1] - steps)
 
@@ -702,8 +719,8 @@ class AnomalyLLM(nn.Module):
         ``memory_windows`` (N, C, L) are normal training windows, thinned evenly to
         ``memory_slots``; ``held_back`` (H, C, L) are normal windows the model and the bank
         never saw. On the common scale 0 is typical and 1 is the most extreme normal
-        window: a one-sided term (discrepancy, memory, point, steps) is measured from its
-        median in units of the largest excess over it; a two-sided term (level, scale)
+        window: a one-sided term (discrepancy, memory, point, the steps terms) is measured
+        from its median in units of the largest excess over it; a two-sided term (level, scale)
         from the middle of its range, in units of half that range. The normal windows are
         the held-back ones, and for a term that nothing was fitted for (level, scale,
         point) the bank's windows too. So a term with heavy tails on normal data counts
@@ -740,16 +757,17 @@ class AnomalyLLM(nn.Module):
         # The bank holds the windows there are, up to memory_slots (a refresh with more
         # data may grow it); a checkpoint keeps its size (`checkpoint.load_checkpoint`).
         self.memory = instance_norm(chosen).transpose(0, 1).contiguous()  # (C, M, L)
-        if "steps" in self.config.score_terms:
-            self.step_memory = self._every_stretch_of_changes(windows)
-            _derive_step_norms(self)
+        for name in STEP_TERMS.keys() & set(self.config.score_terms):
+            bank = self._every_stretch_of_changes(windows, self.config.steps_readings(name))
+            setattr(self, f"{STEP_TERMS[name]}_memory", bank)
+        _derive_step_norms(self)
 
-    def _every_stretch_of_changes(self, windows: torch.Tensor) -> torch.Tensor:
-        """The steps term's bank: the changes (first differences) of every stretch of
-        ``steps_readings`` in the windows (N, C, L), so a stretch of training matches at
+    def _every_stretch_of_changes(self, windows: torch.Tensor, steps: int) -> torch.Tensor:
+        """A steps term's bank: the changes (first differences) of every stretch of
+        ``steps`` readings in the windows (N, C, L), so a stretch of training matches at
         any offset, whatever the stride the windows were cut at. Where there are more
         than ``memory_slots``, every stretch of evenly spaced windows. (C, M, S)"""
-        steps, slots = self.config.steps_readings, self.config.memory_slots
+        slots = self.config.memory_slots
         stretches = windows.float().diff(dim=-1).unfold(-1, steps, 1)  # (N, C, L - S, S)
         per_window = stretches.shape[2]
         spacing = max(1, math.ceil(len(windows) * per_window / slots))

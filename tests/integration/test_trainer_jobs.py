@@ -211,9 +211,10 @@ def test_refresh_changes_prototypes_score_calibration_and_thresholds_but_no_othe
     refreshed = store.load_version(store_copy, MODEL, report["version"])
     before, after = parent.model.state_dict(), refreshed.model.state_dict()
     changed = {name for name in before if not torch.equal(before[name], after[name])}
-    # The memory banks (windows, and stretches of changes) and the terms' scales are
-    # recalibrated on the new data.
-    expected = {"student.prototypes", "memory", "step_memory", "term_centre", "term_spread"}
+    # The memory banks (windows, and two lengths of stretches of changes) and the terms'
+    # scales are recalibrated on the new data.
+    banks = {"memory", "step_memory", "short_step_memory"}
+    expected = {"student.prototypes", *banks, "term_centre", "term_spread"}
     assert changed == expected
     assert refreshed.thresholds != parent.thresholds
     assert refreshed.metadata["training"]["parent_version"] == fitted[1]["version"]

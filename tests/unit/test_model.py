@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from stream_detector.checkpoint import load_checkpoint, save_checkpoint
 from stream_detector.devtools.tiny import TINY_LLAMA, tiny_config, tiny_model
 from stream_detector.model import (
     AnomalyLLM,
@@ -19,7 +20,7 @@ from stream_detector.model import (
 
 pytestmark = pytest.mark.unit
 
-FUSED = ("discrepancy", "memory", "level", "scale", "point", "steps")
+FUSED = ("discrepancy", "memory", "level", "scale", "point", "steps", "short_steps")
 PAPER = ("discrepancy",)
 
 
@@ -230,7 +231,7 @@ def test_the_steps_term_finds_changes_training_never_showed_and_where_they_are()
     # 0.2 a reading; the same readings run twice as fast change twice as much, although
     # the window's shape, level and spread stay close to normal.
     model = tiny_model(score_terms=("steps",), tail_readings=8, memory_size=64).eval()
-    assert model.config.steps_readings == 8
+    assert model.config.steps_readings() == 8
     normal = sine_windows(200)
     model.calibrate(normal[:150], normal[150:])
     # The bank holds every stretch of evenly spaced windows (the first among them): a
@@ -254,14 +255,46 @@ def test_the_steps_term_finds_changes_training_never_showed_and_where_they_are()
     early[0, 0, 8:16] = torch.sin(time)
     assert float(model.raw_terms(early).values.max()) < float(raw.values[0, -1, 0]) / 3
     # At least the newest tail_readings (the stride), so consecutive windows cover all.
-    assert tiny_config(score_terms=("steps",), tail_readings=16).steps_readings == 16
-    # A quarter of the window by default, another fraction on request, never all of it.
+    assert tiny_config(score_terms=("steps",), tail_readings=16).steps_readings() == 16
+    # A quarter of the window by default ("short_steps": an eighth), another fraction on
+    # request, never all of it.
     wide = {"score_terms": ("steps",), "window_length": 256, "tail_readings": 16}
-    assert tiny_config(**wide).steps_readings == 64
-    assert tiny_config(**wide, steps_fraction=8).steps_readings == 32
-    assert tiny_config(**wide, steps_fraction=1).steps_readings == 255
+    assert tiny_config(**wide).steps_readings() == 64
+    assert tiny_config(**wide).steps_readings("short_steps") == 32
+    assert tiny_config(**wide, steps_fraction=8).steps_readings() == 32
+    assert tiny_config(**wide, steps_fraction=1).steps_readings() == 255
     with pytest.raises(ValueError, match="steps_fraction"):
         tiny_config(**wide, steps_fraction=0).validate()
+    with pytest.raises(ValueError, match="short_steps_fraction"):
+        tiny_config(**wide, short_steps_fraction=0).validate()
+
+
+def test_the_two_steps_terms_keep_banks_of_their_own_lengths_that_a_checkpoint_restores(
+    tmp_path: Path,
+) -> None:
+    terms = ("steps", "short_steps")
+    model = tiny_model(score_terms=terms, tail_readings=4, memory_size=64).eval()
+    normal = sine_windows(200)
+    model.calibrate(normal[:150], normal[150:])
+    assert model.step_memory.shape == (1, 64, 8)  # a quarter of 32 readings
+    assert model.short_step_memory.shape == (1, 64, 4)  # an eighth
+    torch.testing.assert_close(model.short_step_norms, model.short_step_memory.pow(2).sum(dim=-1))
+    # A burst in the newest eighth moves both; one just before it only the quarter's.
+    time = torch.arange(4) * 2 * torch.pi / 4
+    newest, before = normal[100:101].clone(), normal[100:101].clone()
+    newest[0, 0, -4:] = torch.sin(time)
+    before[0, 0, -9:-5] = torch.sin(time)
+    raw = model.raw_terms(torch.cat([normal[100:101], newest, before]))
+    quarter, eighth = raw.values[0, :, 0], raw.values[1, :, 0]
+    assert float(quarter[1]) > 3 * float(quarter[0]) and float(quarter[2]) > 3 * float(quarter[0])
+    assert float(eighth[1]) > 3 * float(eighth[0])
+    assert float(eighth[2]) == pytest.approx(float(eighth[0]), abs=1e-4)
+    assert 28 <= int(raw.offsets[1, 1, 0]) < 32  # among the newest 4 readings
+    path = save_checkpoint(model, tmp_path / "checkpoint")
+    loaded = load_checkpoint(path).model
+    torch.testing.assert_close(loaded.short_step_memory, model.short_step_memory)
+    torch.testing.assert_close(loaded.short_step_norms, model.short_step_norms)
+    torch.testing.assert_close(loaded.raw_terms(newest).values, model.raw_terms(newest).values)
 
 
 def test_a_score_peaks_where_its_largest_term_lies(fused_model: AnomalyLLM) -> None:
@@ -284,7 +317,9 @@ def test_each_whole_window_term_says_which_stretch_caused_it(fused_model: Anomal
     normal = sine_windows(1)
     bumped = normal.clone()
     bumped[0, 0, 20:25] = 3.0  # a shape no normal window has, in readings 20 to 24
-    assert 18 <= offset("memory", bumped) <= 26
+    # The memory term blames the whole window's shape: its centre (README, "Candidate
+    # terms", stop 37).
+    assert offset("memory", bumped) == 16
     shifted = normal.clone()
     shifted[0, 0, 8:] += 3.0  # the level moves up from reading 8 on
     assert offset("level", shifted) >= 8
