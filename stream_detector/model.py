@@ -649,10 +649,8 @@ class AnomalyLLM(nn.Module):
         # In float32 even under autocast: L - dot cancels, and bf16 keeps 3 digits of dot.
         with torch.autocast(x.device.type, enabled=False):
             dots = torch.einsum("bcl,cml->bcm", x_norm, self.memory)
-        nearest = _argmax_last(dots)
-        nearest_dot = dots.gather(-1, nearest.unsqueeze(-1)).squeeze(-1)
         length = x.shape[-1]
-        return torch.sqrt((2 * (length - nearest_dot)).clamp(min=0) / length)
+        return torch.sqrt((2 * (length - dots.amax(dim=-1))).clamp(min=0) / length)
 
     def _steps_distance(self, x: torch.Tensor, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Root-mean-square distance from the changes between the newest readings a steps
@@ -720,8 +718,8 @@ class AnomalyLLM(nn.Module):
         ``memory_slots``; ``held_back`` (H, C, L) are normal windows the model and the bank
         never saw. On the common scale 0 is typical and 1 is the most extreme normal
         window: a one-sided term (discrepancy, memory, point, the steps terms) is measured
-        from its median in units of the largest excess over it; a two-sided term (level, scale)
-        from the middle of its range, in units of half that range. The normal windows are
+        from its median in units of the largest excess over it; a two-sided term (level,
+        scale) from the middle of its range, in units of half that range. The normal windows are
         the held-back ones, and for a term that nothing was fitted for (level, scale,
         point) the bank's windows too. So a term with heavy tails on normal data counts
         for less, and the fused score (the largest term) above 1 means beyond anything
