@@ -183,7 +183,7 @@ class ModelConfig:
         """The newest readings whose changes a steps term (``STEP_TERMS``) compares: its
         fraction of the window, and at least ``tail_readings``, so a stride of that many
         covers them all."""
-        share = self.steps_fraction if name == "steps" else self.short_steps_fraction
+        share = {"steps": self.steps_fraction, "short_steps": self.short_steps_fraction}[name]
         return min(self.window_length - 1, max(self.tail_readings, self.window_length // share))
 
     @property
