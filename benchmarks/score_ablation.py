@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from stream_detector.model import (
     DEFAULT_SCORE_TERMS,
@@ -60,7 +59,6 @@ def memory_patch_offsets(model: AnomalyLLM, windows: np.ndarray) -> np.ndarray:
     """Where in each window (N, 1, L) the patch-long stretch lies that differs most from
     the nearest memory window, both instance-normalised: where the model placed the
     memory term's cause until stop 37, which places it at the window's centre. (N,)"""
-    width = min(model.config.patch_length, windows.shape[-1])
     bank = model.memory[0]  # (M, L)
     offsets = []
     with torch.inference_mode():
@@ -68,8 +66,7 @@ def memory_patch_offsets(model: AnomalyLLM, windows: np.ndarray) -> np.ndarray:
             part = instance_norm(torch.from_numpy(windows[start : start + 256]).float())[:, 0]
             nearest = (part @ bank.T).argmax(dim=-1)
             residual = (part - bank[nearest]) ** 2  # (B, L)
-            means = F.avg_pool1d(residual.unsqueeze(1), width, stride=1)[:, 0]
-            offsets.append(means.argmax(dim=-1) + width // 2)
+            offsets.append(model.largest_stretch(residual.unsqueeze(1))[:, 0])
     return torch.cat(offsets).numpy()
 
 

@@ -599,14 +599,14 @@ class AnomalyLLM(nn.Module):
                 term = values.mean(dim=-1)
                 # The stretch that pulls the mean furthest from its normal middle.
                 beyond = (term - middle).sign().unsqueeze(-1)
-                offset = self._stretch(beyond * (values - middle.unsqueeze(-1)))
+                offset = self.largest_stretch(beyond * (values - middle.unsqueeze(-1)))
             elif name == "scale":
                 values = x.float()
                 term = torch.log(values.std(dim=-1, unbiased=False) + _EPS)
                 # A wide window: its stretch furthest from the mean; a narrow one: the centre.
                 spread = (values - values.mean(dim=-1, keepdim=True)).abs()
                 wide = term > self._normal_middle(name)
-                offset = torch.where(wide, self._stretch(spread), centre)
+                offset = torch.where(wide, self.largest_stretch(spread), centre)
             elif name == "tail":  # the newest readings' largest deviation from the rest
                 newest = self.config.tail_readings
                 head = x[..., :-newest].float()
@@ -672,13 +672,13 @@ class AnomalyLLM(nn.Module):
         channels = torch.arange(x.shape[1], device=x.device)
         residual = (changes - bank[channels, nearest]) ** 2  # (B, C, S)
         distance = torch.sqrt(residual.mean(dim=-1))
-        return distance, self._stretch(residual) + (x.shape[-1] - steps)
+        return distance, self.largest_stretch(residual) + (x.shape[-1] - steps)
 
     def _normal_middle(self, name: str) -> torch.Tensor:
         """The calibrated middle of a term's normal range per channel (C,)."""
         return self.term_centre[self.config.score_terms.index(name)]
 
-    def _stretch(self, values: torch.Tensor) -> torch.Tensor:
+    def largest_stretch(self, values: torch.Tensor) -> torch.Tensor:
         """Where in the window (B, C, L) the mean of ``values`` over a patch's worth of
         readings is largest: the centre of that stretch. (B, C)"""
         width = min(self.config.patch_length, values.shape[-1])
