@@ -135,13 +135,15 @@ def load_checkpoint(directory: Path, device: str | torch.device = "cpu") -> Chec
             f"{weights} has sha256 {actual}, but {CONFIG_FILE} records "
             f"{config['weights_sha256']}: the file was modified or truncated; refusing it"
         )
-    # Checkpoints written before score terms existed score the paper's way.
-    model_config = {"score_terms": ("discrepancy",), **config["model"]}
+    # Checkpoints written before score terms existed score the paper's way; those before
+    # the recent bank score without it.
+    model_config = {"score_terms": ("discrepancy",), "recurrence": 0, **config["model"]}
     model = AnomalyLLM.from_config(ModelConfig.from_dict(model_config))
     try:
         state = load_file(weights)
         # The banks hold as many windows as were calibrated on.
-        banks = ["memory", *(f"{prefix}_memory" for prefix in STEP_TERMS.values())]
+        banks = ["memory", "recent_memory", "recent_place"]
+        banks += [f"{prefix}_memory" for prefix in STEP_TERMS.values()]
         for bank in banks:
             if bank in state and hasattr(model, bank):
                 setattr(model, bank, torch.empty_like(state[bank]))

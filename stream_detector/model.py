@@ -75,6 +75,9 @@ _MAX_MEMORY_VALUES = 8 * 1024 * 1024
 # Normal windows kept in the memory bank by default: the budget above, for one channel
 # of 512 points (``ModelConfig.memory_slots`` takes fewer where the budget demands).
 DEFAULT_MEMORY_SIZE = 16384
+# Windows of the sensors' own recent readings a refresh keeps for the memory term's
+# recurrence (``ModelConfig.recent_size``): the harness scores at most 2,048 per series.
+DEFAULT_RECENT_SIZE = 2048
 
 
 class BackboneError(RuntimeError):
@@ -123,6 +126,13 @@ class ModelConfig:
     # (``steps_readings``): a quarter and an eighth (README, "Candidate terms").
     steps_fraction: int = 4
     short_steps_fraction: int = 8
+    # The memory term also takes a shape the sensors' recent readings showed at least
+    # ``recurrence`` times, at places that do not overlap, as normal (0: training's bank
+    # alone). A refresh keeps those readings' windows (``fill_recent``, at most
+    # ``recent_size``): a new kind of normal, such as a quicker cycle, stops paging once
+    # it recurs, while a one-off shape still does (README, "Recurring shapes").
+    recurrence: int = 3
+    recent_size: int = DEFAULT_RECENT_SIZE
     # The truncated backbone's own Hugging Face config; filled in when the backbone
     # is loaded so a checkpoint can rebuild it without the original weights.
     backbone_config: dict[str, Any] = field(default_factory=dict)
@@ -173,6 +183,8 @@ class ModelConfig:
             raise ValueError("level_unit_sigmas must be a finite number >= 0")
         if min(self.steps_fraction, self.short_steps_fraction) < 1:
             raise ValueError("steps_fraction and short_steps_fraction must be at least 1")
+        if self.recurrence < 0 or (self.recurrence and self.recent_size < 1):
+            raise ValueError("recurrence must be >= 0, and recent_size >= 1 where it is not 0")
 
     @property
     def fused(self) -> bool:
@@ -193,6 +205,11 @@ class ModelConfig:
             return 0
         budget = _MAX_MEMORY_VALUES // (self.channels * self.window_length)
         return max(1, min(self.memory_size, budget))
+
+    @property
+    def recurs(self) -> bool:
+        """Whether the memory term takes shapes that recur in recent readings as normal."""
+        return self.recurrence > 0 and "memory" in self.score_terms
 
 
 @dataclass(frozen=True)
@@ -517,7 +534,8 @@ class AnomalyLLM(nn.Module):
             # Saved with the weights: instance-normalised normal windows, and each term's
             # centre and unit per channel on normal windows (`calibrate`).
             terms, channels = len(config.score_terms), config.channels
-            memory = torch.zeros(channels, config.memory_slots, config.window_length)
+            window = config.window_length
+            memory = torch.zeros(channels, config.memory_slots, window)
             self.register_buffer("memory", memory)  # (C, M, L)
             # Checkpoints from before a steps term lack its bank.
             for name in STEP_TERMS.keys() & set(config.score_terms):
@@ -531,6 +549,13 @@ class AnomalyLLM(nn.Module):
                 self.register_buffer(f"{prefix}_norms", norms, persistent=False)
             if STEP_TERMS.keys() & set(config.score_terms):
                 self.register_load_state_dict_post_hook(_derive_step_norms)
+            if config.recurs:
+                # Recent windows, instance-normalised (C, R, L), and where each ended (R,):
+                # the row in its sensor's readings plus a sensor's own offset, so windows
+                # of one place lie within a window's length of each other and no two
+                # sensors' do. Empty until a refresh fills it (`fill_recent`).
+                self.register_buffer("recent_memory", torch.zeros(channels, 0, window))
+                self.register_buffer("recent_place", torch.zeros(0, dtype=torch.float64))
             self.register_buffer("term_centre", torch.zeros(terms, channels))  # (T, C)
             self.register_buffer("term_spread", torch.ones(terms, channels))  # (T, C)
             two_sided = [name in TWO_SIDED_TERMS for name in config.score_terms]
@@ -650,7 +675,27 @@ class AnomalyLLM(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             dots = torch.einsum("bcl,cml->bcm", x_norm, self.memory)
         length = x.shape[-1]
-        return torch.sqrt((2 * (length - dots.amax(dim=-1))).clamp(min=0) / length)
+        distance = torch.sqrt((2 * (length - dots.amax(dim=-1))).clamp(min=0) / length)
+        if self.config.recurs:
+            distance = torch.minimum(distance, self._recurring_distance(x_norm))
+        return distance
+
+    def _recurring_distance(self, x_norm: torch.Tensor) -> torch.Tensor:
+        """Distance to the ``recurrence``-th nearest recent window whose place overlaps
+        none nearer: how far the shape is from recurring that often. Infinite where the
+        recent bank holds fewer places. (B, C)"""
+        bank, place = self.recent_memory, self.recent_place
+        length = x_norm.shape[-1]
+        with torch.autocast(x_norm.device.type, enabled=False):
+            dots = torch.einsum("bcl,crl->bcr", x_norm, bank)
+        distance = torch.sqrt((2 * (length - dots)).clamp(min=0) / length)  # (B, C, R)
+        distance = F.pad(distance, (0, 1), value=math.inf)  # an empty bank has a nearest
+        place = F.pad(place, (0, 1), value=math.inf)
+        for _ in range(self.config.recurrence - 1):
+            nearest = place[distance.argmin(dim=-1)]  # (B, C)
+            overlaps = (place - nearest.unsqueeze(-1)).abs() < length  # shares readings
+            distance = distance.masked_fill(overlaps, math.inf)
+        return distance.amin(dim=-1)
 
     def _steps_distance(self, x: torch.Tensor, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Root-mean-square distance from the changes between the newest readings a steps
@@ -715,19 +760,21 @@ class AnomalyLLM(nn.Module):
         """Fill the memory bank and put every term on one scale (fused scores only).
 
         ``memory_windows`` (N, C, L) are normal training windows, thinned evenly to
-        ``memory_slots``; ``held_back`` (H, C, L) are normal windows the model and the bank
-        never saw. On the common scale 0 is typical and 1 is the most extreme normal
-        window: a one-sided term (discrepancy, memory, point, the steps terms) is measured
-        from its median in units of the largest excess over it; a two-sided term (level,
-        scale) from the middle of its range, in units of half that range. The normal windows are
-        the held-back ones, and for a term that nothing was fitted for (level, scale,
-        point) the bank's windows too. So a term with heavy tails on normal data counts
-        for less, and the fused score (the largest term) above 1 means beyond anything
-        normal.
+        ``memory_slots`` (the recent bank is emptied); ``held_back`` (H, C, L) are normal
+        windows the model and the bank never saw. On the common scale 0 is typical and 1 is
+        the most extreme normal window: a one-sided term (discrepancy, memory, point, the
+        steps terms) is measured from its median in units of the largest excess over it; a
+        two-sided term (level, scale) from the middle of its range, in units of half that
+        range. The normal windows are the held-back ones, and for a term that nothing was
+        fitted for (level, scale, point) the bank's windows too. So a term with heavy tails
+        on normal data counts for less, and the fused score (the largest term) above 1
+        means beyond anything normal.
         """
         if not self.config.fused:
             return
         self.fill_memory(memory_windows)
+        if self.config.recurs:  # it may hold these windows: a refresh fills it after
+            self.fill_recent(memory_windows[:0], torch.zeros(0))
         names = self.config.score_terms
         held = self._terms_of(held_back, names)  # (T, H, C)
         centre = held.median(dim=1).values
@@ -759,6 +806,21 @@ class AnomalyLLM(nn.Module):
             bank = self._every_stretch_of_changes(windows, self.config.steps_readings(name))
             setattr(self, f"{STEP_TERMS[name]}_memory", bank)
         _derive_step_norms(self)
+
+    @torch.inference_mode()
+    def fill_recent(self, windows: torch.Tensor, places: torch.Tensor) -> None:
+        """Make the recent bank the windows (N, C, L) that ended at ``places`` (N,; see the
+        buffer), thinned evenly to ``recent_size``. A refresh takes only windows that end
+        at least a window's length before its sensor's newest reading, so no window the
+        worker scores afterwards overlaps one of them."""
+        if not self.config.recurs:
+            return
+        device = self.term_centre.device
+        keep = torch.linspace(0, len(windows) - 1, min(self.config.recent_size, len(windows)))
+        chosen = windows[keep.round().long()].float().to(device)
+        normalised = instance_norm(chosen) if len(chosen) else chosen
+        self.recent_memory = normalised.transpose(0, 1).contiguous()  # (C, R, L)
+        self.recent_place = places[keep.round().long()].to(device, torch.float64)
 
     def _every_stretch_of_changes(self, windows: torch.Tensor, steps: int) -> torch.Tensor:
         """A steps term's bank: the changes (first differences) of every stretch of

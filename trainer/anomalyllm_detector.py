@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 
 from stream_detector.alerts import SensorAlertState, adapt_terms
 from stream_detector.config import AlertPolicy
@@ -29,6 +30,9 @@ MIN_WINDOW, MAX_WINDOW = 32, 512
 DEFAULT_WINDOW = 128  # when the training data has no dominant period
 # The finest scoring stride used: well inside the UCR rule's ±100 points.
 MAX_SCORING_STRIDE = 16
+# Rows between the refreshes that refill a recurring model's recent bank, as a
+# ``trainer refresh --recent-only`` CronJob would (README, "Recurring shapes").
+RECENT_EVERY = 1000
 
 
 def choose_window_length(train: np.ndarray) -> int:
@@ -99,6 +103,7 @@ class AnomalyLLMDetector:
         refresh_span: int | None = None,
         refresh_learn_after: int | None = None,
         refresh_memory_only: bool = False,
+        recent_every: int = RECENT_EVERY,
         adapt_term_units: bool = True,
         term_warmup_windows: int | None = None,
         edge_settings: Mapping[str, Any] | None = None,
@@ -110,6 +115,7 @@ class AnomalyLLMDetector:
             "memory_size",
             "tail_readings",
             "level_unit_sigmas",
+            "recurrence",
         }
         if unknown:
             raise TypeError(f"unexpected settings {sorted(unknown)}")
@@ -130,6 +136,9 @@ class AnomalyLLMDetector:
         self.refresh_span = refresh_span
         self.refresh_learn_after = refresh_learn_after
         self.refresh_memory_only = refresh_memory_only
+        if recent_every < 1:
+            raise ValueError("recent_every must be at least one row")
+        self.recent_every = recent_every
         self.adapt_term_units = adapt_term_units
         self.term_warmup_windows = term_warmup_windows
         self.edge_policy = AlertPolicy(**(edge_settings or {}))
@@ -158,6 +167,8 @@ class AnomalyLLMDetector:
                 "tail_readings", f"min({MAX_SCORING_STRIDE}, window_length - 1)"
             ),
             "level_unit_sigmas": model_config.level_unit_sigmas,
+            "recurrence": model_config.recurrence if model_config.recurs else 0,
+            "recent_every": self.recent_every,
             "max_scored_windows": self.max_scored_windows,
             "max_scoring_stride": MAX_SCORING_STRIDE,
             "refresh_every": self.refresh_every,
@@ -236,8 +247,29 @@ class AnomalyLLMDetector:
         windows = sliding_windows(self._columns(series), self.model.config.window_length, stride)
         if self.refresh_every is not None:
             return self._refreshed_scores(windows, stride, self._columns(series))
-        scored = self.model.score_windows(windows, self.batch_size)
+        scored = self._recent_scores(self.model, windows, stride, len(series))
         return self.with_edges(scored, threshold=self.threshold)[0] if adapted else scored
+
+    def _recent_scores(
+        self, model: AnomalyLLM, windows: np.ndarray, stride: int, rows: int
+    ) -> WindowScores:
+        """The windows' scores, the recent bank refilled every ``recent_every`` rows where
+        the model recurs (else scored as they are)."""
+        if not model.config.recurs:
+            return model.score_windows(windows, self.batch_size)
+        length = model.config.window_length
+        ends = np.arange(len(windows)) * stride + length - 1
+        fitted = model.recent_memory, model.recent_place
+        parts = []
+        try:
+            for first, last, known in recent_cuts(
+                ends, self.training_rows, self.recent_every, rows, length
+            ):
+                fill_recent(model, windows[:known], ends[:known])
+                parts.append(model.score_windows(windows[first:last], self.batch_size))
+        finally:
+            model.recent_memory, model.recent_place = fitted
+        return WindowScores(*(np.concatenate(field) for field in zip(*parts, strict=True)))
 
     def with_edges(
         self,
@@ -303,6 +335,8 @@ class AnomalyLLMDetector:
                 fraction = profile(self.profile_name).validation_fraction
                 refresh(model, recent, fraction, memory_only=self.refresh_memory_only)
                 threshold = self._threshold(model, recent)
+            known = int(np.searchsorted(ends, cut - length))
+            fill_recent(model, windows[:known], ends[:known])
         empty = np.zeros((len(scores), 0), dtype=np.float32)
         return WindowScores(scores, offsets, empty, empty.astype(np.int64))
 
@@ -367,6 +401,30 @@ class AnomalyLLMDetector:
             return RowScores(score, _at_latest(starts + scored.peak_offset, latest, rows))
         score = nearest_peak_score(scored.score, starts + scored.peak_offset, len(series))
         return RowScores(score, rows)
+
+
+def fill_recent(model: AnomalyLLM, windows: np.ndarray, ends: np.ndarray) -> None:
+    """The model's recent bank from a series' windows (N, C, L) ending at rows ``ends``."""
+    model.fill_recent(torch.from_numpy(windows), torch.from_numpy(ends))
+
+
+def recent_cuts(
+    ends: np.ndarray, start: int, every: int, rows: int, length: int
+) -> list[tuple[int, int, int]]:
+    """How windows ending at rows ``ends`` (sorted) are scored with a recent bank refilled
+    at rows ``start``, ``start + every``, ... before ``rows``: for each stretch of windows
+    ``(first, last, known)``, windows ``first:last`` are scored with the first ``known``
+    windows in the bank. A refill at row ``cut`` scores the windows that end at or after
+    it and takes those that end at least a window's length before it (at ``cut - 1 -
+    length`` or earlier), so none of them overlaps a window it scores."""
+    cuts = [*range(start, rows, every)]
+    bounds = [0, *(int(np.searchsorted(ends, cut)) for cut in cuts), len(ends)]
+    known = [0, *(int(np.searchsorted(ends, cut - length, side="left")) for cut in cuts)]
+    return [
+        (first, last, count)
+        for first, last, count in zip(bounds[:-1], bounds[1:], known, strict=True)
+        if last > first
+    ]
 
 
 class AnomalyLLMFixedEdgesDetector(AnomalyLLMDetector):

@@ -76,6 +76,7 @@ def _options(args: argparse.Namespace, settings: Settings) -> JobOptions:
         calibration_fraction=args.calibration_fraction,
         holdout_fraction=args.holdout_fraction,
         force=args.force,
+        recent_only=getattr(args, "recent_only", False),
         report=args.report,
         lock_lease_s=args.lock_lease_s,
         progress=not args.quiet,
@@ -302,6 +303,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Cheap update: k-means prototypes + threshold recalibration.",
     )
     _job_arguments(refresh)
+    refresh.add_argument(
+        "--recent-only",
+        action="store_true",
+        help="keep CURRENT's prototypes and thresholds; only its recent windows, which let "
+        "the memory term learn recurring shapes, are new (a cheap, frequent CronJob)",
+    )
 
     models = subparsers.add_parser("models", help="list, show, promote or roll back versions")
     models.add_argument("action", choices=["list", "show", "promote", "rollback"])

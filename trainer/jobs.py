@@ -10,11 +10,16 @@ A run, under the model's store lock (so two CronJob runs never overlap):
    ``trainer.sources`` for gaps, the memory cap and the train/calibration/hold-out split;
 2. ``fit``: train teacher and student from scratch (``trainer.train.fit``, ``--profile``).
    ``refresh``: load CURRENT, keep every weight but the prototypes, re-fit those with
-   k-means on the recent training windows;
-3. calibrate per-sensor thresholds on the calibration split (``trainer.thresholds``);
+   k-means on the recent training windows (``--recent-only``: keep the prototypes too);
+3. calibrate per-sensor thresholds on the calibration split (``trainer.thresholds``;
+   ``--recent-only`` keeps CURRENT's);
 4. judge the candidate and CURRENT on the hold-out split and labelled incidents
-   (``trainer.gate``); store the version (with ``report.json``) either way, and promote it
-   only if it is not worse, or with ``--force``.
+   (``trainer.gate``);
+5. keep every sensor's recent windows for the memory term's recurrence
+   (``AnomalyLLM.fill_recent``): every reading read, alerts included, up to a window's
+   length before each sensor's newest. After the gate, so no window it judges is among
+   them; store the version (with ``report.json``) either way, and promote it only if it
+   is not worse, or with ``--force``.
 
 Idempotent: a run's fingerprint covers the data as trained on and every setting; a rerun
 with the same fingerprint publishes nothing and repeats the earlier outcome.
@@ -98,6 +103,9 @@ class JobOptions:
     calibration_fraction: float = 0.25
     holdout_fraction: float = 0.15
     force: bool = False
+    # refresh: only the recent windows of the memory term's recurrence are new (a cheap
+    # CronJob at a short cadence; README, "Recurring shapes").
+    recent_only: bool = False
     report: Path | None = None
     lock_lease_s: float = store.DEFAULT_LEASE_S
     progress: bool = True
@@ -416,11 +424,15 @@ def _run_locked(
         options, phase, splits, model_config, train_config, current_checkpoint, current, device
     )
     lock.verify()
-    with phase("calibrate", "calibrating thresholds"):
-        (calibration,) = _scores_of([candidate], splits.calibration, device)
-        thresholds_json = thresholds.calibrate(
-            calibration, options.threshold_config, settings.alerts
-        )
+    thresholds_json = None
+    if options.recent_only and current_checkpoint is not None:
+        thresholds_json = current_checkpoint.thresholds
+    if thresholds_json is None:
+        with phase("calibrate", "calibrating thresholds"):
+            (calibration,) = _scores_of([candidate], splits.calibration, device)
+            thresholds_json = thresholds.calibrate(
+                calibration, options.threshold_config, settings.alerts
+            )
     report["thresholds"] = {
         **thresholds.summary(thresholds_json),
         "config": options.threshold_config.to_dict(),
@@ -441,6 +453,10 @@ def _run_locked(
         "gate": options.gate_config.to_dict(),
     }
     report["decision"] = decision.to_dict()
+    with phase("recent", "keeping the recent windows of recurring shapes"):
+        report["training"]["recent_windows"] = _fill_recent(
+            candidate, data, window_length, settings.stride
+        )
     version = store.new_version(fingerprint)
     report["version"] = version
     report["timings_s"] = phase.seconds
@@ -548,6 +564,7 @@ def _job_fingerprint(
             "alerts": settings.alerts.model_dump(mode="json"),
             "margin_windows": options.margin_windows,
             "learn_alerts_after": options.learn_alerts_after,
+            **({"recent_only": True} if options.recent_only else {}),
             "package": _package_version(),
         }
     )
@@ -563,13 +580,16 @@ def _train_candidate(
     current: str | None,
     device: torch.device,
 ) -> tuple[AnomalyLLM, dict[str, Any]]:
-    """``fit``: a model trained from scratch; ``refresh``: CURRENT with new prototypes."""
+    """``fit``: a model trained from scratch; ``refresh``: CURRENT with new prototypes
+    (``recent_only``: CURRENT as it is)."""
     if options.mode == "fit":
         with phase("train", f"training ({options.profile} profile)"):
             return _fit(options, splits.train, model_config, train_config, device)
     assert current_checkpoint is not None
+    candidate = copy.deepcopy(current_checkpoint.model)
+    if options.recent_only:
+        return candidate, {"parent_version": current, "kmeans_windows": 0}
     with phase("train", "re-fitting prototypes (k-means)"):
-        candidate = copy.deepcopy(current_checkpoint.model)
         try:
             kmeans_windows = train.refresh(
                 candidate, splits.train, train_config.validation_fraction
@@ -577,6 +597,17 @@ def _train_candidate(
         except ValueError as error:
             raise JobError(str(error)) from error
     return candidate, {"parent_version": current, "kmeans_windows": kmeans_windows}
+
+
+def _fill_recent(
+    model: AnomalyLLM, data: sources.TrainingData, window_length: int, stride: int
+) -> int:
+    """Fill the model's recent bank from every sensor's readings; the windows kept."""
+    if not model.config.recurs:
+        return 0
+    windows, places = sources.recent_windows(data, window_length, stride)
+    model.fill_recent(torch.from_numpy(windows), torch.from_numpy(places))
+    return len(model.recent_place)
 
 
 def _decide(

@@ -212,12 +212,50 @@ def test_refresh_changes_prototypes_score_calibration_and_thresholds_but_no_othe
     before, after = parent.model.state_dict(), refreshed.model.state_dict()
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     # The memory banks (windows, and two lengths of stretches of changes) and the terms'
-    # scales are recalibrated on the new data.
-    banks = {"memory", "step_memory", "short_step_memory"}
+    # scales are recalibrated on the new data; the recent windows are the new data's (at the
+    # same places: the indices of as many readings as before).
+    banks = {"memory", "step_memory", "short_step_memory", "recent_memory"}
     expected = {"student.prototypes", *banks, "term_centre", "term_spread"}
     assert changed == expected
     assert refreshed.thresholds != parent.thresholds
     assert refreshed.metadata["training"]["parent_version"] == fitted[1]["version"]
+
+
+def test_a_recent_only_refresh_changes_nothing_but_the_recent_windows(
+    store_copy: Path,
+    files: dict[str, Path],
+    fitted: tuple[Path, dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    _set_env(monkeypatch)
+    report_path = tmp_path / "recent.json"
+    args = ["refresh", "--recent-only", "--from-files", str(files["later"])]
+    code = main(
+        [
+            *args,
+            "--store",
+            str(store_copy),
+            "--model",
+            MODEL,
+            "--quiet",
+            "--report",
+            str(report_path),
+        ]
+    )
+    report = json.loads(report_path.read_text())
+    assert code in (jobs.EXIT_OK, jobs.EXIT_REFUSED), report.get("error")
+    parent = store.load_version(store_copy, MODEL, fitted[1]["version"])
+    refreshed = store.load_version(store_copy, MODEL, report["version"])
+    before, after = parent.model.state_dict(), refreshed.model.state_dict()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed == {"recent_memory"}  # at the same places, as in the refresh above
+    assert refreshed.thresholds == parent.thresholds
+    # Every sensor's windows up to one window before its newest reading, thinned.
+    kept = report["training"]["recent_windows"]
+    assert kept == refreshed.model.recent_memory.shape[1] and 0 < kept <= 2048
+    places = refreshed.model.recent_place
+    assert places.max() >= 2 * 2**32  # the third sensor's
 
 
 def test_the_gate_refuses_a_worse_model_and_rollback_restores_the_previous(

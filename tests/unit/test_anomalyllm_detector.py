@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from trainer.anomalyllm_detector import (
     AnomalyLLMDetector,
     choose_window_length,
     nearest_peak_score,
+    recent_cuts,
 )
 from trainer.train import sliding_windows
 
@@ -148,3 +151,41 @@ def test_a_causal_row_says_where_in_its_window_the_cause_lies() -> None:
     assert np.all((scored.evidence[31:] <= rows[31:]) & (scored.evidence[31:] > rows[31:] - 32))
     spiked = scored.score.argmax()
     assert scored.evidence[spiked] == 700 and spiked > 700
+
+
+def test_the_recent_bank_a_window_is_scored_with_ends_a_window_before_its_refill() -> None:
+    length, stride = 32, 5
+    ends = np.arange(400) * stride + length - 1
+    stretches = recent_cuts(ends, start=600, every=250, rows=2000, length=length)
+    assert [first for first, _, _ in stretches] == [0, 114, 164, 214, 264, 314, 364]
+    assert stretches[-1][1] == len(ends)
+    for (first, last, known), cut in zip(stretches[1:], range(600, 2000, 250), strict=False):
+        assert ends[first] >= cut > ends[first - 1]  # scored from the refill at `cut` on
+        assert ends[known - 1] < cut - length <= ends[known]  # a window before it at most
+        starts = ends[first:last] - length + 1
+        assert starts.min() > ends[:known].max()  # no scored window overlaps one it knows
+    assert stretches[0][2] == 0  # the training part: no refill yet
+
+
+def test_a_novel_shape_stops_counting_for_the_memory_term_once_it_recurred_three_times() -> None:
+    rows = np.arange(4000)
+    series = np.sin(2 * np.pi * rows / 32)[:, None]
+    bursts = range(1024, 3800, 320)  # at one phase of the slow cycle
+    for start in bursts:  # a quicker cycle, which training never showed
+        series[start : start + 48, 0] = np.sin(2 * np.pi * np.arange(48) / 12)
+    detector = _refreshing_detector(series[:400], every=None)
+    detector.recent_every = 100
+    memory = detector.model.config.score_terms.index("memory")
+
+    def burst_memory(recurring: bool) -> list[float]:
+        detector.model.config = dataclasses.replace(
+            detector.model.config, recurrence=3 if recurring else 0
+        )
+        # Windows every 4 rows: the bank keeps all of them (fewer than recent_size).
+        terms = detector.window_scores(series, 4, adapted=False).terms[:, memory]
+        return [float(terms[start // 4 : (start + 48) // 4].max()) for start in bursts]
+
+    plain, recurring = burst_memory(False), burst_memory(True)
+    assert min(plain) > 1  # every burst is beyond normal for training's bank alone
+    assert recurring[:2] == pytest.approx(plain[:2])  # seen fewer than three times before
+    assert max(recurring[3:]) < 0.01 * min(plain)  # from the fourth: a shape the sensor shows

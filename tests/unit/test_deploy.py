@@ -136,6 +136,7 @@ def test_overlay_renders_the_objects_an_operator_expects(overlay: str) -> None:
         ("Deployment", "stream-detector-worker"),
         ("Service", "stream-detector-metrics"),
         ("CronJob", "stream-detector-trainer"),
+        ("CronJob", "stream-detector-recent"),
         ("Deployment", "stream-detector-alertmanager"),
         ("Service", "stream-detector-alertmanager"),
         ("NetworkPolicy", "stream-detector-alertmanager"),
@@ -613,6 +614,28 @@ def test_trainer_cronjob_retrains_into_the_model_store(overlay: str) -> None:
     else:
         assert store_mounts["worker"][0]["readOnly"] is True
         assert not store_mounts["trainer"][0].get("readOnly")
+
+
+def test_a_cronjob_refreshes_only_the_recent_windows_four_times_a_day_into_the_same_store(
+    overlay: str,
+) -> None:
+    docs = _render(overlay)
+    cronjob = _find(docs, "CronJob", "stream-detector-recent")
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+    assert cronjob["spec"]["schedule"].split()[1:] == ["*/6", "*", "*", "*"]  # 4 times a day
+    (container,) = _pod_spec(cronjob)["containers"]
+    recent = ["trainer", "refresh", "--recent-only", "--from-kafka", "--since", "7d"]
+    assert container["args"] == [
+        *recent,
+        "--store",
+        "$(DETECTOR_MODEL__STORE)",
+        "--model",
+        "default",
+    ]
+    trainer = _container(docs, "trainer")
+    assert container["envFrom"] == trainer["envFrom"]
+    mounts = [m for m in container["volumeMounts"] if m["mountPath"].endswith("/models")]
+    assert mounts == [m for m in trainer["volumeMounts"] if m["mountPath"].endswith("/models")]
 
 
 def test_keda_scales_on_the_group_and_topic_the_worker_consumes() -> None:

@@ -297,6 +297,48 @@ def test_the_two_steps_terms_keep_banks_of_their_own_lengths_that_a_checkpoint_r
     torch.testing.assert_close(loaded.raw_terms(newest).values, model.raw_terms(newest).values)
 
 
+def test_a_shape_the_recent_windows_showed_three_times_apart_is_normal_to_the_memory_term(
+    fused_model: AnomalyLLM, tmp_path: Path
+) -> None:
+    assert fused_model.config.recurrence == 3
+    novel = sine_windows(1, length=32)
+    novel[:, :, 10:14] = 0.0  # a dip training never showed
+    memory = FUSED.index("memory")
+    before = float(fused_model.raw_terms(novel).values[memory, 0, 0])
+    assert before > 0.1
+    # Three copies, each overlapping another (places within a window's length): one
+    # occurrence, so the shape is still new.
+    fused_model.fill_recent(novel.repeat(3, 1, 1), torch.tensor([100.0, 120.0, 131.0]))
+    assert float(fused_model.raw_terms(novel).values[memory, 0, 0]) == pytest.approx(before)
+    # Two places apart: still fewer than three.
+    fused_model.fill_recent(novel.repeat(3, 1, 1), torch.tensor([100.0, 120.0, 200.0]))
+    assert float(fused_model.raw_terms(novel).values[memory, 0, 0]) == pytest.approx(before)
+    # Three: it recurs, and the term is the distance to the third place's copy (0).
+    places = torch.tensor([100.0, 132.0, 120.0, 300.0])
+    fused_model.fill_recent(novel.repeat(4, 1, 1), places)
+    assert float(fused_model.raw_terms(novel).values[memory, 0, 0]) < 0.02
+    # Normal windows keep their distance to training's bank; a checkpoint keeps the bank.
+    normal = sine_windows(8, phase_step=0.53)
+    loaded = load_checkpoint(save_checkpoint(fused_model, tmp_path / "checkpoint")).model
+    torch.testing.assert_close(loaded.recent_place, places.double())
+    torch.testing.assert_close(loaded.raw_terms(novel).values, fused_model.raw_terms(novel).values)
+    fused_model.fill_recent(novel[:0], torch.zeros(0))
+    emptied = fused_model.raw_terms(normal).values
+    torch.testing.assert_close(loaded.raw_terms(normal).values, emptied)
+
+
+def test_calibrating_empties_the_recent_bank_and_recurrence_0_keeps_none(
+    fused_model: AnomalyLLM,
+) -> None:
+    fused_model.fill_recent(sine_windows(5), torch.arange(5) * 100.0)
+    assert fused_model.recent_memory.shape == (1, 5, 32)
+    fused_model.calibrate(sine_windows(200), sine_windows(100, phase_step=0.41))
+    assert fused_model.recent_memory.shape == (1, 0, 32)
+    plain = tiny_model(score_terms=FUSED, recurrence=0)
+    plain.fill_recent(sine_windows(5), torch.arange(5) * 100.0)
+    assert "recent_memory" not in plain.state_dict()
+
+
 def test_a_score_peaks_where_its_largest_term_lies(fused_model: AnomalyLLM) -> None:
     normal = sine_windows(1)
     spiked = normal.clone()

@@ -18,6 +18,7 @@ from trainer.sources import (
     parse_since,
     read_files,
     read_incidents,
+    recent_windows,
     segments,
     split_windows,
 )
@@ -62,6 +63,24 @@ def test_no_training_window_crosses_a_gap_or_an_excluded_span() -> None:
         assert not series.excluded[positions].any(), "a window overlaps the alert"
     # The newest slice is held back; calibration comes before it, training before that.
     assert splits.holdout["s"].end_ts_ms.min() > splits.calibration["s"].end_ts_ms.max()
+
+
+def test_recent_windows_take_alerts_too_but_no_gap_nor_the_newest_window() -> None:
+    ts = np.concatenate([np.arange(0, 300), np.arange(400, 1000)]) * MINUTE_MS  # 100-min gap
+    data = _series_data(ts, [Span("s", 600 * MINUTE_MS, 620 * MINUTE_MS, "alert")])
+    other = build_series("t", ts[:50], np.full((50, 1), -1.0, np.float32), Counter())
+    data.series["t"] = other
+    windows, places = recent_windows(data, 8, 4)
+    mine = places < 2**32
+    for window, place in zip(windows[mine], places[mine], strict=True):
+        rows = window[0].astype(int)  # each reading holds its index
+        assert np.all(np.diff(rows) == 1), "a window crosses the gap"
+        assert rows[-1] == place  # its place: the index of its newest reading
+    # The alert's readings are among them; the newest window's are not.
+    assert {600, 620} <= set(windows[mine].ravel().astype(int).tolist())
+    assert places[mine].max() == 899 - 8 and places[mine].min() == 7  # a window before 899
+    # The second sensor's windows lie a sensor's offset away: none overlaps the first's.
+    assert places[~mine].min() == 2**32 + 7 and (windows[~mine] == -1).all()
 
 
 def test_alert_spans_pair_open_and_resolved_and_keep_open_alerts_open() -> None:

@@ -2,7 +2,7 @@
 
 Modules: ``series`` (what every source yields, time parsing, gaps, exclusions),
 ``stream`` (the readings topic), ``files`` (CSV, NAB, UCR, .npz, incidents), ``splits``
-(train / calibration / hold-out windows).
+(train / calibration / hold-out windows, and the recent windows of every reading).
 
 Every source yields per-sensor series (timestamps, values ``[T, C]``) plus the spans that
 must not be trained on: alerts (from ``open`` to ``resolved``, still-open alerts to the end
@@ -42,7 +42,13 @@ from trainer.sources.series import (
     parse_since,
     segments,
 )
-from trainer.sources.splits import SensorWindows, Splits, incident_windows, split_windows
+from trainer.sources.splits import (
+    SensorWindows,
+    Splits,
+    incident_windows,
+    recent_windows,
+    split_windows,
+)
 from trainer.sources.stream import ALERT_LOOKBACK_MS, alert_spans, read_stream
 
 __all__ = [
@@ -67,6 +73,7 @@ __all__ = [
     "read_files",
     "read_incidents",
     "read_stream",
+    "recent_windows",
     "segments",
     "split_windows",
 ]

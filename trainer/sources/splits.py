@@ -101,6 +101,37 @@ def split_windows(
     return Splits(train, calibration, holdout)
 
 
+# Places of two sensors' windows lie this far apart, more than any window's length
+# (``AnomalyLLM.recent_place``): exact in float64 for 2**21 sensors of 2**32 readings.
+SENSOR_PLACES = 2**32
+
+
+def recent_windows(
+    data: TrainingData, window_length: int, stride: int, gap_factor: float = DEFAULT_GAP_FACTOR
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every sensor's windows (N, C, L) of all its readings, alerts included, at ``stride``,
+    ending at least ``window_length`` readings before its newest, and each window's place
+    (N,): its last reading's index plus the sensor's own ``SENSOR_PLACES`` offset."""
+    parts, places = [], []
+    for number, (_, series) in enumerate(sorted(data.series.items())):
+        usable = np.ones(len(series.ts_ms), dtype=bool)
+        usable[max(0, len(usable) - window_length) :] = False
+        for start, stop in segments(series.ts_ms, usable, gap_factor):
+            if stop - start < window_length:
+                continue
+            view = np.lib.stride_tricks.sliding_window_view(
+                series.values[start:stop], window_length, axis=0
+            )
+            parts.append(view[::stride])
+            last = np.arange(start + window_length - 1, stop, stride)
+            places.append(last + number * SENSOR_PLACES)
+    if not parts:
+        empty = np.zeros((0, data.channels, window_length), np.float32)
+        return empty, np.zeros(0, np.float64)
+    windows = np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+    return windows, np.concatenate(places).astype(np.float64)
+
+
 def incident_windows(
     series: SensorSeries,
     incident: Span,
