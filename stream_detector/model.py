@@ -551,9 +551,9 @@ class AnomalyLLM(nn.Module):
                 self.register_load_state_dict_post_hook(_derive_step_norms)
             if config.recurs:
                 # Recent windows, instance-normalised (C, R, L), and where each ended (R,):
-                # the row in its sensor's readings plus a sensor's own offset, so windows
-                # of one place lie within a window's length of each other and no two
-                # sensors' do. Empty until a refresh fills it (`fill_recent`).
+                # the index of its newest reading among its sensor's, plus an offset per
+                # sensor, so two windows share readings exactly when their places lie
+                # within a window's length. Empty until a refresh fills it (`fill_recent`).
                 self.register_buffer("recent_memory", torch.zeros(channels, 0, window))
                 self.register_buffer("recent_place", torch.zeros(0, dtype=torch.float64))
             self.register_buffer("term_centre", torch.zeros(terms, channels))  # (T, C)

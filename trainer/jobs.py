@@ -605,7 +605,8 @@ def _fill_recent(
     """Fill the model's recent bank from every sensor's readings; the windows kept."""
     if not model.config.recurs:
         return 0
-    windows, places = sources.recent_windows(data, window_length, stride)
+    limit = model.config.recent_size
+    windows, places = sources.recent_windows(data, window_length, stride, limit)
     model.fill_recent(torch.from_numpy(windows), torch.from_numpy(places))
     return len(model.recent_place)
 

@@ -70,7 +70,7 @@ def test_recent_windows_take_alerts_too_but_no_gap_nor_the_newest_window() -> No
     data = _series_data(ts, [Span("s", 600 * MINUTE_MS, 620 * MINUTE_MS, "alert")])
     other = build_series("t", ts[:50], np.full((50, 1), -1.0, np.float32), Counter())
     data.series["t"] = other
-    windows, places = recent_windows(data, 8, 4)
+    windows, places = recent_windows(data, 8, 4, limit=10_000)
     mine = places < 2**32
     for window, place in zip(windows[mine], places[mine], strict=True):
         rows = window[0].astype(int)  # each reading holds its index
@@ -81,6 +81,10 @@ def test_recent_windows_take_alerts_too_but_no_gap_nor_the_newest_window() -> No
     assert places[mine].max() == 899 - 8 and places[mine].min() == 7  # a window before 899
     # The second sensor's windows lie a sensor's offset away: none overlaps the first's.
     assert places[~mine].min() == 2**32 + 7 and (windows[~mine] == -1).all()
+    # Thinned evenly, the first and the last kept.
+    thinned, kept = recent_windows(data, 8, 4, limit=20)
+    assert len(thinned) == 20 and kept[0] == places[0] and kept[-1] == places[-1]
+    assert np.array_equal(thinned[:, 0, -1][kept < 2**32], kept[kept < 2**32])
 
 
 def test_alert_spans_pair_open_and_resolved_and_keep_open_alerts_open() -> None:

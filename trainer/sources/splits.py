@@ -107,12 +107,17 @@ SENSOR_PLACES = 2**32
 
 
 def recent_windows(
-    data: TrainingData, window_length: int, stride: int, gap_factor: float = DEFAULT_GAP_FACTOR
+    data: TrainingData,
+    window_length: int,
+    stride: int,
+    limit: int,
+    gap_factor: float = DEFAULT_GAP_FACTOR,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Every sensor's windows (N, C, L) of all its readings, alerts included, at ``stride``,
-    ending at least ``window_length`` readings before its newest, and each window's place
-    (N,): its last reading's index plus the sensor's own ``SENSOR_PLACES`` offset."""
-    parts, places = [], []
+    ending at least ``window_length`` readings before its newest, evenly thinned to at most
+    ``limit`` (only those are copied), and each window's place (N,): its last reading's
+    index plus the sensor's own ``SENSOR_PLACES`` offset."""
+    views, places = [], []
     for number, (_, series) in enumerate(sorted(data.series.items())):
         usable = np.ones(len(series.ts_ms), dtype=bool)
         usable[max(0, len(usable) - window_length) :] = False
@@ -122,14 +127,20 @@ def recent_windows(
             view = np.lib.stride_tricks.sliding_window_view(
                 series.values[start:stop], window_length, axis=0
             )
-            parts.append(view[::stride])
+            views.append(view[::stride])  # (n, C, L), not copied
             last = np.arange(start + window_length - 1, stop, stride)
             places.append(last + number * SENSOR_PLACES)
-    if not parts:
-        empty = np.zeros((0, data.channels, window_length), np.float32)
-        return empty, np.zeros(0, np.float64)
-    windows = np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
-    return windows, np.concatenate(places).astype(np.float64)
+    total = sum(len(view) for view in views)
+    keep = np.linspace(0, total - 1, min(limit, total)).round().astype(np.int64)
+    chosen, first = [], 0
+    for view in views:
+        mine = keep[(keep >= first) & (keep < first + len(view))] - first
+        chosen.append(view[mine])
+        first += len(view)
+    if not chosen:
+        return np.zeros((0, data.channels, window_length), np.float32), np.zeros(0)
+    windows = np.ascontiguousarray(np.concatenate(chosen), dtype=np.float32)
+    return windows, np.concatenate(places)[keep].astype(np.float64)
 
 
 def incident_windows(
