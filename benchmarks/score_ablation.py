@@ -24,7 +24,12 @@ from stream_detector.model import (
     instance_norm,
     spread_floor,
 )
-from trainer.anomalyllm_detector import AnomalyLLMDetector
+from trainer.anomalyllm_detector import (
+    RECENT_EVERY,
+    AnomalyLLMDetector,
+    fill_recent,
+    recent_cuts,
+)
 from trainer.train import MAX_CALIBRATION_WINDOWS, thin
 
 SCALINGS = ("extreme", "robust-z")
@@ -53,6 +58,31 @@ def raw_terms(model, windows: np.ndarray, names=SCORE_TERMS) -> tuple[np.ndarray
         ]
     values = torch.cat([part.values[:, :, 0] for part in parts], dim=1).numpy()
     return values, torch.cat([part.offsets[:, :, 0] for part in parts], dim=1).numpy()
+
+
+def recurring_raw_terms(
+    model: AnomalyLLM,
+    windows: np.ndarray,
+    stride: int,
+    train_end: int,
+    rows: int,
+    names: tuple[str, ...] = SCORE_TERMS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`raw_terms` of a series' windows (N, 1, L), cut every ``stride`` rows from row 0 of
+    a series of ``rows``, with the model's recent bank refilled as the harness's detector
+    refills it (`trainer.anomalyllm_detector.recent_cuts`: at ``train_end`` and every
+    ``RECENT_EVERY`` rows after), and empty again afterwards. (T, N) and (T, N)"""
+    if not model.config.recurs:
+        return raw_terms(model, windows, names)
+    length = model.config.window_length
+    ends = np.arange(len(windows)) * stride + length - 1
+    parts = []
+    for first, last, known in recent_cuts(ends, train_end, RECENT_EVERY, rows, length):
+        fill_recent(model, windows[:known], ends[:known])
+        parts.append(raw_terms(model, windows[first:last], names))
+    fill_recent(model, windows[:0], ends[:0])
+    values, offsets = zip(*parts, strict=True)
+    return np.concatenate(values, axis=1), np.concatenate(offsets, axis=1)
 
 
 def memory_patch_offsets(model: AnomalyLLM, windows: np.ndarray) -> np.ndarray:

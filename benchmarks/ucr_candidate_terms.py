@@ -60,8 +60,8 @@ each series under these variants, judged by the UCR rule:
   window, `benchmarks.score_ablation.memory_patch_offsets`);
 - ``default``: the product's default as one model, as `trainer fit` builds it (both
   steps terms, the memory at the window's centre, the default's edges, and since stop 39
-  the memory term's recurrence, its recent windows refilled every ``RECENT_EVERY`` rows
-  as the harness's detector refills them), less the discrepancy;
+  the memory term's recurrence, its recent windows refilled as the harness's detector
+  refills them, `benchmarks.score_ablation.recurring_raw_terms`), less the discrepancy;
 - ``default_without_recurrence``: stop 37's default, the same without the recurrence: it
   finds what ``edges_steps_two_lengths_memory_centre`` finds, series for series;
 - ``edges_steps_newest_shape``: ``edges_steps`` plus a seventh term, the memory term of
@@ -105,7 +105,7 @@ from scipy.stats import genpareto
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.score_ablation import memory_patch_offsets, raw_terms
+from benchmarks.score_ablation import memory_patch_offsets, raw_terms, recurring_raw_terms
 from stream_detector.alerts import SensorAlertState, adapt_terms, edge_rise
 from stream_detector.config import AlertPolicy
 from stream_detector.devtools.tiny import tiny_config
@@ -113,12 +113,9 @@ from stream_detector.model import MODEL_FREE_TERMS, AnomalyLLM, WindowScores, in
 from trainer.anomalyllm_detector import (
     MAX_SCORING_STRIDE,
     PATCHES_PER_WINDOW,
-    RECENT_EVERY,
     AnomalyLLMDetector,
     choose_window_length,
-    fill_recent,
     nearest_peak_score,
-    recent_cuts,
 )
 from trainer.data import load_ucr
 from trainer.detectors import get_detector
@@ -176,7 +173,7 @@ class Scored:
         terms: tuple[str, ...] = TERMS,
         steps_fraction: int = 4,
         memory_at_patch: bool = True,
-        recent_every: int | None = None,
+        recurring: bool = False,
     ) -> None:
         self.terms = terms
         config = tiny_config(
@@ -202,7 +199,12 @@ class Scored:
         total = len(values) - length + 1
         self.stride = min(MAX_SCORING_STRIDE, max(1, math.ceil(total / MAX_SCORED_WINDOWS)))
         self.windows = sliding_windows(values, length, self.stride)
-        self.raw, self.peaks = self.recent_terms(train_end, len(values), recent_every)
+        if recurring:
+            self.raw, self.peaks = recurring_raw_terms(
+                self.model, self.windows, self.stride, train_end, len(values), self.terms
+            )
+        else:
+            self.raw, self.peaks = raw_terms(self.model, self.windows, self.terms)  # (T, N) each
         # Every variant but ``memory_centre`` and ``default`` places the memory term as the
         # defaults before stop 37 did, so their rows reproduce.
         if memory_at_patch and "memory" in self.terms:
@@ -219,24 +221,6 @@ class Scored:
             np.concatenate([held[row], bank[free.index(term)]]) if term in free else held[row]
             for row, term in enumerate(self.terms)
         ]
-
-    def recent_terms(
-        self, train_end: int, rows: int, every: int | None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Raw terms and their peaks (T, N): with ``every``, the recent bank refilled every
-        that many rows after the training part, as the harness's detector refills it
-        (`recent_cuts`); else with the bank as fitted (empty)."""
-        if every is None:
-            return raw_terms(self.model, self.windows, self.terms)
-        ends = np.arange(len(self.windows)) * self.stride + self.length - 1
-        parts = []
-        for first, last, known in recent_cuts(ends, train_end, every, rows, self.length):
-            fill_recent(self.model, self.windows[:known], ends[:known])
-            parts.append(raw_terms(self.model, self.windows[first:last], self.terms))
-        fill_recent(self.model, self.windows[:0], ends[:0])  # the normal windows' terms: none
-        return np.concatenate([raw for raw, _ in parts], 1), np.concatenate(
-            [p for _, p in parts], 1
-        )
 
     def points(self, z: np.ndarray, peaks: np.ndarray, size: int) -> np.ndarray:
         """Fused window scores as one score per point (each window's at its peak)."""
@@ -486,18 +470,18 @@ def series_hits(
     for name in variants:
         changes = VARIANTS[name]
         if "default" in changes:
-            recent_every = None if "-recurrence" in changes else RECENT_EVERY
-            if ("default", recent_every) not in built:
+            recurring = "-recurrence" not in changes
+            if ("default", recurring) not in built:
                 terms = (*TERMS, "steps", "short_steps")
-                built["default", recent_every] = Scored(
+                built["default", recurring] = Scored(
                     values,
                     train_end,
                     scored(1.0).length,
                     terms=terms,
                     memory_at_patch=False,
-                    recent_every=recent_every,
+                    recurring=recurring,
                 )
-            base = built["default", recent_every]
+            base = built["default", recurring]
         elif "steps" in changes:
             base = steps_model(8 if "eighth" in changes else 4)
         else:

@@ -23,9 +23,12 @@ These variants keep the trained scale of every term (``anomalyllm-fixed-edges``)
 default (``DEFAULT_KEY``) also measures each term from the series' own edges of normal,
 window by window (`stream_detector.alerts.adapt_terms`, as the worker and the harness's
 detector do); ``edges`` records both, and the default with each of stop 37's changes off
-measured the same way (``EDGE_ROWS``); the default variant is exactly what the
-harness's ``anomalyllm`` computes. ``--peer`` runs other detectors (``discord``,
-``discord-self``) on the same series in the same run.
+measured the same way (``EDGE_ROWS``), and without the memory term's recurrence
+(``adapted_without_recurrence``, stop 39: the recent windows never filled); the default
+variant is exactly what the harness's ``anomalyllm`` computes, its recent windows refilled
+as the harness refills them (`benchmarks.score_ablation.recurring_raw_terms`).
+``--peer`` runs other detectors (``discord``, ``discord-self``) on the same series in the
+same run.
 
     python benchmarks/ucr_score_terms.py --data ../shared/data/ucr --ids 1 9 14 ... 250 \\
         --profile quick --peer discord --peer discord-self \\
@@ -54,6 +57,7 @@ from benchmarks.score_ablation import (
     fused_peak,
     memory_patch_offsets,
     raw_terms,
+    recurring_raw_terms,
 )
 from stream_detector.model import DEFAULT_SCORE_TERMS, SCORE_TERMS, WindowScores
 from trainer.anomalyllm_detector import MAX_SCORING_STRIDE, nearest_peak_score
@@ -144,7 +148,8 @@ def main() -> None:
         total = len(series.values) - length + 1
         stride = min(MAX_SCORING_STRIDE, max(1, -(-total // detector.max_scored_windows)))
         windows = sliding_windows(series.values, length, stride)
-        raw, offsets = raw_terms(model, windows)
+        rows = len(series.values)
+        raw, offsets = recurring_raw_terms(model, windows, stride, series.train_end, rows)
         hits = {}
         scalings = {
             (scaling, floor): normal.scaled(raw, scaling, floor)
@@ -172,6 +177,10 @@ def main() -> None:
             for name, (terms, patch) in EDGE_ROWS.items()
         }
         scored_by["fixed"] = trained_scores(z, offsets, DEFAULT_SCORE_TERMS)
+        once = normal.scaled(raw_terms(model, windows)[0], "extreme", "errors")
+        scored_by["adapted_without_recurrence"] = detector.with_edges(
+            trained_scores(once, offsets, DEFAULT_SCORE_TERMS), threshold=detector.threshold
+        )[0]
         edges = {}
         for name, scored in scored_by.items():
             points = point_scores(
