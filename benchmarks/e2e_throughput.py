@@ -76,14 +76,19 @@ T0_MS = 1_700_000_000_000
 
 
 def build_model(kind: str, window_length: int) -> AnomalyLLM:
-    """A randomly initialised model: weights do not change the cost of scoring."""
+    """A randomly initialised model: weights do not change the cost of scoring, but the
+    banks' sizes do, so its recent bank is as full as a fitted model's."""
     torch.manual_seed(0)
     if kind == "tiny":
         config = tiny_config(window_length=window_length, patch_length=16, patch_stride=16)
-        return AnomalyLLM.from_config(config)
-    return AnomalyLLM.pretrained(
-        ModelConfig(window_length=window_length, backbone=SMOLLM2, backbone_layers=6)
-    )
+        model = AnomalyLLM.from_config(config)
+    else:
+        model = AnomalyLLM.pretrained(
+            ModelConfig(window_length=window_length, backbone=SMOLLM2, backbone_layers=6)
+        )
+    size = model.config.recent_size
+    model.fill_recent(torch.randn(size, 1, window_length), torch.arange(size) * window_length)
+    return model
 
 
 def produce_backlog(bootstrap: str, topic: str, sensors: int, readings: int) -> int:

@@ -90,6 +90,9 @@ def main() -> None:
         backbone_layers=args.backbone_layers,
     )
     model = AnomalyLLM.pretrained(config).to(device).eval()
+    # As full as a fitted model's: the recent bank's size sets part of the cost.
+    size, length = config.recent_size, config.window_length
+    model.fill_recent(torch.randn(size, config.channels, length), torch.arange(size) * length)
     flops = flops_per_window(model, model.config, device)
     peak = matmul_flops_per_s(device, torch.bfloat16 if mixed else torch.float32, args.min_seconds)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed)
