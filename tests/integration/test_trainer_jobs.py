@@ -23,6 +23,7 @@ import torch
 from confluent_kafka import Producer
 
 from stream_detector import store
+from stream_detector.checkpoint import Checkpoint
 from stream_detector.config import (
     KafkaTopics,
     Settings,
@@ -194,6 +195,23 @@ def test_rerunning_with_the_same_data_and_settings_is_a_no_op(
     assert store.list_versions(store_copy, MODEL) == [fitted[1]["version"]]
 
 
+def _refresh(
+    store_copy: Path, later: Path, fitted_version: str, tmp_path: Path, *options: str
+) -> tuple[dict[str, Any], Checkpoint, set[str]]:
+    """Refresh the fitted version on the later file: the report, the refreshed version and
+    the names of the weights and buffers that changed."""
+    report_path = tmp_path / "refresh.json"
+    args = ["refresh", *options, "--from-files", str(later), "--store", str(store_copy)]
+    code = main([*args, "--model", MODEL, "--quiet", "--report", str(report_path)])
+    report = json.loads(report_path.read_text())
+    assert code in (jobs.EXIT_OK, jobs.EXIT_REFUSED), report.get("error")
+    before = store.load_version(store_copy, MODEL, fitted_version).model.state_dict()
+    refreshed = store.load_version(store_copy, MODEL, report["version"])
+    after = refreshed.model.state_dict()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    return report, refreshed, changed
+
+
 def test_refresh_changes_prototypes_score_calibration_and_thresholds_but_no_other_weight(
     store_copy: Path,
     files: dict[str, Path],
@@ -202,23 +220,15 @@ def test_refresh_changes_prototypes_score_calibration_and_thresholds_but_no_othe
     tmp_path: Path,
 ) -> None:
     _set_env(monkeypatch)
-    report_path = tmp_path / "refresh.json"
-    args = ["refresh", "--from-files", str(files["later"]), "--store", str(store_copy)]
-    code = main([*args, "--model", MODEL, "--quiet", "--report", str(report_path)])
-    report = json.loads(report_path.read_text())
-    assert code in (jobs.EXIT_OK, jobs.EXIT_REFUSED), report.get("error")
-    parent = store.load_version(store_copy, MODEL, fitted[1]["version"])
-    refreshed = store.load_version(store_copy, MODEL, report["version"])
-    before, after = parent.model.state_dict(), refreshed.model.state_dict()
-    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    parent = fitted[1]["version"]
+    _, refreshed, changed = _refresh(store_copy, files["later"], parent, tmp_path)
     # The memory banks (windows, and two lengths of stretches of changes) and the terms'
     # scales are recalibrated on the new data; the recent windows are the new data's (at the
     # same places: the indices of as many readings as before).
     banks = {"memory", "step_memory", "short_step_memory", "recent_memory"}
-    expected = {"student.prototypes", *banks, "term_centre", "term_spread"}
-    assert changed == expected
-    assert refreshed.thresholds != parent.thresholds
-    assert refreshed.metadata["training"]["parent_version"] == fitted[1]["version"]
+    assert changed == {"student.prototypes", *banks, "term_centre", "term_spread"}
+    assert refreshed.thresholds != store.load_version(store_copy, MODEL, parent).thresholds
+    assert refreshed.metadata["training"]["parent_version"] == parent
 
 
 def test_a_recent_only_refresh_changes_nothing_but_the_recent_windows(
@@ -229,33 +239,16 @@ def test_a_recent_only_refresh_changes_nothing_but_the_recent_windows(
     tmp_path: Path,
 ) -> None:
     _set_env(monkeypatch)
-    report_path = tmp_path / "recent.json"
-    args = ["refresh", "--recent-only", "--from-files", str(files["later"])]
-    code = main(
-        [
-            *args,
-            "--store",
-            str(store_copy),
-            "--model",
-            MODEL,
-            "--quiet",
-            "--report",
-            str(report_path),
-        ]
+    parent = fitted[1]["version"]
+    report, refreshed, changed = _refresh(
+        store_copy, files["later"], parent, tmp_path, "--recent-only"
     )
-    report = json.loads(report_path.read_text())
-    assert code in (jobs.EXIT_OK, jobs.EXIT_REFUSED), report.get("error")
-    parent = store.load_version(store_copy, MODEL, fitted[1]["version"])
-    refreshed = store.load_version(store_copy, MODEL, report["version"])
-    before, after = parent.model.state_dict(), refreshed.model.state_dict()
-    changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert changed == {"recent_memory"}  # at the same places, as in the refresh above
-    assert refreshed.thresholds == parent.thresholds
+    assert refreshed.thresholds == store.load_version(store_copy, MODEL, parent).thresholds
     # Every sensor's windows up to one window before its newest reading, thinned.
     kept = report["training"]["recent_windows"]
     assert kept == refreshed.model.recent_memory.shape[1] and 0 < kept <= 2048
-    places = refreshed.model.recent_place
-    assert places.max() >= 2 * 2**32  # the third sensor's
+    assert refreshed.model.recent_place.max() >= 2 * 2**32  # the third sensor's
 
 
 def test_the_gate_refuses_a_worse_model_and_rollback_restores_the_previous(
