@@ -24,12 +24,7 @@ from stream_detector.model import (
     instance_norm,
     spread_floor,
 )
-from trainer.anomalyllm_detector import (
-    RECENT_EVERY,
-    AnomalyLLMDetector,
-    fill_recent,
-    recent_cuts,
-)
+from trainer.anomalyllm_detector import RECENT_EVERY, AnomalyLLMDetector, with_recent_refills
 from trainer.train import MAX_CALIBRATION_WINDOWS, thin
 
 SCALINGS = ("extreme", "robust-z")
@@ -70,17 +65,14 @@ def recurring_raw_terms(
 ) -> tuple[np.ndarray, np.ndarray]:
     """`raw_terms` of a series' windows (N, 1, L), cut every ``stride`` rows from row 0 of
     a series of ``rows``, with the model's recent bank refilled as the harness's detector
-    refills it (`trainer.anomalyllm_detector.recent_cuts`: at ``train_end`` and every
-    ``RECENT_EVERY`` rows after), and empty again afterwards. (T, N) and (T, N)"""
+    refills it (`trainer.anomalyllm_detector.with_recent_refills`: at ``train_end`` and
+    every ``RECENT_EVERY`` rows after), and as it was again afterwards. (T, N) and (T, N)"""
     if not model.config.recurs:
         return raw_terms(model, windows, names)
-    length = model.config.window_length
-    ends = np.arange(len(windows)) * stride + length - 1
-    parts = []
-    for first, last, known in recent_cuts(ends, train_end, RECENT_EVERY, rows, length):
-        fill_recent(model, windows[:known], ends[:known])
-        parts.append(raw_terms(model, windows[first:last], names))
-    fill_recent(model, windows[:0], ends[:0])
+    refills = (train_end, RECENT_EVERY, rows)
+    parts = with_recent_refills(
+        model, windows, stride, refills, lambda part: raw_terms(model, part, names)
+    )
     values, offsets = zip(*parts, strict=True)
     return np.concatenate(values, axis=1), np.concatenate(offsets, axis=1)
 

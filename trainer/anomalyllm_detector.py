@@ -5,8 +5,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -33,6 +33,8 @@ MAX_SCORING_STRIDE = 16
 # Rows between the refreshes that refill a recurring model's recent bank, as a
 # ``trainer refresh --recent-only`` CronJob would (README, "Recurring shapes").
 RECENT_EVERY = 1000
+
+T = TypeVar("T")
 
 
 def choose_window_length(train: np.ndarray) -> int:
@@ -257,18 +259,13 @@ class AnomalyLLMDetector:
         the model recurs (else scored as they are)."""
         if not model.config.recurs:
             return model.score_windows(windows, self.batch_size)
-        length = model.config.window_length
-        ends = np.arange(len(windows)) * stride + length - 1
-        fitted = model.recent_memory, model.recent_place
-        parts = []
-        try:
-            for first, last, known in recent_cuts(
-                ends, self.training_rows, self.recent_every, rows, length
-            ):
-                fill_recent(model, windows[:known], ends[:known])
-                parts.append(model.score_windows(windows[first:last], self.batch_size))
-        finally:
-            model.recent_memory, model.recent_place = fitted
+        parts = with_recent_refills(
+            model,
+            windows,
+            stride,
+            (self.training_rows, self.recent_every, rows),
+            lambda part: model.score_windows(part, self.batch_size),
+        )
         return WindowScores(*(np.concatenate(field) for field in zip(*parts, strict=True)))
 
     def with_edges(
@@ -406,6 +403,29 @@ class AnomalyLLMDetector:
 def fill_recent(model: AnomalyLLM, windows: np.ndarray, ends: np.ndarray) -> None:
     """The model's recent bank from a series' windows (N, C, L) ending at rows ``ends``."""
     model.fill_recent(torch.from_numpy(windows), torch.from_numpy(ends))
+
+
+def with_recent_refills(
+    model: AnomalyLLM,
+    windows: np.ndarray,
+    stride: int,
+    refills: tuple[int, int, int],
+    score: Callable[[np.ndarray], T],
+) -> list[T]:
+    """``score`` of each stretch of a series' windows (N, C, L), cut every ``stride`` rows
+    from row 0, with the model's recent bank refilled before it as `recent_cuts` says
+    (``refills``: its ``start``, ``every`` and ``rows``); the bank as it was afterwards."""
+    (start, every, rows), length = refills, model.config.window_length
+    ends = np.arange(len(windows)) * stride + length - 1
+    fitted = model.recent_memory, model.recent_place
+    parts = []
+    try:
+        for first, last, known in recent_cuts(ends, start, every, rows, length):
+            fill_recent(model, windows[:known], ends[:known])
+            parts.append(score(windows[first:last]))
+    finally:
+        model.recent_memory, model.recent_place = fitted
+    return parts
 
 
 def recent_cuts(
