@@ -5,10 +5,11 @@
     python -m trainer refresh --from-kafka --since 2d --store ./models --model pumps
     python -m trainer models list --store ./models --model pumps --json
     python -m trainer models show|promote|rollback --store ./models --model pumps [--version V]
+    python -m trainer models prune --store ./models --model pumps --keep 20 [--dry-run]
 
 ``fit`` and ``refresh`` parse their options into ``trainer.jobs.JobOptions`` and run
 ``trainer.jobs.run`` (what a run does, and its exit codes, are described there);
-``models`` lists, shows, promotes or rolls back stored versions.
+``models`` lists, shows, promotes, rolls back or prunes stored versions.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def _options(args: argparse.Namespace, settings: Settings) -> JobOptions:
         holdout_fraction=args.holdout_fraction,
         force=args.force,
         recent_only=getattr(args, "recent_only", False),
+        keep_versions=args.keep_versions,
         report=args.report,
         lock_lease_s=args.lock_lease_s,
         progress=not args.quiet,
@@ -94,7 +96,15 @@ def run_job_command(args: argparse.Namespace) -> int:
     result = run(options, settings)
     summary = {
         key: result.report.get(key)
-        for key in ("version", "current_version", "decision", "exit_code", "error", "no_op")
+        for key in (
+            "version",
+            "current_version",
+            "decision",
+            "pruned",
+            "exit_code",
+            "error",
+            "no_op",
+        )
         if key in result.report
     }
     print(json.dumps(summary, indent=2, default=str))
@@ -125,7 +135,7 @@ def _version_row(root: str, model_name: str, version: str, current: str | None) 
 
 
 def run_models_command(args: argparse.Namespace) -> int:
-    """Handle ``python -m trainer models list|show|promote|rollback``."""
+    """Handle ``python -m trainer models list|show|promote|rollback|prune``."""
     console = Console()
     try:
         settings = _settings()
@@ -145,6 +155,11 @@ def run_models_command(args: argparse.Namespace) -> int:
                 raise JobError("models promote needs --version")
             store.promote(root, model_name, args.version, reason=args.reason or "operator")
             console.print(f"{model_name}: CURRENT is now {args.version}")
+            return EXIT_OK
+        if args.action == "prune":
+            pruned = store.prune_versions(root, model_name, args.keep, dry_run=args.dry_run)
+            verb = "would delete" if args.dry_run else "deleted"
+            console.print(f"{model_name}: {verb} {len(pruned)} versions {' '.join(pruned)}")
             return EXIT_OK
         target = store.rollback(root, model_name, reason=args.reason or "operator rollback")
         console.print(f"{model_name}: rolled back; CURRENT is now {target}")
@@ -274,6 +289,13 @@ def _job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-fraction", type=float, default=0.25)
     parser.add_argument("--holdout-fraction", type=float, default=0.15)
     parser.add_argument("--lock-lease-s", type=float, default=store.DEFAULT_LEASE_S)
+    parser.add_argument(
+        "--keep-versions",
+        type=int,
+        default=JobOptions.keep_versions,
+        help="after storing: keep CURRENT, this many newest versions and as many rollback "
+        f"targets; delete the rest (default {JobOptions.keep_versions}; 0 keeps all)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.set_defaults(handler=run_job_command)
 
@@ -310,10 +332,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "the memory term learn recurring shapes, are new (a cheap, frequent CronJob)",
     )
 
-    models = subparsers.add_parser("models", help="list, show, promote or roll back versions")
-    models.add_argument("action", choices=["list", "show", "promote", "rollback"])
+    models = subparsers.add_parser(
+        "models", help="list, show, promote, roll back or prune versions"
+    )
+    models.add_argument("action", choices=["list", "show", "promote", "rollback", "prune"])
     _store_arguments(models)
     models.add_argument("--version", help="for show (default CURRENT) and promote")
     models.add_argument("--reason", help="recorded in the promotion history")
     models.add_argument("--json", action="store_true", help="list: machine-readable output")
+    models.add_argument(
+        "--keep",
+        type=int,
+        default=JobOptions.keep_versions,
+        help="prune: keep CURRENT, this many newest versions and as many rollback targets "
+        f"(default {JobOptions.keep_versions})",
+    )
+    models.add_argument("--dry-run", action="store_true", help="prune: only list what would go")
     models.set_defaults(handler=run_models_command)

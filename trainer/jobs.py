@@ -19,7 +19,9 @@ A run, under the model's store lock (so two CronJob runs never overlap):
    (``AnomalyLLM.fill_recent``): every reading read, alerts included, up to a window's
    length before each sensor's newest. After the gate, so no window it judges is among
    them; store the version (with ``report.json``) either way, and promote it only if it
-   is not worse, or with ``--force``.
+   is not worse, or with ``--force``;
+6. prune the store (``store.prune_versions``): keep CURRENT, the ``--keep-versions``
+   newest versions and as many rollback targets; delete the rest.
 
 Idempotent: a run's fingerprint covers the data as trained on and every setting; a rerun
 with the same fingerprint publishes nothing and repeats the earlier outcome.
@@ -106,6 +108,8 @@ class JobOptions:
     # refresh: only the recent windows of the memory term's recurrence are new (a cheap
     # CronJob at a short cadence; README, "Recurring shapes").
     recent_only: bool = False
+    # Versions kept by the pruning after a run (``store.prune_versions``); 0 keeps all.
+    keep_versions: int = 10
     report: Path | None = None
     lock_lease_s: float = store.DEFAULT_LEASE_S
     progress: bool = True
@@ -463,6 +467,9 @@ def _run_locked(
     lock.verify()
     with phase("publish", f"storing version {version}"):
         _publish(options, settings, lock, report, candidate, thresholds_json, data, decision)
+    if options.keep_versions:
+        with phase("prune", f"keeping the {options.keep_versions} newest versions"):
+            report["pruned"] = _prune(options, lock, console)
     _print_outcome(console, version, decision, candidate_eval, current_eval)
     return JobResult(EXIT_OK if decision.promote else EXIT_REFUSED, report)
 
@@ -685,6 +692,19 @@ def _publish(
             reason=f"{options.mode}: {'; '.join(decision.reasons)}",
             lock=lock,
         )
+
+
+def _prune(options: JobOptions, lock: store.StoreLock, console: Console) -> list[str]:
+    """The versions pruned. The new version is stored whatever happens here: a store that
+    refuses a deletion leaves the old versions in place, with a warning."""
+    try:
+        return store.prune_versions(
+            options.store, options.model_name, options.keep_versions, lock=lock
+        )
+    except (store.ModelStoreError, OSError) as error:
+        logger.warning("pruning %s failed: %s", options.model_name, error)
+        console.print(f"[yellow]pruning old versions failed:[/yellow] {error}")
+        return []
 
 
 _NORMALISATIONS = {

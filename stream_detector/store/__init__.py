@@ -38,7 +38,11 @@ What is guaranteed:
 Rolling back is pointing ``CURRENT`` at the version it named before the last promotion,
 as recorded in the history.
 
-This module holds the versions (publish, list, promote, roll back, load); the storage
+Pruning (``prune_versions``, run by every trainer job after it stores a version) deletes
+the versions nobody will serve or roll back to: it keeps CURRENT, the newest versions
+and the versions that as many rollbacks in a row would return to.
+
+This module holds the versions (publish, list, promote, roll back, prune, load); the storage
 backends are in ``store.backends`` and the lock in ``store.lock``.
 """
 
@@ -243,8 +247,9 @@ def history(root: Path | str, model_name: str) -> list[dict[str, Any]]:
     return entries
 
 
-def previous_current(entries: list[dict[str, Any]]) -> str | None:
-    """The version a rollback returns to: the history replayed as a stack of CURRENTs."""
+def rollback_targets(entries: list[dict[str, Any]]) -> list[str]:
+    """The versions rollbacks in a row return to, the next one first: the history
+    replayed as a stack of CURRENTs."""
     stack: list[str] = []
     for entry in entries:
         if entry.get("action") == "rollback":
@@ -252,7 +257,13 @@ def previous_current(entries: list[dict[str, Any]]) -> str | None:
                 stack.pop()
         elif entry.get("from"):
             stack.append(entry["from"])
-    return stack[-1] if stack else None
+    return stack[::-1]
+
+
+def previous_current(entries: list[dict[str, Any]]) -> str | None:
+    """The version a rollback returns to."""
+    targets = rollback_targets(entries)
+    return targets[0] if targets else None
 
 
 def promote(
@@ -290,6 +301,41 @@ def rollback(
             )
         _promote(root, model_name, target, reason=reason, actor=actor, lock=held, action="rollback")
     return target
+
+
+def prune_versions(
+    root: Path | str,
+    model_name: str,
+    keep: int,
+    *,
+    lock: StoreLock | None = None,
+    dry_run: bool = False,
+) -> list[str]:
+    """Delete the versions that are neither served nor a rollback's target; return them,
+    oldest first.
+
+    Kept: CURRENT, the ``keep`` newest versions (promoted or refused, finished or still
+    uploading; names sort by publication time) and the ``keep`` versions that as many
+    rollbacks in a row would return to. A worker only ever loads CURRENT, and the version
+    it served before is the first rollback's target, so a worker that read CURRENT just
+    before a promotion still finds it. Takes the model's lock unless ``lock`` is given;
+    ``dry_run`` only says what would go.
+    """
+    if keep < 1:
+        raise ModelStoreError(f"keep must be at least 1 version, not {keep}")
+    backend = open_backend(root)
+    with _locked(root, model_name, lock, "prune") as held:
+        versions = list_versions(root, model_name)
+        kept = {*versions[-keep:], *rollback_targets(history(root, model_name))[:keep]}
+        kept.add(current_version(root, model_name) or "")
+        doomed = [version for version in versions if version not in kept]
+        if dry_run:
+            return doomed
+        for version in doomed:
+            held.verify()
+            backend.delete_dir(_version_rel(model_name, version))
+            logger.info("pruned %s version %s", model_name, version)
+    return doomed
 
 
 def _promote(

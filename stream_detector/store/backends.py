@@ -1,8 +1,9 @@
 """Where the model store's bytes live: a local directory or an object-storage URL (fsspec).
 
 Both backends offer the same small set of operations on paths relative to the store's
-root ('/'-separated): read, atomic write, exclusive create, delete, append, list, and
-publishing a staged directory. What each guarantees is described in ``stream_detector.store``.
+root ('/'-separated): read, atomic write, exclusive create, delete, append, list,
+publishing a staged directory and deleting a published one. What each guarantees is
+described in ``stream_detector.store``.
 """
 
 from __future__ import annotations
@@ -90,6 +91,12 @@ class LocalBackend:
     def delete(self, rel: str) -> None:
         self.path(rel).unlink(missing_ok=True)
 
+    def delete_dir(self, rel: str) -> None:
+        # config.json first: a directory half deleted reads as unfinished, never loaded.
+        self.delete(f"{rel}/{CONFIG_FILE}")
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(self.path(rel))
+
     def append(self, rel: str, data: bytes) -> None:
         target = self.path(rel)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -160,6 +167,12 @@ class FsspecBackend:
     def delete(self, rel: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(self.path(rel))
+
+    def delete_dir(self, rel: str) -> None:
+        # config.json first: a directory half deleted reads as unfinished, never loaded.
+        self.delete(f"{rel}/{CONFIG_FILE}")
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(self.path(rel), recursive=True)
 
     def append(self, rel: str, data: bytes) -> None:
         # Objects cannot be appended to; callers hold the model's lock.

@@ -251,6 +251,33 @@ def test_a_recent_only_refresh_changes_nothing_but_the_recent_windows(
     assert refreshed.model.recent_place.max() >= 2 * 2**32  # the third sensor's
 
 
+def test_a_job_prunes_the_versions_beyond_its_retention(
+    store_copy: Path,
+    files: dict[str, Path],
+    fitted: tuple[Path, dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    _set_env(monkeypatch)
+    parent = fitted[1]["version"]
+    checkpoint = store.load_version(store_copy, MODEL, parent)
+    # An older version, never promoted (names sort by publication time).
+    old = store.publish_version(
+        store_copy, MODEL, checkpoint.model, version="20000101T000000000000Z-old", promote=False
+    )
+    report, _, _ = _refresh(
+        store_copy, files["later"], parent, tmp_path, "--recent-only", "--keep-versions", "1"
+    )
+    # Kept: the new version (the newest) and the fitted one (CURRENT, or the target of a
+    # rollback once the new one is promoted).
+    assert report["pruned"] == [old]
+    assert store.list_versions(store_copy, MODEL) == [parent, report["version"]]
+    assert (
+        main(["models", "prune", "--store", str(store_copy), "--model", MODEL, "--keep", "1"]) == 0
+    )
+    assert store.list_versions(store_copy, MODEL) == [parent, report["version"]]
+
+
 def test_the_gate_refuses_a_worse_model_and_rollback_restores_the_previous(
     store_copy: Path,
     files: dict[str, Path],

@@ -600,6 +600,7 @@ def test_trainer_cronjob_retrains_into_the_model_store(overlay: str) -> None:
     assert cronjob["spec"]["startingDeadlineSeconds"] > 0
     fit = ["trainer", "fit", "--from-kafka", "--since", "7d"]
     fit += ["--store", "$(DETECTOR_MODEL__STORE)", "--model", "default", "--profile", "default"]
+    fit += ["--keep-versions", "10"]
     assert _container(docs, "trainer")["args"] == fit
     store_mounts = {
         component: [
@@ -631,6 +632,8 @@ def test_a_cronjob_refreshes_only_the_recent_windows_four_times_a_day_into_the_s
         "$(DETECTOR_MODEL__STORE)",
         "--model",
         "default",
+        "--keep-versions",
+        "10",
     ]
     trainer = _container(docs, "trainer")
     assert container["envFrom"] == trainer["envFrom"]

@@ -66,6 +66,41 @@ def test_publish_promote_and_rollback_follow_the_history(
     assert all(e["ts"].endswith("+00:00") for e in entries)
 
 
+def test_pruning_keeps_current_the_newest_and_the_rollback_targets(
+    root: Path | str, model: AnomalyLLM
+) -> None:
+    first = store.publish_version(root, "pumps", model)
+    second = store.publish_version(root, "pumps", model)
+    refused = store.publish_version(root, "pumps", model, promote=False)
+    fourth = store.publish_version(root, "pumps", model)
+    current = store.publish_version(root, "pumps", model)
+    newest = store.publish_version(root, "pumps", model, promote=False)
+    everything = [first, second, refused, fourth, current, newest]
+    assert store.list_versions(root, "pumps") == everything
+    assert store.rollback_targets(store.history(root, "pumps")) == [fourth, second, first]
+
+    # Kept: CURRENT, the two newest and the two versions two rollbacks return to.
+    assert store.prune_versions(root, "pumps", 2, dry_run=True) == [first, refused]
+    assert store.list_versions(root, "pumps") == everything
+    assert store.prune_versions(root, "pumps", 2) == [first, refused]
+    assert store.list_versions(root, "pumps") == [second, fourth, current, newest]
+    assert store.prune_versions(root, "pumps", 2) == []
+
+    assert store.rollback(root, "pumps") == fourth
+    assert store.rollback(root, "pumps") == second
+    assert store.load_version(root, "pumps", second).version == second
+    with pytest.raises(store.ModelStoreError, match="no published version"):
+        store.rollback(root, "pumps")  # to the first, which was pruned
+    with pytest.raises(store.ModelStoreError, match="at least 1 version"):
+        store.prune_versions(root, "pumps", 0)
+    with (
+        store.StoreLock(root, "pumps", owner="job-a"),
+        pytest.raises(store.StoreLockedError, match="job-a"),
+    ):
+        store.prune_versions(root, "pumps", 1)
+    assert store.list_versions(root, "pumps") == [second, fourth, current, newest]
+
+
 def test_a_version_loads_with_its_thresholds_and_extra_files(
     root: Path | str, model: AnomalyLLM
 ) -> None:
