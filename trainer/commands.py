@@ -159,7 +159,7 @@ def run_models_command(args: argparse.Namespace) -> int:
         if args.action == "prune":
             pruned = store.prune_versions(root, model_name, args.keep, dry_run=args.dry_run)
             verb = "would delete" if args.dry_run else "deleted"
-            console.print(f"{model_name}: {verb} {len(pruned)} versions {' '.join(pruned)}")
+            console.print(f"{model_name}: {verb} {len(pruned)} versions: {' '.join(pruned) or '-'}")
             return EXIT_OK
         target = store.rollback(root, model_name, reason=args.reason or "operator rollback")
         console.print(f"{model_name}: rolled back; CURRENT is now {target}")
