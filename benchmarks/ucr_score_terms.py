@@ -28,7 +28,8 @@ measured the same way (``EDGE_ROWS``), and without the memory term's recurrence
 variant is exactly what the harness's ``anomalyllm`` computes, its recent windows refilled
 as the harness refills them (`benchmarks.score_ablation.recurring_raw_terms`).
 ``--peer`` runs other detectors (``discord``, ``discord-self``) on the same series in the
-same run.
+same run; ``--jobs N`` fits N series at a time, each in a process of its own with one torch
+thread (the records keep the order of ``--ids``).
 
     python benchmarks/ucr_score_terms.py --data ../shared/data/ucr --ids 1 9 14 ... 250 \\
         --profile quick --peer discord --peer discord-self \\
@@ -40,11 +41,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import multiprocessing
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -121,6 +124,68 @@ def point_scores(
     return np.where(count > 0, total / np.maximum(count, 1), 0.0)
 
 
+def series_record(path: Path, profile: str, peers: list[str]) -> dict:
+    """Fit the default model on one series and judge every variant: its record."""
+    variants = itertools.product(SUBSETS, SCALINGS, FLOORS, MAPPINGS, CONFIRMATIONS)
+    series = load_ucr(path)
+    detector = get_detector("anomalyllm", profile=profile)
+    train = series.values[: series.train_end]
+    detector.fit(train)
+    model = detector.model
+    length = model.config.window_length
+    normal = NormalTerms.of(detector, train)
+    total = len(series.values) - length + 1
+    stride = min(MAX_SCORING_STRIDE, max(1, -(-total // detector.max_scored_windows)))
+    windows = sliding_windows(series.values, length, stride)
+    rows = len(series.values)
+    raw, offsets = recurring_raw_terms(model, windows, stride, series.train_end, rows)
+    hits = {}
+    scalings = {
+        (scaling, floor): normal.scaled(raw, scaling, floor)
+        for scaling, floor in itertools.product(SCALINGS, FLOORS)
+    }
+    for terms, scaling, floor, mapping, (k, n) in variants:
+        z = scalings[scaling, floor]
+        score, peaks = fused(z, terms), fused_peak(z, offsets, terms)
+        lag = (n - 1) // 2
+        points = point_scores(
+            confirmed(score, k, n), peaks, length, stride, len(series.values), mapping, lag
+        )
+        location = ucr_location(points, series.train_end)
+        key = f"{'+'.join(terms)}|{scaling}|{floor}|{mapping}|{k}of{n}"
+        hits[key] = ucr_hit(location, series.anomaly_begin, series.anomaly_end)
+    z = scalings["extreme", "errors"]
+    at_patch = offsets.copy()
+    at_patch[SCORE_TERMS.index("memory")] = memory_patch_offsets(model, windows)
+    scored_by = {
+        name: detector.with_edges(
+            trained_scores(z, at_patch if patch else offsets, terms),
+            threshold=detector.threshold,
+            names=terms,
+        )[0]
+        for name, (terms, patch) in EDGE_ROWS.items()
+    }
+    scored_by["fixed"] = trained_scores(z, offsets, DEFAULT_SCORE_TERMS)
+    once = normal.scaled(raw_terms(model, windows)[0], "extreme", "errors")
+    scored_by["adapted_without_recurrence"] = detector.with_edges(
+        trained_scores(once, offsets, DEFAULT_SCORE_TERMS), threshold=detector.threshold
+    )[0]
+    edges = {}
+    for name, scored in scored_by.items():
+        points = point_scores(
+            scored.score, scored.peak_offset, length, stride, len(series.values), "peak", 0
+        )
+        location = ucr_location(points, series.train_end)
+        edges[name] = ucr_hit(location, series.anomaly_begin, series.anomaly_end)
+    hits[DEFAULT_KEY] = edges["adapted"]
+    found = {
+        name: evaluate_ucr_series(get_detector(name, profile=profile), series, {})["hit"]
+        for name in peers
+    }
+    print(series.id, length, "default hit" if hits[DEFAULT_KEY] else "default miss", flush=True)
+    return {"id": series.id, "window_length": length, "hits": hits, "edges": edges, "peers": found}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True)
@@ -133,77 +198,18 @@ def main() -> None:
         default=[],
         help="a detector to run on the same series in the same run, e.g. discord",
     )
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="series fitted side by side, one process each"
+    )
     args = parser.parse_args()
-    variants = list(itertools.product(SUBSETS, SCALINGS, FLOORS, MAPPINGS, CONFIRMATIONS))
     started = time.perf_counter()
-    records = []
-    for entry in select_ucr(args.data, args.ids):
-        series = load_ucr(entry.path)
-        detector = get_detector("anomalyllm", profile=args.profile)
-        train = series.values[: series.train_end]
-        detector.fit(train)
-        model = detector.model
-        length = model.config.window_length
-        normal = NormalTerms.of(detector, train)
-        total = len(series.values) - length + 1
-        stride = min(MAX_SCORING_STRIDE, max(1, -(-total // detector.max_scored_windows)))
-        windows = sliding_windows(series.values, length, stride)
-        rows = len(series.values)
-        raw, offsets = recurring_raw_terms(model, windows, stride, series.train_end, rows)
-        hits = {}
-        scalings = {
-            (scaling, floor): normal.scaled(raw, scaling, floor)
-            for scaling, floor in itertools.product(SCALINGS, FLOORS)
-        }
-        for terms, scaling, floor, mapping, (k, n) in variants:
-            z = scalings[scaling, floor]
-            score, peaks = fused(z, terms), fused_peak(z, offsets, terms)
-            lag = (n - 1) // 2
-            points = point_scores(
-                confirmed(score, k, n), peaks, length, stride, len(series.values), mapping, lag
-            )
-            location = ucr_location(points, series.train_end)
-            key = f"{'+'.join(terms)}|{scaling}|{floor}|{mapping}|{k}of{n}"
-            hits[key] = ucr_hit(location, series.anomaly_begin, series.anomaly_end)
-        z = scalings["extreme", "errors"]
-        at_patch = offsets.copy()
-        at_patch[SCORE_TERMS.index("memory")] = memory_patch_offsets(model, windows)
-        scored_by = {
-            name: detector.with_edges(
-                trained_scores(z, at_patch if patch else offsets, terms),
-                threshold=detector.threshold,
-                names=terms,
-            )[0]
-            for name, (terms, patch) in EDGE_ROWS.items()
-        }
-        scored_by["fixed"] = trained_scores(z, offsets, DEFAULT_SCORE_TERMS)
-        once = normal.scaled(raw_terms(model, windows)[0], "extreme", "errors")
-        scored_by["adapted_without_recurrence"] = detector.with_edges(
-            trained_scores(once, offsets, DEFAULT_SCORE_TERMS), threshold=detector.threshold
-        )[0]
-        edges = {}
-        for name, scored in scored_by.items():
-            points = point_scores(
-                scored.score, scored.peak_offset, length, stride, len(series.values), "peak", 0
-            )
-            location = ucr_location(points, series.train_end)
-            edges[name] = ucr_hit(location, series.anomaly_begin, series.anomaly_end)
-        hits[DEFAULT_KEY] = edges["adapted"]
-        peers = {
-            name: evaluate_ucr_series(get_detector(name, profile=args.profile), series, {})["hit"]
-            for name in args.peer
-        }
-        records.append(
-            {
-                "id": series.id,
-                "window_length": length,
-                "hits": hits,
-                "edges": edges,
-                "peers": peers,
-            }
-        )
-        default = DEFAULT_KEY
-        print(series.id, length, "default hit" if hits[default] else "default miss", flush=True)
+    tasks = [(entry.path, args.profile, args.peer) for entry in select_ucr(args.data, args.ids)]
+    if args.jobs > 1:
+        # Spawned, not forked: each process starts its own torch, one thread each.
+        with multiprocessing.get_context("spawn").Pool(args.jobs, _one_thread) as pool:
+            records = pool.starmap(series_record, tasks, chunksize=1)
+    else:
+        records = [series_record(*task) for task in tasks]
     totals = {key: sum(r["hits"][key] for r in records) for key in records[0]["hits"]}
     result = {
         "benchmark": "ucr score ablation (one fit per series, variants of the score)",
@@ -215,11 +221,16 @@ def main() -> None:
         "edges": {name: sum(r["edges"][name] for r in records) for name in records[0]["edges"]},
         "peer_hits": {name: sum(r["peers"][name] for r in records) for name in args.peer},
         "wall_s": round(time.perf_counter() - started, 1),
+        "jobs": args.jobs,
         "records": records,
     }
     print(json.dumps(dict(list(result["hits"].items())[:20]), indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
 
 
 if __name__ == "__main__":
