@@ -5,7 +5,7 @@
     python -m trainer refresh --from-kafka --since 2d --store ./models --model pumps
     python -m trainer models list --store ./models --model pumps --json
     python -m trainer models show|promote|rollback --store ./models --model pumps [--version V]
-    python -m trainer models prune --store ./models --model pumps --keep 20 [--dry-run]
+    python -m trainer models prune --store ./models --model pumps --keep 10 [--dry-run]
 
 ``fit`` and ``refresh`` parse their options into ``trainer.jobs.JobOptions`` and run
 ``trainer.jobs.run`` (what a run does, and its exit codes, are described there);
@@ -39,6 +39,8 @@ def _settings() -> Settings:
 
 
 def _options(args: argparse.Namespace, settings: Settings) -> JobOptions:
+    if args.keep_versions < 0:
+        raise JobError(f"--keep-versions must be 0 (keep all) or more, not {args.keep_versions}")
     try:
         threshold_config = thresholds.ThresholdConfig(
             risk_level=args.risk_level,

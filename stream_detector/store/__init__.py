@@ -327,8 +327,8 @@ def prune_versions(
     with _locked(root, model_name, lock, "prune") as held:
         versions = list_versions(root, model_name)
         kept = {*versions[-keep:], *rollback_targets(history(root, model_name))[:keep]}
-        kept.add(current_version(root, model_name) or "")
-        doomed = [version for version in versions if version not in kept]
+        current = current_version(root, model_name)
+        doomed = [version for version in versions if version not in kept and version != current]
         if dry_run:
             return doomed
         for version in doomed:

@@ -265,6 +265,8 @@ def test_a_job_prunes_the_versions_beyond_its_retention(
     old = store.publish_version(
         store_copy, MODEL, checkpoint.model, version="20000101T000000000000Z-old", promote=False
     )
+    refresh = ["refresh", "--from-files", str(files["later"]), "--store", str(store_copy)]
+    assert main([*refresh, "--model", MODEL, "--keep-versions", "-1"]) == jobs.EXIT_FAILED
     report, _, _ = _refresh(
         store_copy, files["later"], parent, tmp_path, "--recent-only", "--keep-versions", "1"
     )
