@@ -3,6 +3,7 @@ windows of labelled incidents."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,16 +35,25 @@ class Splits:
         }
 
 
-def _windows_of(
+def _window_views(
     series: SensorSeries, usable: np.ndarray, length: int, stride: int, gap_factor: float
-) -> SensorWindows:
-    chunks, ends = [], []
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Each gap-free stretch of usable readings as windows at ``stride`` (n, C, L), a view
+    that copies nothing, and the index of each window's last reading (n,)."""
     for start, stop in segments(series.ts_ms, usable, gap_factor):
         if stop - start < length:
             continue
         view = np.lib.stride_tricks.sliding_window_view(series.values[start:stop], length, axis=0)
-        chunks.append(view[::stride])  # (n, C, L)
-        ends.append(series.ts_ms[start + length - 1 : stop : stride])
+        yield view[::stride], np.arange(start + length - 1, stop, stride)
+
+
+def _windows_of(
+    series: SensorSeries, usable: np.ndarray, length: int, stride: int, gap_factor: float
+) -> SensorWindows:
+    chunks, ends = [], []
+    for view, last in _window_views(series, usable, length, stride, gap_factor):
+        chunks.append(view)
+        ends.append(series.ts_ms[last])
     if not chunks:
         channels = series.channels
         return SensorWindows(np.zeros((0, channels, length), np.float32), np.zeros(0, np.int64))
@@ -121,14 +131,8 @@ def recent_windows(
     for number, (_, series) in enumerate(sorted(data.series.items())):
         usable = np.ones(len(series.ts_ms), dtype=bool)
         usable[max(0, len(usable) - window_length) :] = False
-        for start, stop in segments(series.ts_ms, usable, gap_factor):
-            if stop - start < window_length:
-                continue
-            view = np.lib.stride_tricks.sliding_window_view(
-                series.values[start:stop], window_length, axis=0
-            )
-            views.append(view[::stride])  # (n, C, L), not copied
-            last = np.arange(start + window_length - 1, stop, stride)
+        for view, last in _window_views(series, usable, window_length, stride, gap_factor):
+            views.append(view)
             places.append(last + number * SENSOR_PLACES)
     total = sum(len(view) for view in views)
     keep = np.linspace(0, total - 1, min(limit, total)).round().astype(np.int64)
