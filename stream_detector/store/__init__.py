@@ -7,8 +7,10 @@ Layout under ``root`` (a directory, ``file://``, ``memory://`` or ``s3://bucket/
     <model>/versions/<version>/   model.safetensors, config.json, thresholds.json and the
                                   job's report.json; never modified once published
     <model>/CURRENT               the version workers serve, one line of text
-    <model>/history.jsonl         promotions and rollbacks, one JSON object per line:
-                                  {"ts", "action", "from", "to", "actor", "reason"}
+    <model>/history.jsonl         promotions, rollbacks and prunes, one JSON object per
+                                  line: {"ts", "action", "from", "to", "actor", "reason"};
+                                  a prune's lists the deleted "versions" instead of
+                                  "from" and "to"
     <model>/LOCK                  present while a job or an operator writes to the model
 
 What is guaranteed:
@@ -40,7 +42,8 @@ as recorded in the history.
 
 Pruning (``prune_versions``, run by every trainer job after it stores a version) deletes
 the versions nobody will serve or roll back to: it keeps CURRENT, the newest versions
-and the versions that as many rollbacks in a row would return to.
+and the versions that as many rollbacks in a row would return to. Each prune that
+deleted something is a line of the history.
 
 This module holds the versions (publish, list, promote, roll back, prune, load); the storage
 backends are in ``store.backends`` and the lock in ``store.lock``.
@@ -70,6 +73,8 @@ from stream_detector.checkpoint import (
 )
 from stream_detector.model import AnomalyLLM
 from stream_detector.store.backends import (
+    FsspecBackend,
+    LocalBackend,
     ModelStoreError,
     checked_name,
     is_url,
@@ -232,7 +237,7 @@ def read_version_file(root: Path | str, model_name: str, version: str, name: str
 
 
 def history(root: Path | str, model_name: str) -> list[dict[str, Any]]:
-    """Every promotion and rollback of a model, oldest first."""
+    """Every promotion, rollback and prune of a model, oldest first."""
     data = open_backend(root).read(f"{model_rel(model_name)}/{HISTORY_FILE}")
     entries = []
     for number, line in enumerate((data or b"").decode().splitlines(), start=1):
@@ -331,11 +336,27 @@ def prune_versions(
         doomed = [version for version in versions if version not in kept and version != current]
         if dry_run:
             return doomed
-        for version in doomed:
-            held.verify()
-            backend.delete_dir(_version_rel(model_name, version))
-            logger.info("pruned %s version %s", model_name, version)
+        deleted: list[str] = []
+        try:
+            for version in doomed:
+                held.verify()
+                backend.delete_dir(_version_rel(model_name, version))
+                deleted.append(version)
+                logger.info("pruned %s version %s", model_name, version)
+        finally:
+            if deleted:  # what went, even when a deletion failed part of the way
+                held.verify()
+                reason = f"kept CURRENT, the {keep} newest versions and rollback targets"
+                entry = {"action": "prune", "versions": deleted, "reason": reason}
+                _record(backend, model_name, {**entry, "actor": held.owner})
     return doomed
+
+
+def _record(backend: LocalBackend | FsspecBackend, model_name: str, entry: dict[str, Any]) -> None:
+    """Append ``entry``, stamped with the time, to the model's history."""
+    stamped = {"ts": datetime.now(UTC).isoformat(timespec="milliseconds"), **entry}
+    line = json.dumps(stamped, sort_keys=True) + "\n"
+    backend.append(f"{model_rel(model_name)}/{HISTORY_FILE}", line.encode())
 
 
 def _promote(
@@ -359,16 +380,8 @@ def _promote(
             return
         held.verify()  # right before the write: a lock taken over meanwhile stops us
         backend.write_atomic(f"{model_rel(model_name)}/{CURRENT_FILE}", (version + "\n").encode())
-        entry = {
-            "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
-            "action": action,
-            "from": previous,
-            "to": version,
-            "actor": actor or held.owner,
-            "reason": reason,
-        }
-        line = json.dumps(entry, sort_keys=True) + "\n"
-        backend.append(f"{model_rel(model_name)}/{HISTORY_FILE}", line.encode())
+        entry = {"action": action, "from": previous, "to": version, "reason": reason}
+        _record(backend, model_name, {**entry, "actor": actor or held.owner})
         logger.info("%s %s: CURRENT %s -> %s (%s)", action, model_name, previous, version, reason)
 
 
