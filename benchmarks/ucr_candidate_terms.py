@@ -64,6 +64,9 @@ each series under these variants, judged by the UCR rule:
   refills them, `benchmarks.score_ablation.recurring_raw_terms`), less the discrepancy;
 - ``default_without_recurrence``: stop 37's default, the same without the recurrence: it
   finds what ``edges_steps_two_lengths_memory_centre`` finds, series for series;
+- ``default_neighbourhood``: the default with each window's score raised by a quarter of
+  the mean score of the windows within half a window length around it (stop 41: a
+  labelled stretch's neighbours are raised with it, a lone window's are not);
 - ``edges_steps_newest_shape``: ``edges_steps`` plus a seventh term, the memory term of
   the window's newest quarter alone: its z-normalised readings against the nearest of
   the bank windows' stretches as long (every eighth of a stretch apart, at most 20,000),
@@ -101,6 +104,7 @@ from typing import Any
 import numpy as np
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
+from scipy.ndimage import uniform_filter1d
 from scipy.stats import genpareto
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -150,6 +154,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "edges_steps_two_lengths_memory_centre": ("edges", "steps", "two_lengths", "memory_centre"),
     "default": ("edges", "default"),
     "default_without_recurrence": ("edges", "default", "-recurrence"),
+    "default_neighbourhood": ("edges", "default", "neighbourhood"),
     "edges_steps_newest_shape": ("edges", "steps", "newest_shape"),
     "edges_steps_forecast": ("edges", "steps", "forecast"),
 }
@@ -158,6 +163,10 @@ EDGE_QUANTILES = {"q95": 0.95, "q999": 0.999}
 LEVEL_UNITS = {"level_sigma1": 1.0, "level_sigma2": 2.0, "level_sigma3": 3.0}
 VARIANTS.update({name: (name,) for name in LEVEL_UNITS})
 MAX_SURPRISAL = 300.0
+# ``default_neighbourhood``: a window's score plus this share of the mean score of the
+# windows within this many window lengths around it (the default's edges).
+NEIGHBOURHOOD_WEIGHT = 0.25
+NEIGHBOURHOOD_SPAN = 0.5
 TAIL_FROM = 0.9  # the quantile of the normal values above which the Pareto tail is fitted
 
 
@@ -524,6 +533,9 @@ def series_hits(
                 )
             else:
                 score, peak = base.with_edges(quantile, top2="top2" in changes)
+            if "neighbourhood" in changes:
+                span = max(1, round(NEIGHBOURHOOD_SPAN * base.length / base.stride))
+                score = score + NEIGHBOURHOOD_WEIGHT * uniform_filter1d(score, span, mode="nearest")
             points = nearest_peak_score(score, np.arange(len(score)) * base.stride + peak, size)
             if "scales" in changes:
                 for factor in (0.5, 2.0):

@@ -347,8 +347,8 @@ def prune_versions(
             if deleted:  # what went, even when a deletion failed part of the way
                 held.verify()
                 reason = f"kept CURRENT, the {keep} newest versions and rollback targets"
-                entry = {"action": "prune", "versions": deleted, "reason": reason}
-                _record(backend, model_name, {**entry, "actor": held.owner})
+                entry = {"action": "prune", "versions": deleted, "actor": held.owner}
+                _record(backend, model_name, {**entry, "reason": reason})
     return doomed
 
 
@@ -380,8 +380,8 @@ def _promote(
             return
         held.verify()  # right before the write: a lock taken over meanwhile stops us
         backend.write_atomic(f"{model_rel(model_name)}/{CURRENT_FILE}", (version + "\n").encode())
-        entry = {"action": action, "from": previous, "to": version, "reason": reason}
-        _record(backend, model_name, {**entry, "actor": actor or held.owner})
+        entry = {"action": action, "from": previous, "to": version, "actor": actor or held.owner}
+        _record(backend, model_name, {**entry, "reason": reason})
         logger.info("%s %s: CURRENT %s -> %s (%s)", action, model_name, previous, version, reason)
 
 
