@@ -307,9 +307,12 @@ class OutputReader:
         so nothing can arrive later.
         """
 
+        topics = {self.topics.scores, self.topics.alerts, self.topics.dead_letter}
+
         def at_end(outputs: Outputs) -> bool:
+            # Every output topic assigned to the reader, none with records left to read.
             lag = self._consumer.lag()
-            return bool(lag) and not any(lag.values())
+            return {topic for topic, _ in lag} == topics and not any(lag.values())
 
         return self.read_until(at_end, timeout_s)
 
