@@ -3,13 +3,14 @@
     python -m trainer fit --from-kafka --since 7d --store s3://models --model pumps
     python -m trainer fit --from-files a.csv b.npz --store ./models --model pumps --profile quick
     python -m trainer refresh --from-kafka --since 2d --store ./models --model pumps
-    python -m trainer models list --store ./models --model pumps --json
+    python -m trainer models list|history --store ./models --model pumps [--json]
     python -m trainer models show|promote|rollback --store ./models --model pumps [--version V]
     python -m trainer models prune --store ./models --model pumps --keep 10 [--dry-run]
 
 ``fit`` and ``refresh`` parse their options into ``trainer.jobs.JobOptions`` and run
 ``trainer.jobs.run`` (what a run does, and its exit codes, are described there);
-``models`` lists, shows, promotes, rolls back or prunes stored versions.
+``models`` lists, shows, promotes, rolls back or prunes stored versions, and shows the
+model's history (promotions, rollbacks, prunes).
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ def _version_row(root: str, model_name: str, version: str, current: str | None) 
 
 
 def run_models_command(args: argparse.Namespace) -> int:
-    """Handle ``python -m trainer models list|show|promote|rollback|prune``."""
+    """Handle ``python -m trainer models list|show|promote|rollback|prune|history``."""
     console = Console()
     try:
         settings = _settings()
@@ -145,6 +146,8 @@ def run_models_command(args: argparse.Namespace) -> int:
         model_name = args.model or settings.model.default_model
         if args.action == "list":
             return _list(console, root, model_name, args.json)
+        if args.action == "history":
+            return _history(root, model_name, args.json)
         if args.action == "show":
             version = args.version or store.current_version(root, model_name)
             if version is None:
@@ -172,6 +175,24 @@ def run_models_command(args: argparse.Namespace) -> int:
     except (JobError, store.ModelStoreError, OSError) as error:
         print(f"models {args.action}: {error}", file=sys.stderr)
         return EXIT_FAILED
+
+
+def _history(root: str, model_name: str, as_json: bool) -> int:
+    entries = store.history(root, model_name)
+    if as_json:
+        print(json.dumps({"model": model_name, "store": mask_url(root), "history": entries}))
+        return EXIT_OK
+    # One line an entry, oldest first, as ``git log --oneline`` reads (version names are
+    # too long for a table's columns).
+    for entry in entries:
+        if entry.get("action") == "prune":
+            versions = "deleted " + " ".join(entry.get("versions", []))
+        else:
+            versions = f"{entry.get('from') or '-'} -> {entry.get('to')}"
+        reason = f": {entry['reason']}" if entry.get("reason") else ""
+        actor = entry.get("actor")
+        print(f"{entry.get('ts')}  {entry.get('action')}  {versions}  by {actor}{reason}")
+    return EXIT_OK
 
 
 def _list(console: Console, root: str, model_name: str, as_json: bool) -> int:
@@ -335,13 +356,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
 
     models = subparsers.add_parser(
-        "models", help="list, show, promote, roll back or prune versions"
+        "models", help="list, show, promote, roll back or prune versions, or show the history"
     )
-    models.add_argument("action", choices=["list", "show", "promote", "rollback", "prune"])
+    models.add_argument(
+        "action", choices=["list", "show", "promote", "rollback", "prune", "history"]
+    )
     _store_arguments(models)
     models.add_argument("--version", help="for show (default CURRENT) and promote")
     models.add_argument("--reason", help="recorded in the promotion history")
-    models.add_argument("--json", action="store_true", help="list: machine-readable output")
+    models.add_argument(
+        "--json", action="store_true", help="list, history: machine-readable output"
+    )
     models.add_argument(
         "--keep",
         type=int,

@@ -346,7 +346,7 @@ def prune_versions(
         finally:
             if deleted:  # what went, even when a deletion failed part of the way
                 held.verify()
-                reason = f"kept CURRENT, the {keep} newest versions and rollback targets"
+                reason = f"kept CURRENT and, {keep} each, the newest versions and rollback targets"
                 entry = {"action": "prune", "versions": deleted, "actor": held.owner}
                 _record(backend, model_name, {**entry, "reason": reason})
     return doomed

@@ -257,6 +257,7 @@ def test_a_job_prunes_the_versions_beyond_its_retention(
     fitted: tuple[Path, dict[str, Any]],
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     _set_env(monkeypatch)
     parent = fitted[1]["version"]
@@ -274,10 +275,15 @@ def test_a_job_prunes_the_versions_beyond_its_retention(
     # rollback once the new one is promoted).
     assert report["pruned"] == [old]
     assert store.list_versions(store_copy, MODEL) == [parent, report["version"]]
-    assert (
-        main(["models", "prune", "--store", str(store_copy), "--model", MODEL, "--keep", "1"]) == 0
-    )
+    common = ["--store", str(store_copy), "--model", MODEL]
+    assert main(["models", "prune", *common, "--keep", "1"]) == 0
     assert store.list_versions(store_copy, MODEL) == [parent, report["version"]]
+    capsys.readouterr()
+    assert main(["models", "history", *common, "--json"]) == 0
+    entries = json.loads(capsys.readouterr().out)["history"]
+    assert [entry["versions"] for entry in entries if entry["action"] == "prune"] == [[old]]
+    assert main(["models", "history", *common]) == 0
+    assert old in capsys.readouterr().out  # the table, for people
 
 
 def test_the_gate_refuses_a_worse_model_and_rollback_restores_the_previous(

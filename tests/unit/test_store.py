@@ -88,7 +88,7 @@ def test_pruning_keeps_current_the_newest_and_the_rollback_targets(
     # The history records the deletion once: not the dry run, not the prune with nothing to do.
     prunes = [entry for entry in store.history(root, "pumps") if entry["action"] == "prune"]
     assert [entry["versions"] for entry in prunes] == [[first, refused]]
-    assert prunes[0]["actor"] and "the 2 newest" in prunes[0]["reason"]
+    assert prunes[0]["actor"] and "2 each" in prunes[0]["reason"]
 
     assert store.rollback(root, "pumps") == fourth
     assert store.rollback(root, "pumps") == second
