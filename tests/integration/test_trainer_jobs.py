@@ -283,7 +283,7 @@ def test_a_job_prunes_the_versions_beyond_its_retention(
     entries = json.loads(capsys.readouterr().out)["history"]
     assert [entry["versions"] for entry in entries if entry["action"] == "prune"] == [[old]]
     assert main(["models", "history", *common]) == 0
-    assert old in capsys.readouterr().out  # the table, for people
+    assert old in capsys.readouterr().out  # the lines, for people
 
 
 def test_the_gate_refuses_a_worse_model_and_rollback_restores_the_previous(
