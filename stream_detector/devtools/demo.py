@@ -74,6 +74,8 @@ INVALID_MESSAGES = {
     0.75: b"not json at all",
 }
 FINISH_TIMEOUT_S = 120.0
+# Empty polls in a row (0.2 s each) after which the stopped worker's outputs are all read.
+QUIET_POLLS = 5
 READY_TIMEOUT_S = 120.0
 
 
@@ -228,9 +230,14 @@ def _watch(settings: Settings, observed: Observed, console: Console, stop: threa
         config={**settings.kafka.extra, "session.timeout.ms": settings.kafka.session_timeout_ms},
     )
     seen = Deduplicator()
+    quiet_polls = 0  # empty polls in a row since ``stop``
     try:
-        while not stop.is_set():
-            for message in consumer.poll_batch(1000, 0.2):
+        # ``stop`` comes once the worker has stopped, every output of its published: read
+        # on until nothing more arrives, so the last alert events are shown too.
+        while not stop.is_set() or quiet_polls < QUIET_POLLS:
+            batch = consumer.poll_batch(1000, 0.2)
+            quiet_polls = quiet_polls + 1 if stop.is_set() and not batch else 0
+            for message in batch:
                 if message.topic == topics.scores:
                     record = json.loads(message.value)
                     observed.scores[record["ts_ms"]] = (record["score"], record["threshold"])
@@ -388,7 +395,6 @@ def run(
             while last_ts not in observed.scores and time.monotonic() < deadline:
                 if stop.wait(0.2):
                     break
-            time.sleep(1.0)  # let the last alert events arrive
             finished = last_ts in observed.scores
         finally:
             worker_stop.set()
