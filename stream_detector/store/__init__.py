@@ -347,8 +347,13 @@ def prune_versions(
             if deleted:  # what went, even when a deletion failed part of the way
                 held.verify()
                 reason = f"kept CURRENT and, {keep} each, the newest versions and rollback targets"
-                entry = {"action": "prune", "versions": deleted, "actor": held.owner}
-                _record(backend, model_name, {**entry, "reason": reason})
+                entry = {
+                    "action": "prune",
+                    "versions": deleted,
+                    "actor": held.owner,
+                    "reason": reason,
+                }
+                _record(backend, model_name, entry)
     return doomed
 
 
@@ -380,8 +385,14 @@ def _promote(
             return
         held.verify()  # right before the write: a lock taken over meanwhile stops us
         backend.write_atomic(f"{model_rel(model_name)}/{CURRENT_FILE}", (version + "\n").encode())
-        entry = {"action": action, "from": previous, "to": version, "actor": actor or held.owner}
-        _record(backend, model_name, {**entry, "reason": reason})
+        entry = {
+            "action": action,
+            "from": previous,
+            "to": version,
+            "actor": actor or held.owner,
+            "reason": reason,
+        }
+        _record(backend, model_name, entry)
         logger.info("%s %s: CURRENT %s -> %s (%s)", action, model_name, previous, version, reason)
 
 
