@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import json
-import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,11 +26,11 @@ from stream_detector.config import (
     RedisSettings,
     Settings,
 )
-from stream_detector.consumer import ReadingConsumer
 from stream_detector.devtools.services import free_port
 from stream_detector.devtools.tiny import tiny_config
+from tests.conftest import Topics
 from tests.shared_data import DATA_DIR
-from tests.worker_support import running
+from tests.worker_support import OutputReader, Outputs, running
 from trainer.__main__ import main
 
 pytestmark = pytest.mark.integration
@@ -109,7 +108,15 @@ def test_the_february_failure_raises_an_alert_and_most_alerts_lie_in_labelled_wi
     )
     live = rows[TRAIN_ROWS:]
     last_ts_ms = live[-1][0]
-    events: dict[str, dict[str, Any]] = {}
+    end_ts_ms = last_ts_ms - STRIDE * 300_000  # the last full window's, within a stride
+
+    def scored_to(outputs: Outputs) -> int:
+        return max((record["ts_ms"] for record in outputs.scores), default=0)
+
+    def scored_the_file(outputs: Outputs) -> bool:
+        assert handle.error is None, handle.error
+        return scored_to(outputs) >= end_ts_ms
+
     with running(settings) as handle:
         producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, linger_ms=5)
         for ts_ms, value in live:
@@ -117,36 +124,19 @@ def test_the_february_failure_raises_an_alert_and_most_alerts_lie_in_labelled_wi
             producer.send(readings, key=b"machine_temperature", value=json.dumps(reading).encode())
         producer.flush()
         producer.close()
-        reader = ReadingConsumer(
-            kafka_bootstrap,
-            f"reader-{uuid.uuid4().hex[:8]}",
-            [scores, alerts],
-            config=kafka_consumer_config,
+        reader = OutputReader(
+            kafka_bootstrap, Topics(readings, scores, alerts, dead), kafka_consumer_config
         )
-
-        def read_all() -> bool:
-            # The reader fetches the two topics independently: the alerts may still be on
-            # their way when the last score arrives.
-            lags = reader.lag()
-            return {topic for topic, _ in lags} == {scores, alerts} and not any(lags.values())
-
         try:
-            scored_to, deadline = 0, time.monotonic() + 300
-            while time.monotonic() < deadline:
-                for message in reader.poll_batch(500, 0.5):
-                    record = json.loads(message.value)
-                    if message.topic == alerts:
-                        events[record["event_id"]] = record
-                    else:
-                        scored_to = max(scored_to, record["ts_ms"])
-                assert handle.error is None, handle.error
-                # The last full window ends within a stride of the last reading.
-                if scored_to >= last_ts_ms - STRIDE * 300_000 and read_all():
-                    break
+            reader.read_until(scored_the_file, timeout_s=300)
+            # The topics are fetched independently: alerts may still be on their way when
+            # the last score arrives.
+            outputs = reader.read_to_end()
         finally:
             reader.close()
-    assert scored_to >= last_ts_ms - STRIDE * 300_000, "the worker did not score the whole file"
+    assert scored_to(outputs) >= end_ts_ms, "the worker did not score the whole file"
 
+    events = outputs.unique_alerts()
     opened = {e["alert_id"]: e for e in events.values() if e["state"] == "open"}
     ends = {e["alert_id"]: e["end_ts_ms"] for e in events.values() if e["state"] == "resolved"}
     spans = [(e["start_ts_ms"], ends.get(alert_id) or last_ts_ms) for alert_id, e in opened.items()]
