@@ -33,9 +33,10 @@ FLOORS = ("errors", "relative")
 # over the normal windows (``ModelConfig.level_unit_sigmas``): a level change must be
 # large, not only new.
 LEVEL_FLOORS = {"level-sigma1": 1.0, "level-sigma2": 2.0, "level-sigma3": 3.0}
-# Every subset of the terms before stop 37's second steps term, and the default (with
-# it): 128 subsets, where every subset of all eight would double the variants.
-_SUBSET_TERMS = tuple(term for term in SCORE_TERMS if term != "short_steps")
+# Every subset of the terms before stop 37's second steps term and stop 42's noise term,
+# and the default (with both): 128 subsets, where every subset of all nine would
+# quadruple the variants.
+_SUBSET_TERMS = tuple(term for term in SCORE_TERMS if term not in ("short_steps", "noise"))
 SUBSETS = [
     terms
     for size in range(1, len(_SUBSET_TERMS) + 1)
@@ -97,7 +98,7 @@ class NormalTerms:
     """A fitted model's terms on the normal windows its score was calibrated on."""
 
     held: np.ndarray  # (T, H) every term on the held-back windows
-    normal: np.ndarray  # (F, N) the model-free terms (level, scale, point) on the bank's
+    normal: np.ndarray  # (F, N) the model-free terms (level, scale, point, noise) on the bank's
     # floor name ("errors" or one of LEVEL_FLOORS) -> each term's smallest unit (T,)
     floors: dict[str, np.ndarray]
 

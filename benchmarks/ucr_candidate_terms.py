@@ -67,6 +67,9 @@ each series under these variants, judged by the UCR rule:
 - ``default_neighbourhood``: the default with each window's score raised by a quarter of
   the mean score of the windows within half a window length around it (stop 41: a
   labelled stretch's neighbours are raised with it, a lone window's are not);
+- ``default_noise``: the default with stop 42's noise term (the log of the window's
+  median absolute second difference, two-sided, calibrated as the scale term is; the
+  product's ``noise``): a smoothed, interpolated or frozen signal, or a noisier one;
 - ``edges_steps_newest_shape``: ``edges_steps`` plus a seventh term, the memory term of
   the window's newest quarter alone: its z-normalised readings against the nearest of
   the bank windows' stretches as long (every eighth of a stretch apart, at most 20,000),
@@ -155,6 +158,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "default": ("edges", "default"),
     "default_without_recurrence": ("edges", "default", "-recurrence"),
     "default_neighbourhood": ("edges", "default", "neighbourhood"),
+    "default_noise": ("edges", "default", "noise"),
     "edges_steps_newest_shape": ("edges", "steps", "newest_shape"),
     "edges_steps_forecast": ("edges", "steps", "forecast"),
 }
@@ -479,10 +483,10 @@ def series_hits(
     for name in variants:
         changes = VARIANTS[name]
         if "default" in changes:
-            recurring = "-recurrence" not in changes
-            if ("default", recurring) not in built:
-                terms = (*TERMS, "steps", "short_steps")
-                built["default", recurring] = Scored(
+            recurring, noise = "-recurrence" not in changes, "noise" in changes
+            if ("default", recurring, noise) not in built:
+                terms = (*TERMS, "steps", "short_steps", *(("noise",) if noise else ()))
+                built["default", recurring, noise] = Scored(
                     values,
                     train_end,
                     scored(1.0).length,
@@ -490,7 +494,7 @@ def series_hits(
                     memory_at_patch=False,
                     recurring=recurring,
                 )
-            base = built["default", recurring]
+            base = built["default", recurring, noise]
         elif "steps" in changes:
             base = steps_model(8 if "eighth" in changes else 4)
         else:

@@ -9,7 +9,8 @@ The paper's score is the teacher-student distance. The product's default score
 (``ModelConfig.score_terms``) fuses it with terms the same model computes: the distance to
 the nearest of M normal training windows (shape), how far the window's level and
 spread lie outside the range seen on normal windows, and how far its newest readings move
-unlike any stretch of training (steps, over the newest quarter and the newest eighth).
+unlike any stretch of training (steps, over the newest quarter and the newest eighth),
+and how far its noise level lies outside the range seen on normal windows (noise).
 Each term is standardised on normal windows; the worker and the trainer run whatever the
 checkpoint's config says.
 
@@ -55,10 +56,17 @@ _EPS = 1e-5
 # how far one of its newest readings lies from the midpoint of its two neighbours (a spike
 # or a step too short to change a window's shape, level or spread), and how far the changes
 # between its newest readings lie from the nearest stretch of the bank's (motion training
-# never showed, in the channel's units), over the newest quarter and the newest eighth.
-SCORE_TERMS = ("discrepancy", "memory", "level", "scale", "tail", "point", "steps", "short_steps")
+# never showed, in the channel's units), over the newest quarter and the newest eighth, and
+# how far the window's noise level (its readings' median absolute second difference, the
+# signal's finest grain) lies outside its normal range: a smoothed, interpolated or frozen
+# signal, or a noisier one.
+SCORE_TERMS = (
+    "discrepancy", "memory", "level", "scale", "tail", "point", "steps", "short_steps", "noise"
+)  # fmt: skip
 # The product's default (see the README's ablation for each term's share).
-DEFAULT_SCORE_TERMS = ("discrepancy", "memory", "level", "scale", "point", "steps", "short_steps")
+DEFAULT_SCORE_TERMS = (
+    "discrepancy", "memory", "level", "scale", "point", "steps", "short_steps", "noise"
+)  # fmt: skip
 # The terms that compare the changes between a window's newest readings with a bank of
 # stretches of training's changes, and the prefix of their bank's buffers.
 STEP_TERMS = {"steps": "step", "short_steps": "short_step"}
@@ -66,10 +74,10 @@ STEP_TERMS = {"steps": "step", "short_steps": "short_step"}
 _FLOOR_ERRORS = 3.0
 # Terms where both directions are unusual (a drop as much as a rise); they count only
 # beyond the range seen on normal windows, so a drift within it costs nothing.
-TWO_SIDED_TERMS = ("level", "scale")
+TWO_SIDED_TERMS = ("level", "scale", "noise")
 # Terms no network or memory bank was fitted for: every normal window shows their normal
 # range, the bank's as well as the held-back ones.
-MODEL_FREE_TERMS = ("level", "scale", "point")
+MODEL_FREE_TERMS = ("level", "scale", "point", "noise")
 # The most memory-bank values kept, whatever the channels and window length (32 MiB).
 _MAX_MEMORY_VALUES = 8 * 1024 * 1024
 # Normal windows kept in the memory bank by default: the budget above, for one channel
@@ -224,7 +232,7 @@ class Scores:
     # newest readings that differs most from the nearest stretch of the bank, for "level"
     # the one furthest beyond the normal level, for "scale" (a window too wide) the one
     # furthest from the window's mean; else (the discrepancy, the memory, a window too
-    # narrow) the window's centre.
+    # narrow, the noise level) the window's centre.
     peak_offset: torch.Tensor
     # (B, T) each term of a fused score on the common scale (its largest channel), and
     # (B, T) where in the window it lies; T = 0 for the paper's score (not fused).
@@ -500,7 +508,9 @@ def spread_floor(
     On very regular or flat training data a term hardly varies, and a unit of its tiny
     range would turn noise into alarms. A window's mean has a sampling error of
     sigma / sqrt(L) (sigma: the channel's spread over the normal windows ``normal``,
-    (N, C, L)) and its log spread one of 1 / sqrt(2L). The other terms have no such
+    (N, C, L)) and its log spread one of 1 / sqrt(2L); the log noise level (a median of
+    L - 2 values) gets the log spread's floor, as measured (README, "Stop 42"). The
+    other terms have no such
     error (a shape distance is near 0 for a clean repeating series and still
     meaningful) and get 1e-3 of their ``centre`` (T, C). A channel that never varied
     still has a unit, so a change in it shows as a very large score.
@@ -513,6 +523,7 @@ def spread_floor(
         ),
         "scale": torch.full_like(sigma, _FLOOR_ERRORS / math.sqrt(2.0 * length)),
     }
+    errors["noise"] = errors["scale"]
     floor = 1e-3 * centre.abs().clamp(min=1.0)
     for row, name in enumerate(names):
         if name in errors:
@@ -632,6 +643,9 @@ class AnomalyLLM(nn.Module):
                 spread = (values - values.mean(dim=-1, keepdim=True)).abs()
                 wide = term > self._normal_middle(name)
                 offset = torch.where(wide, self.largest_stretch(spread), centre)
+            elif name == "noise":  # the median size of the readings' second differences
+                grain = x.float().diff(n=2, dim=-1).abs().median(dim=-1).values
+                term = torch.log(grain + _EPS)
             elif name == "tail":  # the newest readings' largest deviation from the rest
                 newest = self.config.tail_readings
                 head = x[..., :-newest].float()
@@ -764,11 +778,11 @@ class AnomalyLLM(nn.Module):
         windows the model and the bank never saw. On the common scale 0 is typical and 1 is
         the most extreme normal window: a one-sided term (discrepancy, memory, point, the
         steps terms) is measured from its median in units of the largest excess over it; a
-        two-sided term (level, scale) from the middle of its range, in units of half that
-        range. The normal windows are the held-back ones, and for a term that nothing was
-        fitted for (level, scale, point) the bank's windows too. So a term with heavy tails
-        on normal data counts for less, and the fused score (the largest term) above 1
-        means beyond anything normal.
+        two-sided term (level, scale, noise) from the middle of its range, in units of half
+        that range. The normal windows are the held-back ones, and for a term that nothing
+        was fitted for (level, scale, point, noise) the bank's windows too. So a term with
+        heavy tails on normal data counts for less, and the fused score (the largest term)
+        above 1 means beyond anything normal.
         """
         if not self.config.fused:
             return

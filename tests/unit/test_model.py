@@ -20,7 +20,7 @@ from stream_detector.model import (
 
 pytestmark = pytest.mark.unit
 
-FUSED = ("discrepancy", "memory", "level", "scale", "point", "steps", "short_steps")
+FUSED = ("discrepancy", "memory", "level", "scale", "point", "steps", "short_steps", "noise")
 PAPER = ("discrepancy",)
 
 
@@ -132,7 +132,10 @@ def test_a_fused_score_is_low_on_normal_windows_and_high_on_each_kind_of_anomaly
     shape[:, :, 10:14] = 0.0  # a dip the sine never makes; level and spread hardly move
     level = normal + 3.0  # the same shape, shifted: invisible after instance norm
     scale = normal * 4.0
-    for name, anomalous in [("shape", shape), ("level", level), ("scale", scale)]:
+    held = normal[..., ::4].repeat_interleave(4, dim=-1)  # each reading repeated four times
+    noisier = normal + 0.3 * torch.randn(normal.shape, generator=torch.Generator().manual_seed(1))
+    kinds = [("shape", shape), ("level", level), ("scale", scale), ("held", held)]
+    for name, anomalous in [*kinds, ("noisier", noisier)]:
         scores = fused_model.score(anomalous).score
         assert scores.min() > normal_scores.quantile(0.95), name
     assert (normal_scores >= 0).all()
@@ -165,7 +168,7 @@ def test_fused_terms_put_the_most_extreme_normal_window_at_one(
     raw = fused_model.raw_terms(held_back).values
     z = (raw - fused_model.term_centre.unsqueeze(1)) / fused_model.term_spread.unsqueeze(1)
     one_sided = [FUSED.index("discrepancy"), FUSED.index("memory")]
-    two_sided = [FUSED.index("level"), FUSED.index("scale")]
+    two_sided = [FUSED.index("level"), FUSED.index("scale"), FUSED.index("noise")]
     # One-sided terms: 0 at their held-back median, 1 at the held-back maximum.
     medians, maxima = z[one_sided].median(dim=1).values, z[one_sided].amax(dim=1)
     assert torch.allclose(medians, torch.zeros_like(medians), atol=1e-4)
@@ -371,6 +374,25 @@ def test_each_whole_window_term_says_which_stretch_caused_it(fused_model: Anomal
     burst[0, 0, 4:11] *= 5.0  # the amplitude bursts in readings 4 to 10
     assert 2 <= offset("scale", burst) <= 12
     assert offset("scale", normal * 0.01) == 16  # a window too quiet: no stretch, the centre
+    assert offset("noise", normal.repeat_interleave(2, dim=-1)[..., :32]) == 16  # the centre
+
+
+def test_the_noise_term_sees_a_signal_that_lost_its_grain_where_shape_level_and_spread_do_not(
+    fused_model: AnomalyLLM,
+) -> None:
+    normal = sine_windows(50, phase_step=0.53)
+    # A transmitter that repeats each reading four times (a gateway filling gaps with the
+    # last value): the sine keeps its shape, level and spread, and loses its grain.
+    held = normal[..., ::4].repeat_interleave(4, dim=-1)
+    raw = fused_model.raw_terms(normal).values[FUSED.index("noise")]
+    grain = normal.diff(n=2, dim=-1).abs().median(dim=-1).values
+    assert torch.allclose(raw, torch.log(grain + 1e-5))
+    scores = fused_model.score(held)
+    noise = scores.terms[:, FUSED.index("noise")]
+    assert noise.min() > 1.0  # beyond every normal window
+    others = [row for row, name in enumerate(FUSED) if name != "noise"]
+    assert scores.terms[:, others].max() < noise.min()
+    assert torch.equal(scores.score, noise)
 
 
 def test_a_newest_spike_raises_the_score_of_a_model_with_the_tail_term() -> None:
