@@ -510,20 +510,20 @@ def spread_floor(
     sigma / sqrt(L) (sigma: the channel's spread over the normal windows ``normal``,
     (N, C, L)) and its log spread one of 1 / sqrt(2L); the log noise level (a median of
     L - 2 values) gets the log spread's floor, as measured (README, "Stop 42"). The
-    other terms have no such
-    error (a shape distance is near 0 for a clean repeating series and still
-    meaningful) and get 1e-3 of their ``centre`` (T, C). A channel that never varied
-    still has a unit, so a change in it shows as a very large score.
+    other terms have no such error (a shape distance is near 0 for a clean repeating
+    series and still meaningful) and get 1e-3 of their ``centre`` (T, C). A channel that
+    never varied still has a unit, so a change in it shows as a very large score.
     """
     length = normal.shape[-1]
     sigma = normal.float().std(dim=(0, 2), unbiased=False).to(centre.device)  # (C,)
+    log_spread = torch.full_like(sigma, _FLOOR_ERRORS / math.sqrt(2.0 * length))
     errors = {
         "level": torch.maximum(
             _FLOOR_ERRORS * sigma / math.sqrt(length), level_unit_sigmas * sigma
         ),
-        "scale": torch.full_like(sigma, _FLOOR_ERRORS / math.sqrt(2.0 * length)),
+        "scale": log_spread,
+        "noise": log_spread,
     }
-    errors["noise"] = errors["scale"]
     floor = 1e-3 * centre.abs().clamp(min=1.0)
     for row, name in enumerate(names):
         if name in errors:

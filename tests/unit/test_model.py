@@ -134,8 +134,14 @@ def test_a_fused_score_is_low_on_normal_windows_and_high_on_each_kind_of_anomaly
     scale = normal * 4.0
     held = normal[..., ::4].repeat_interleave(4, dim=-1)  # each reading repeated four times
     noisier = normal + 0.3 * torch.randn(normal.shape, generator=torch.Generator().manual_seed(1))
-    kinds = [("shape", shape), ("level", level), ("scale", scale), ("held", held)]
-    for name, anomalous in [*kinds, ("noisier", noisier)]:
+    kinds = [
+        ("shape", shape),
+        ("level", level),
+        ("scale", scale),
+        ("held", held),
+        ("noisier", noisier),
+    ]
+    for name, anomalous in kinds:
         scores = fused_model.score(anomalous).score
         assert scores.min() > normal_scores.quantile(0.95), name
     assert (normal_scores >= 0).all()
