@@ -36,7 +36,7 @@ LEVEL_FLOORS = {"level-sigma1": 1.0, "level-sigma2": 2.0, "level-sigma3": 3.0}
 # Every subset of the terms before stop 37's second steps term and stop 42's noise term,
 # and the default (with both): 128 subsets, where every subset of all nine would
 # quadruple the variants.
-_SUBSET_TERMS = tuple(term for term in SCORE_TERMS if term not in ("short_steps", "noise"))
+_SUBSET_TERMS = tuple(term for term in SCORE_TERMS if term not in ("short_steps", "noise", "quiet"))
 SUBSETS = [
     terms
     for size in range(1, len(_SUBSET_TERMS) + 1)

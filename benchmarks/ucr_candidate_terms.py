@@ -70,6 +70,10 @@ each series under these variants, judged by the UCR rule:
 - ``default_noise``: the default with stop 42's noise term (the log of the window's
   median absolute second difference, two-sided, calibrated as the scale term is; the
   product's ``noise``): a smoothed, interpolated or frozen signal, or a noisier one;
+- ``default_quiet``: the default with the one-sided ``quiet`` term instead (stop 43: the
+  same grain, counted only where it falls below its normal range, the minus log of the
+  median absolute second difference calibrated as the point term is): a smoothed,
+  interpolated or frozen signal alone;
 - ``edges_steps_newest_shape``: ``edges_steps`` plus a seventh term, the memory term of
   the window's newest quarter alone: its z-normalised readings against the nearest of
   the bank windows' stretches as long (every eighth of a stretch apart, at most 20,000),
@@ -132,6 +136,9 @@ from trainer.train import calibrate_score, profile, sliding_windows
 TERMS = ("memory", "level", "scale", "point")
 SCALES = (0.5, 1.0, 2.0)
 MAX_SCORED_WINDOWS = 1024  # the quick profile's, as in the harness
+# The default's variants are rows of one model with both grain terms: each term is
+# calibrated and learns its edge on its own, so a model of fewer terms has the same rows.
+GRAIN_TERMS = ("noise", "quiet")
 VARIANTS: dict[str, tuple[str, ...]] = {
     "baseline": (),
     "scales": ("scales",),
@@ -159,6 +166,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "default_without_recurrence": ("edges", "default", "-recurrence"),
     "default_neighbourhood": ("edges", "default", "neighbourhood"),
     "default_noise": ("edges", "default", "noise"),
+    "default_quiet": ("edges", "default", "quiet"),
     "edges_steps_newest_shape": ("edges", "steps", "newest_shape"),
     "edges_steps_forecast": ("edges", "steps", "forecast"),
 }
@@ -483,23 +491,26 @@ def series_hits(
     for name in variants:
         changes = VARIANTS[name]
         if "default" in changes:
-            recurring, noise = "-recurrence" not in changes, "noise" in changes
-            if ("default", recurring, noise) not in built:
-                terms = (*TERMS, "steps", "short_steps", *(("noise",) if noise else ()))
-                built["default", recurring, noise] = Scored(
+            recurring = "-recurrence" not in changes
+            if ("default", recurring) not in built:
+                built["default", recurring] = Scored(
                     values,
                     train_end,
                     scored(1.0).length,
-                    terms=terms,
+                    terms=(*TERMS, "steps", "short_steps", *GRAIN_TERMS),
                     memory_at_patch=False,
                     recurring=recurring,
                 )
-            base = built["default", recurring, noise]
+            base = built["default", recurring]
         elif "steps" in changes:
             base = steps_model(8 if "eighth" in changes else 4)
         else:
             base = scored(1.0)
-        z, peaks = base.z.copy(), base.peaks
+        z, peaks, names = base.z.copy(), base.peaks, base.terms
+        if "default" in changes:  # a term a model of the variant's own would have
+            rows = [row for row, term in enumerate(names) if term not in GRAIN_TERMS]
+            rows += [names.index(term) for term in GRAIN_TERMS if term in changes]
+            z, peaks, names = z[rows], peaks[rows], tuple(names[row] for row in rows)
         centre = np.full(z.shape[1], base.length // 2)
         if "left_join" in changes:
             z[TERMS.index("memory")] = extra("left_join")
@@ -535,6 +546,8 @@ def series_hits(
                 score, peak = edge_scores(
                     AnomalyLLMDetector(), z, np.vstack([peaks, quarter]), names
                 )
+            elif "default" in changes:
+                score, peak = edge_scores(AnomalyLLMDetector(), z, peaks, names)
             else:
                 score, peak = base.with_edges(quantile, top2="top2" in changes)
             if "neighbourhood" in changes:

@@ -53,7 +53,16 @@ KafkaConfig = dict[str, str | int | bool]
 FailPoint = Literal["before_score", "after_produce", "before_commit"]
 # The terms a fused score can have (``stream_detector.model.SCORE_TERMS``, which needs torch).
 ScoreTerm = Literal[
-    "discrepancy", "memory", "level", "scale", "tail", "point", "steps", "short_steps", "noise"
+    "discrepancy",
+    "memory",
+    "level",
+    "scale",
+    "tail",
+    "point",
+    "steps",
+    "short_steps",
+    "noise",
+    "quiet",
 ]
 
 

@@ -59,9 +59,11 @@ _EPS = 1e-5
 # never showed, in the channel's units), over the newest quarter and the newest eighth, and
 # how far the window's noise level (its readings' median absolute second difference, the
 # signal's finest grain) lies outside its normal range: a smoothed, interpolated or frozen
-# signal, or a noisier one.
+# signal, or a noisier one; or how far it lies below that range only (quiet: a sensor
+# that went smooth or froze; a noisier one counts nothing).
 SCORE_TERMS = (
-    "discrepancy", "memory", "level", "scale", "tail", "point", "steps", "short_steps", "noise"
+    "discrepancy", "memory", "level", "scale", "tail", "point", "steps", "short_steps", "noise",
+    "quiet",
 )  # fmt: skip
 # The product's default (see the README's ablation for each term's share).
 DEFAULT_SCORE_TERMS = (
@@ -77,7 +79,7 @@ _FLOOR_ERRORS = 3.0
 TWO_SIDED_TERMS = ("level", "scale", "noise")
 # Terms no network or memory bank was fitted for: every normal window shows their normal
 # range, the bank's as well as the held-back ones.
-MODEL_FREE_TERMS = ("level", "scale", "point", "noise")
+MODEL_FREE_TERMS = ("level", "scale", "point", "noise", "quiet")
 # The most memory-bank values kept, whatever the channels and window length (32 MiB).
 _MAX_MEMORY_VALUES = 8 * 1024 * 1024
 # Normal windows kept in the memory bank by default: the budget above, for one channel
@@ -523,6 +525,7 @@ def spread_floor(
         ),
         "scale": log_spread,
         "noise": log_spread,
+        "quiet": log_spread,
     }
     floor = 1e-3 * centre.abs().clamp(min=1.0)
     for row, name in enumerate(names):
@@ -643,9 +646,9 @@ class AnomalyLLM(nn.Module):
                 spread = (values - values.mean(dim=-1, keepdim=True)).abs()
                 wide = term > self._normal_middle(name)
                 offset = torch.where(wide, self.largest_stretch(spread), centre)
-            elif name == "noise":  # the median size of the readings' second differences
+            elif name in ("noise", "quiet"):  # the median size of the second differences
                 grain = x.float().diff(n=2, dim=-1).abs().median(dim=-1).values
-                term = torch.log(grain + _EPS)
+                term = torch.log(grain + _EPS) * (-1 if name == "quiet" else 1)
             elif name == "tail":  # the newest readings' largest deviation from the rest
                 newest = self.config.tail_readings
                 head = x[..., :-newest].float()
