@@ -63,7 +63,13 @@ from stream_detector.consumer import ReadingConsumer
 from stream_detector.devtools.services import EmbeddedKafka, EmbeddedRedis, create_topics, free_port
 from stream_detector.devtools.tiny import tiny_config
 from stream_detector.devtools.workers import metric_samples, metric_value, start_worker
-from stream_detector.model import SMOLLM2, AnomalyLLM, ModelConfig
+from stream_detector.model import (
+    DEFAULT_SCORE_TERMS,
+    SCORE_TERMS,
+    SMOLLM2,
+    AnomalyLLM,
+    ModelConfig,
+)
 from stream_detector.publisher import ReadingProducer
 from stream_detector.scorer import ModelRegistry, Scorer, resolve_device
 from stream_detector.windows import WindowStore, stride_phase
@@ -75,17 +81,25 @@ STAGES = ("fetch", "batch", "score", "deliver")
 T0_MS = 1_700_000_000_000
 
 
-def build_model(kind: str, window_length: int) -> AnomalyLLM:
+def build_model(
+    kind: str, window_length: int, score_terms: tuple[str, ...] = DEFAULT_SCORE_TERMS
+) -> AnomalyLLM:
     """A randomly initialised model: weights do not change the cost of scoring, but the
     banks' sizes do, so its recent bank is as full as a fitted model's."""
     torch.manual_seed(0)
     if kind == "tiny":
-        config = tiny_config(window_length=window_length, patch_length=16, patch_stride=16)
+        config = tiny_config(
+            window_length=window_length, patch_length=16, patch_stride=16, score_terms=score_terms
+        )
         model = AnomalyLLM.from_config(config)
     else:
-        model = AnomalyLLM.pretrained(
-            ModelConfig(window_length=window_length, backbone=SMOLLM2, backbone_layers=6)
+        config = ModelConfig(
+            window_length=window_length,
+            backbone=SMOLLM2,
+            backbone_layers=6,
+            score_terms=score_terms,
         )
+        model = AnomalyLLM.pretrained(config)
     size = model.config.recent_size
     model.fill_recent(torch.randn(size, 1, window_length), torch.arange(size) * window_length)
     return model
@@ -523,6 +537,14 @@ def main() -> None:
         help="with --profile, also keep the sampled stacks (py-spy's collapsed format, for "
         "a flame graph) in this file",
     )
+    parser.add_argument(
+        "--score-terms",
+        nargs="+",
+        choices=SCORE_TERMS,
+        default=list(DEFAULT_SCORE_TERMS),
+        help="the model's fused terms (default: the product's): versions of the score "
+        "compared in one checkout",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.torch_threads)
@@ -544,7 +566,7 @@ def main() -> None:
         create_topics(bootstrap, [topics.readings, relayed[0]], PARTITIONS)
         create_topics(bootstrap, [topics.scores, topics.alerts, topics.dead_letters, relayed[1]], 1)
         model_dir = Path(tmp) / "models"
-        model = build_model(args.model, args.window_length)
+        model = build_model(args.model, args.window_length, tuple(args.score_terms))
         # A threshold no score reaches: the benchmark measures scoring, not alert storms.
         store.publish_version(
             model_dir, "default", model, thresholds={"default": {"threshold": 1e9}}
@@ -615,6 +637,7 @@ def main() -> None:
         },
         "setup": {
             "model": args.model,
+            "score_terms": list(model.config.score_terms),
             "sensors": args.sensors,
             "readings": readings,
             "windows": windows,

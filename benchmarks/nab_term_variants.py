@@ -1,10 +1,11 @@
 """Which terms the default fuses, on NAB: one fit per file, every variant decided.
 
 Fits the product's default model (``anomalyllm``, causal, as ``python -m trainer nab``
-runs it) once per file on the probationary rows, with ``--extra-terms`` fused as well,
-and scores its windows' terms once. Each variant is a list of those terms: every term is
-calibrated and learns its edge of normal on its own, and the score is the largest, so a
-variant's rows are what a model of those terms alone would score. Each variant is then
+runs it) once per file on the probationary rows, with ``--extra-terms`` fused as well (by
+default both grain terms, ``noise`` and ``quiet``), and scores its windows' terms once.
+Each variant is a list of those terms: every term is calibrated and learns its edge of
+normal on its own, and the score is the largest, so a variant's rows are what a model of
+those terms alone would score. Each variant is then
 measured from the file's own edges (`AnomalyLLMDetector.with_edges`) and scored as
 ``trainer nab --decisions alerts`` scores the default (`trainer.nab.decision_results`):
 the alerts the worker's policy opens under its running quantile (swept as NAB sweeps a
@@ -12,10 +13,10 @@ detector's threshold), and under ``trainer``'s threshold (peaks over threshold o
 variant's own held-back scores), adaptive and fixed.
 
     python benchmarks/nab_term_variants.py --data ../shared/data/nab --profile quick \\
-        --extra-terms quiet --out benchmarks/results/nab_term_variants.json
+        --out benchmarks/results/nab_term_variants.json
 
-Stop 43 compares the default (with the two-sided ``noise`` term), the default with the
-one-sided ``quiet`` term in its place, and the default without either (stop 39's).
+Stop 43 compared stop 42's default (with the two-sided ``noise`` term), the same with the
+one-sided ``quiet`` term in its place, and with neither (stop 39's).
 """
 
 from __future__ import annotations
@@ -38,11 +39,12 @@ from trainer.nab import DetectorRun, decision_results, load_corpus, warmup_windo
 from trainer.thresholds import ThresholdConfig, pot_threshold
 from trainer.train import profile
 
-_STOP39 = tuple(term for term in DEFAULT_SCORE_TERMS if term != "noise")
+# The terms every variant shares: the default's but for the grain's.
+_SHARED = tuple(term for term in DEFAULT_SCORE_TERMS if term not in ("noise", "quiet"))
 VARIANTS = {
-    "default (noise, stop 42)": DEFAULT_SCORE_TERMS,
-    "default with quiet instead of noise": (*_STOP39, "quiet"),
-    "default without noise (stop 39)": _STOP39,
+    "default (noise, stop 42)": (*_SHARED, "noise"),
+    "default with quiet instead of noise": (*_SHARED, "quiet"),
+    "default without noise (stop 39)": _SHARED,
 }
 MODES = {"quantile": "worker's running quantile", "trained_adaptive": "trainer's, adaptive"}
 MODES |= {"trained": "trainer's, fixed"}
@@ -65,9 +67,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--files", nargs="+", help="glob patterns (default: every file)")
     parser.add_argument("--profile", default="quick")
-    parser.add_argument(
-        "--extra-terms", nargs="+", default=["quiet"], choices=SCORE_TERMS, help="(quiet)"
-    )
+    parser.add_argument("--extra-terms", nargs="+", default=["noise", "quiet"], choices=SCORE_TERMS)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 

@@ -67,7 +67,7 @@ SCORE_TERMS = (
 )  # fmt: skip
 # The product's default (see the README's ablation for each term's share).
 DEFAULT_SCORE_TERMS = (
-    "discrepancy", "memory", "level", "scale", "point", "steps", "short_steps", "noise"
+    "discrepancy", "memory", "level", "scale", "point", "steps", "short_steps", "quiet"
 )  # fmt: skip
 # The terms that compare the changes between a window's newest readings with a bank of
 # stretches of training's changes, and the prefix of their bank's buffers.

@@ -20,7 +20,7 @@ from stream_detector.model import (
 
 pytestmark = pytest.mark.unit
 
-FUSED = ("discrepancy", "memory", "level", "scale", "point", "steps", "short_steps", "noise")
+FUSED = ("discrepancy", "memory", "level", "scale", "point", "steps", "short_steps", "quiet")
 PAPER = ("discrepancy",)
 
 
@@ -174,15 +174,15 @@ def test_fused_terms_put_the_most_extreme_normal_window_at_one(
     raw = fused_model.raw_terms(held_back).values
     z = (raw - fused_model.term_centre.unsqueeze(1)) / fused_model.term_spread.unsqueeze(1)
     one_sided = [FUSED.index("discrepancy"), FUSED.index("memory")]
-    two_sided = [FUSED.index("level"), FUSED.index("scale"), FUSED.index("noise")]
+    two_sided = [FUSED.index("level"), FUSED.index("scale")]
     # One-sided terms: 0 at their held-back median, 1 at the held-back maximum.
     medians, maxima = z[one_sided].median(dim=1).values, z[one_sided].amax(dim=1)
     assert torch.allclose(medians, torch.zeros_like(medians), atol=1e-4)
     assert torch.allclose(maxima, torch.ones_like(maxima), atol=1e-4)
     # Two-sided terms: every normal window lies within the range, [-1, 1].
     assert float(z[two_sided].abs().max()) <= 1 + 1e-4
-    # The point term is calibrated on the bank's windows too: at most 1 on these.
-    assert float(z[FUSED.index("point")].max()) <= 1 + 1e-4
+    # The point and quiet terms are calibrated on the bank's windows too: at most 1 here.
+    assert float(z[[FUSED.index("point"), FUSED.index("quiet")]].max()) <= 1 + 1e-4
     assert fused_model.score(held_back).score.max() <= 1 + 1e-4
 
 
@@ -380,25 +380,45 @@ def test_each_whole_window_term_says_which_stretch_caused_it(fused_model: Anomal
     burst[0, 0, 4:11] *= 5.0  # the amplitude bursts in readings 4 to 10
     assert 2 <= offset("scale", burst) <= 12
     assert offset("scale", normal * 0.01) == 16  # a window too quiet: no stretch, the centre
-    assert offset("noise", normal.repeat_interleave(2, dim=-1)[..., :32]) == 16  # the centre
+    assert offset("quiet", normal.repeat_interleave(2, dim=-1)[..., :32]) == 16  # the centre
 
 
-def test_the_noise_term_sees_a_signal_that_lost_its_grain_where_shape_level_and_spread_do_not(
+def test_the_quiet_term_sees_a_signal_that_lost_its_grain_where_shape_level_and_spread_do_not(
     fused_model: AnomalyLLM,
 ) -> None:
     normal = sine_windows(50, phase_step=0.53)
     # A transmitter that repeats each reading four times (a gateway filling gaps with the
     # last value): the sine keeps its shape, level and spread, and loses its grain.
     held = normal[..., ::4].repeat_interleave(4, dim=-1)
-    raw = fused_model.raw_terms(normal).values[FUSED.index("noise")]
+    raw = fused_model.raw_terms(normal).values[FUSED.index("quiet")]
     grain = normal.diff(n=2, dim=-1).abs().median(dim=-1).values
-    assert torch.allclose(raw, torch.log(grain + 1e-5))
+    assert torch.allclose(raw, -torch.log(grain + 1e-5))
     scores = fused_model.score(held)
-    noise = scores.terms[:, FUSED.index("noise")]
-    assert noise.min() > 1.0  # beyond every normal window
-    others = [row for row, name in enumerate(FUSED) if name != "noise"]
-    assert scores.terms[:, others].max() < noise.min()
-    assert torch.equal(scores.score, noise)
+    quiet = scores.terms[:, FUSED.index("quiet")]
+    assert quiet.min() > 1.0  # beyond every normal window
+    others = [row for row, name in enumerate(FUSED) if name != "quiet"]
+    assert scores.terms[:, others].max() < quiet.min()
+    assert torch.equal(scores.score, quiet)
+
+
+def test_the_quiet_term_counts_only_grain_lost_and_the_noise_term_both_ways() -> None:
+    model = tiny_model(score_terms=("memory", "noise", "quiet"), memory_size=64).eval()
+    model.calibrate(sine_windows(200), sine_windows(100, phase_step=0.41))
+    normal = sine_windows(50, phase_step=0.53)
+    grain = normal.diff(n=2, dim=-1).abs().median(dim=-1).values
+    raw = model.raw_terms(normal).values
+    assert torch.allclose(raw[1], -raw[2])  # the same grain, the other way up
+    assert torch.allclose(raw[2], -torch.log(grain + 1e-5))
+    held = normal[..., ::4].repeat_interleave(4, dim=-1)  # each reading repeated 4 times
+    noisier = normal + 0.3 * torch.randn(normal.shape, generator=torch.Generator().manual_seed(1))
+    noise, quiet = 1, 2
+    assert model.score(held).terms[:, [noise, quiet]].min() > 1.0  # both see it
+    louder = model.score(noisier).terms
+    assert louder[:, noise].min() > 1.0
+    assert louder[:, quiet].max() < 0.0  # more grain than normal: below its median
+    # One-sided, as the point term: 0 at the normal windows' median, 1 at their largest.
+    z = model.score(sine_windows(100, phase_step=0.41)).terms[:, quiet]
+    assert float(z.max()) <= 1 + 1e-4
 
 
 def test_a_newest_spike_raises_the_score_of_a_model_with_the_tail_term() -> None:
