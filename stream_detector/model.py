@@ -10,7 +10,7 @@ The paper's score is the teacher-student distance. The product's default score
 the nearest of M normal training windows (shape), how far the window's level and
 spread lie outside the range seen on normal windows, and how far its newest readings move
 unlike any stretch of training (steps, over the newest quarter and the newest eighth),
-and how far its noise level lies outside the range seen on normal windows (noise).
+and how far its noise level falls below the range seen on normal windows (quiet).
 Each term is standardised on normal windows; the worker and the trainer run whatever the
 checkpoint's config says.
 
