@@ -33,9 +33,9 @@ FLOORS = ("errors", "relative")
 # over the normal windows (``ModelConfig.level_unit_sigmas``): a level change must be
 # large, not only new.
 LEVEL_FLOORS = {"level-sigma1": 1.0, "level-sigma2": 2.0, "level-sigma3": 3.0}
-# Every subset of the terms before stop 37's second steps term and stop 42's noise term,
-# and the default (with both): 128 subsets, where every subset of all nine would
-# quadruple the variants.
+# Every subset of the terms before stop 37's second steps term and the grain terms (stop
+# 42's noise, stop 43's quiet), and the default: 128 subsets, where every subset of all
+# ten would multiply the variants by eight.
 _SUBSET_TERMS = tuple(term for term in SCORE_TERMS if term not in ("short_steps", "noise", "quiet"))
 SUBSETS = [
     terms

@@ -58,10 +58,11 @@ each series under these variants, judged by the UCR rule:
   their centre (stop 37; the default since, and every other variant places them as the
   model did before: at the patch-long stretch that differs most from the nearest bank
   window, `benchmarks.score_ablation.memory_patch_offsets`);
-- ``default``: the product's default as one model, as `trainer fit` builds it (both
-  steps terms, the memory at the window's centre, the default's edges, and since stop 39
-  the memory term's recurrence, its recent windows refilled as the harness's detector
-  refills them, `benchmarks.score_ablation.recurring_raw_terms`), less the discrepancy;
+- ``default``: the product's default of stops 39 to 41 as one model, as `trainer fit`
+  builds it (both steps terms, the memory at the window's centre, the default's edges,
+  and since stop 39 the memory term's recurrence, its recent windows refilled as the
+  harness's detector refills them, `benchmarks.score_ablation.recurring_raw_terms`),
+  less the discrepancy;
 - ``default_without_recurrence``: stop 37's default, the same without the recurrence: it
   finds what ``edges_steps_two_lengths_memory_centre`` finds, series for series;
 - ``default_neighbourhood``: the default with each window's score raised by a quarter of
@@ -70,10 +71,10 @@ each series under these variants, judged by the UCR rule:
 - ``default_noise``: the default with stop 42's noise term (the log of the window's
   median absolute second difference, two-sided, calibrated as the scale term is; the
   product's ``noise``): a smoothed, interpolated or frozen signal, or a noisier one;
-- ``default_quiet``: the default with the one-sided ``quiet`` term instead (stop 43: the
-  same grain, counted only where it falls below its normal range, the minus log of the
-  median absolute second difference calibrated as the point term is): a smoothed,
-  interpolated or frozen signal alone;
+- ``default_quiet``: the default with the one-sided ``quiet`` term instead (stop 43, the
+  product's default since: the same grain, counted only where it falls below its normal
+  range, minus the log of the median absolute second difference, calibrated as the
+  point term is): a smoothed, interpolated or frozen signal alone;
 - ``edges_steps_newest_shape``: ``edges_steps`` plus a seventh term, the memory term of
   the window's newest quarter alone: its z-normalised readings against the nearest of
   the bank windows' stretches as long (every eighth of a stretch apart, at most 20,000),

@@ -23,7 +23,7 @@ These variants keep the trained scale of every term (``anomalyllm-fixed-edges``)
 default (``DEFAULT_KEY``) also measures each term from the series' own edges of normal,
 window by window (`stream_detector.alerts.adapt_terms`, as the worker and the harness's
 detector do); ``edges`` records both, and the default with each of stop 37's changes off
-measured the same way (``EDGE_ROWS``; stop 37's changes off and stop 42's noise term off
+measured the same way (``EDGE_ROWS``; stop 37's changes off and the grain term off
 as well, so their rows reproduce), and without the memory term's recurrence
 (``adapted_without_recurrence``, stop 39: the recent windows never filled); the default
 variant is exactly what the harness's ``anomalyllm`` computes, its recent windows refilled
@@ -73,16 +73,16 @@ from trainer.train import sliding_windows
 MAPPINGS = ("peak", "mean")
 CONFIRMATIONS = ((1, 1), (3, 5))
 DEFAULT_KEY = f"{'+'.join(DEFAULT_SCORE_TERMS)}|extreme|errors|peak|1of1"
-# The default measured from the series' own edges ("adapted"), without stop 42's noise
-# term (the default of stops 39 to 41), and from the same fits without the noise term and
+# The default measured from the series' own edges ("adapted"), without its grain term
+# (stop 43's quiet; the default of stops 39 to 41), and from the same fits without it and
 # with each of stop 37's changes off (the second steps term; the memory term placed at
 # the window's centre), with both off (the default of stops 30 to 36), and without either
 # steps term. Name -> (terms, whether the memory term lies at its patch).
-_STOP39 = tuple(term for term in DEFAULT_SCORE_TERMS if term != "noise")
+_STOP39 = tuple(term for term in DEFAULT_SCORE_TERMS if term not in ("noise", "quiet"))
 _WITHOUT_SHORT = tuple(term for term in _STOP39 if term != "short_steps")
 EDGE_ROWS = {
     "adapted": (DEFAULT_SCORE_TERMS, False),
-    "adapted_without_noise": (_STOP39, False),
+    "adapted_without_grain": (_STOP39, False),
     "adapted_without_short_steps": (_WITHOUT_SHORT, False),
     "adapted_memory_at_patch": (_STOP39, True),
     "adapted_stop30": (_WITHOUT_SHORT, True),
