@@ -31,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.nab_edge_variants import MODES
 from stream_detector.config import AlertPolicy
 from stream_detector.model import DEFAULT_SCORE_TERMS, SCORE_TERMS
 from trainer.anomalyllm_detector import AnomalyLLMDetector, latest_window_score
@@ -46,8 +47,6 @@ VARIANTS = {
     "default with quiet instead of noise": (*_SHARED, "quiet"),
     "default without noise (stop 39)": _SHARED,
 }
-MODES = {"quantile": "worker's running quantile", "trained_adaptive": "trainer's, adaptive"}
-MODES |= {"trained": "trainer's, fixed"}
 
 
 def held_back_scores(detector: AnomalyLLMDetector, train: np.ndarray) -> np.ndarray:
