@@ -98,7 +98,7 @@ class NormalTerms:
     """A fitted model's terms on the normal windows its score was calibrated on."""
 
     held: np.ndarray  # (T, H) every term on the held-back windows
-    normal: np.ndarray  # (F, N) the model-free terms (level, scale, point, noise) on the bank's
+    normal: np.ndarray  # (F, N) the model-free terms (`MODEL_FREE_TERMS`) on the bank's
     # floor name ("errors" or one of LEVEL_FLOORS) -> each term's smallest unit (T,)
     floors: dict[str, np.ndarray]
 

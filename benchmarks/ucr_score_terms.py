@@ -74,15 +74,16 @@ MAPPINGS = ("peak", "mean")
 CONFIRMATIONS = ((1, 1), (3, 5))
 DEFAULT_KEY = f"{'+'.join(DEFAULT_SCORE_TERMS)}|extreme|errors|peak|1of1"
 # The default measured from the series' own edges ("adapted"), without its grain term
-# (stop 43's quiet; the default of stops 39 to 41), and from the same fits without it and
-# with each of stop 37's changes off (the second steps term; the memory term placed at
-# the window's centre), with both off (the default of stops 30 to 36), and without either
-# steps term. Name -> (terms, whether the memory term lies at its patch).
+# (stop 43's quiet; the default of stops 39 to 41) or with stop 42's noise term in its
+# place, and from the same fits without it and with each of stop 37's changes off (the
+# second steps term; the memory term placed at the window's centre), with both off (the
+# default of stops 30 to 36), and without either steps term. Name -> (terms, whether the memory term lies at its patch).
 _STOP39 = tuple(term for term in DEFAULT_SCORE_TERMS if term not in ("noise", "quiet"))
 _WITHOUT_SHORT = tuple(term for term in _STOP39 if term != "short_steps")
 EDGE_ROWS = {
     "adapted": (DEFAULT_SCORE_TERMS, False),
     "adapted_without_grain": (_STOP39, False),
+    "adapted_noise_instead": ((*_STOP39, "noise"), False),
     "adapted_without_short_steps": (_WITHOUT_SHORT, False),
     "adapted_memory_at_patch": (_STOP39, True),
     "adapted_stop30": (_WITHOUT_SHORT, True),
