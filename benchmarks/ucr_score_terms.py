@@ -77,7 +77,8 @@ DEFAULT_KEY = f"{'+'.join(DEFAULT_SCORE_TERMS)}|extreme|errors|peak|1of1"
 # (stop 43's quiet; the default of stops 39 to 41) or with stop 42's noise term in its
 # place, and from the same fits without it and with each of stop 37's changes off (the
 # second steps term; the memory term placed at the window's centre), with both off (the
-# default of stops 30 to 36), and without either steps term. Name -> (terms, whether the memory term lies at its patch).
+# default of stops 30 to 36), and without either steps term. Name -> (terms, whether
+# the memory term lies at its patch).
 _STOP39 = tuple(term for term in DEFAULT_SCORE_TERMS if term not in ("noise", "quiet"))
 _WITHOUT_SHORT = tuple(term for term in _STOP39 if term != "short_steps")
 EDGE_ROWS = {
