@@ -5,12 +5,12 @@ runs it) once per file on the probationary rows, with ``--extra-terms`` fused as
 default both grain terms, ``noise`` and ``quiet``), and scores its windows' terms once.
 Each variant is a list of those terms: every term is calibrated and learns its edge of
 normal on its own, and the score is the largest, so a variant's rows are what a model of
-those terms alone would score. Each variant is then
-measured from the file's own edges (`AnomalyLLMDetector.with_edges`) and scored as
-``trainer nab --decisions alerts`` scores the default (`trainer.nab.decision_results`):
-the alerts the worker's policy opens under its running quantile (swept as NAB sweeps a
-detector's threshold), and under ``trainer``'s threshold (peaks over threshold on the
-variant's own held-back scores), adaptive and fixed.
+those terms alone would score. Each variant is then measured from the file's own edges
+(`AnomalyLLMDetector.with_edges`) and scored as ``trainer nab --decisions alerts`` scores
+the default (`trainer.nab.decision_results`): the alerts the worker's policy opens under
+its running quantile (swept as NAB sweeps a detector's threshold), and under
+``trainer``'s threshold (peaks over threshold on the variant's own held-back scores),
+adaptive and fixed.
 
     python benchmarks/nab_term_variants.py --data ../shared/data/nab --profile quick \\
         --out benchmarks/results/nab_term_variants.json
