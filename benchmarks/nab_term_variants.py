@@ -33,15 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.nab_edge_variants import MODES
 from stream_detector.config import AlertPolicy
-from stream_detector.model import DEFAULT_SCORE_TERMS, SCORE_TERMS
+from stream_detector.model import DEFAULT_SCORE_TERMS, GRAIN_TERMS, SCORE_TERMS
 from trainer.anomalyllm_detector import AnomalyLLMDetector, latest_window_score
 from trainer.detectors import get_detector
 from trainer.nab import DetectorRun, decision_results, load_corpus, warmup_windows
 from trainer.thresholds import ThresholdConfig, pot_threshold
-from trainer.train import profile
 
 # The terms every variant shares: the default's but for the grain's.
-_SHARED = tuple(term for term in DEFAULT_SCORE_TERMS if term not in ("noise", "quiet"))
+_SHARED = tuple(term for term in DEFAULT_SCORE_TERMS if term not in GRAIN_TERMS)
 VARIANTS = {
     "default (noise, stop 42)": (*_SHARED, "noise"),
     "default with quiet instead of noise": (*_SHARED, "quiet"),
@@ -56,9 +55,7 @@ def held_back_scores(detector: AnomalyLLMDetector, train: np.ndarray) -> np.ndar
     windows = detector.training_windows(
         train, model.config.window_length, model.config.memory_slots
     )
-    fraction = profile(detector.profile_name, seed=detector.seed).validation_fraction
-    held_back = windows[-max(1, int(len(windows) * fraction)) :]
-    return model.score_windows(held_back, detector.batch_size).terms
+    return model.score_windows(detector.held_back(windows), detector.batch_size).terms
 
 
 def main() -> None:
@@ -66,7 +63,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--files", nargs="+", help="glob patterns (default: every file)")
     parser.add_argument("--profile", default="quick")
-    parser.add_argument("--extra-terms", nargs="+", default=["noise", "quiet"], choices=SCORE_TERMS)
+    parser.add_argument("--extra-terms", nargs="+", default=list(GRAIN_TERMS), choices=SCORE_TERMS)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 

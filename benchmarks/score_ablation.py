@@ -17,6 +17,7 @@ import torch
 
 from stream_detector.model import (
     DEFAULT_SCORE_TERMS,
+    GRAIN_TERMS,
     MODEL_FREE_TERMS,
     SCORE_TERMS,
     TWO_SIDED_TERMS,
@@ -36,7 +37,7 @@ LEVEL_FLOORS = {"level-sigma1": 1.0, "level-sigma2": 2.0, "level-sigma3": 3.0}
 # Every subset of the terms before stop 37's second steps term and the grain terms (stop
 # 42's noise, stop 43's quiet), and the default: 128 subsets, where every subset of all
 # ten would multiply the variants by eight.
-_SUBSET_TERMS = tuple(term for term in SCORE_TERMS if term not in ("short_steps", "noise", "quiet"))
+_SUBSET_TERMS = tuple(term for term in SCORE_TERMS if term not in ("short_steps", *GRAIN_TERMS))
 SUBSETS = [
     terms
     for size in range(1, len(_SUBSET_TERMS) + 1)

@@ -121,7 +121,13 @@ from benchmarks.score_ablation import memory_patch_offsets, raw_terms, recurring
 from stream_detector.alerts import SensorAlertState, adapt_terms, edge_rise
 from stream_detector.config import AlertPolicy
 from stream_detector.devtools.tiny import tiny_config
-from stream_detector.model import MODEL_FREE_TERMS, AnomalyLLM, WindowScores, instance_norm
+from stream_detector.model import (
+    GRAIN_TERMS,
+    MODEL_FREE_TERMS,
+    AnomalyLLM,
+    WindowScores,
+    instance_norm,
+)
 from trainer.anomalyllm_detector import (
     MAX_SCORING_STRIDE,
     PATCHES_PER_WINDOW,
@@ -137,9 +143,9 @@ from trainer.train import calibrate_score, profile, sliding_windows
 TERMS = ("memory", "level", "scale", "point")
 SCALES = (0.5, 1.0, 2.0)
 MAX_SCORED_WINDOWS = 1024  # the quick profile's, as in the harness
-# The default's variants are rows of one model with both grain terms: each term is
-# calibrated and learns its edge on its own, so a model of fewer terms has the same rows.
-GRAIN_TERMS = ("noise", "quiet")
+# The default's variants are rows of one model with both grain terms (``GRAIN_TERMS``):
+# each term is calibrated and learns its edge on its own, so a model of fewer terms has
+# the same rows.
 VARIANTS: dict[str, tuple[str, ...]] = {
     "baseline": (),
     "scales": ("scales",),

@@ -63,7 +63,7 @@ from benchmarks.score_ablation import (
     raw_terms,
     recurring_raw_terms,
 )
-from stream_detector.model import DEFAULT_SCORE_TERMS, SCORE_TERMS, WindowScores
+from stream_detector.model import DEFAULT_SCORE_TERMS, GRAIN_TERMS, SCORE_TERMS, WindowScores
 from trainer.anomalyllm_detector import MAX_SCORING_STRIDE, nearest_peak_score
 from trainer.data import load_ucr
 from trainer.detectors import get_detector
@@ -79,7 +79,7 @@ DEFAULT_KEY = f"{'+'.join(DEFAULT_SCORE_TERMS)}|extreme|errors|peak|1of1"
 # second steps term; the memory term placed at the window's centre), with both off (the
 # default of stops 30 to 36), and without either steps term. Name -> (terms, whether
 # the memory term lies at its patch).
-_STOP39 = tuple(term for term in DEFAULT_SCORE_TERMS if term not in ("noise", "quiet"))
+_STOP39 = tuple(term for term in DEFAULT_SCORE_TERMS if term not in GRAIN_TERMS)
 _WITHOUT_SHORT = tuple(term for term in _STOP39 if term != "short_steps")
 EDGE_ROWS = {
     "adapted": (DEFAULT_SCORE_TERMS, False),

@@ -69,6 +69,9 @@ SCORE_TERMS = (
 DEFAULT_SCORE_TERMS = (
     "discrepancy", "memory", "level", "scale", "point", "steps", "short_steps", "quiet"
 )  # fmt: skip
+# The terms that measure the window's grain (its median absolute second difference):
+# beyond its normal range either way (noise), or below it only (quiet).
+GRAIN_TERMS = ("noise", "quiet")
 # The terms that compare the changes between a window's newest readings with a bank of
 # stretches of training's changes, and the prefix of their bank's buffers.
 STEP_TERMS = {"steps": "step", "short_steps": "short_step"}
@@ -79,7 +82,7 @@ _FLOOR_ERRORS = 3.0
 TWO_SIDED_TERMS = ("level", "scale", "noise")
 # Terms no network or memory bank was fitted for: every normal window shows their normal
 # range, the bank's as well as the held-back ones.
-MODEL_FREE_TERMS = ("level", "scale", "point", "noise", "quiet")
+MODEL_FREE_TERMS = ("level", "scale", "point", *GRAIN_TERMS)
 # The most memory-bank values kept, whatever the channels and window length (32 MiB).
 _MAX_MEMORY_VALUES = 8 * 1024 * 1024
 # Normal windows kept in the memory bank by default: the budget above, for one channel
@@ -646,7 +649,7 @@ class AnomalyLLM(nn.Module):
                 spread = (values - values.mean(dim=-1, keepdim=True)).abs()
                 wide = term > self._normal_middle(name)
                 offset = torch.where(wide, self.largest_stretch(spread), centre)
-            elif name in ("noise", "quiet"):  # the median size of the second differences
+            elif name in GRAIN_TERMS:  # the median size of the readings' second differences
                 grain = x.float().diff(n=2, dim=-1).abs().median(dim=-1).values
                 term = torch.log(grain + _EPS) * (-1 if name == "quiet" else 1)
             elif name == "tail":  # the newest readings' largest deviation from the rest

@@ -218,11 +218,15 @@ class AnomalyLLMDetector:
 
     def _threshold(self, model: AnomalyLLM, windows: np.ndarray) -> float:
         """``trainer``'s threshold: peaks over threshold on the held-back windows' scores."""
-        fraction = profile(self.profile_name, seed=self.seed).validation_fraction
-        held_back = windows[-max(1, int(len(windows) * fraction)) :]
+        held_back = self.held_back(windows)
         return pot_threshold(
             model.score_windows(held_back, self.batch_size).score, ThresholdConfig()
         ).threshold
+
+    def held_back(self, windows: np.ndarray) -> np.ndarray:
+        """The newest of the training ``windows`` that the profile holds back (at least one)."""
+        fraction = profile(self.profile_name, seed=self.seed).validation_fraction
+        return windows[-max(1, int(len(windows) * fraction)) :]
 
     def training_windows(self, train: np.ndarray, length: int, memory_slots: int) -> np.ndarray:
         """The windows ``fit`` offers the model, in time order. (N, C, L)
