@@ -75,6 +75,10 @@ each series under these variants, judged by the UCR rule:
   product's default since: the same grain, counted only where it falls below its normal
   range, minus the log of the median absolute second difference, calibrated as the
   point term is): a smoothed, interpolated or frozen signal alone;
+- ``default_noise_centre``, ``default_quiet_centre``: those two with their grain term's
+  cause at the window's centre, as stops 42 and 43 placed it (stop 44 places it at the
+  window's patch-long stretch of finest grain, or coarsest where the noise term is above
+  its normal middle);
 - ``edges_steps_newest_shape``: ``edges_steps`` plus a seventh term, the memory term of
   the window's newest quarter alone: its z-normalised readings against the nearest of
   the bank windows' stretches as long (every eighth of a stretch apart, at most 20,000),
@@ -174,6 +178,8 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "default_neighbourhood": ("edges", "default", "neighbourhood"),
     "default_noise": ("edges", "default", "noise"),
     "default_quiet": ("edges", "default", "quiet"),
+    "default_noise_centre": ("edges", "default", "noise", "grain_centre"),
+    "default_quiet_centre": ("edges", "default", "quiet", "grain_centre"),
     "edges_steps_newest_shape": ("edges", "steps", "newest_shape"),
     "edges_steps_forecast": ("edges", "steps", "forecast"),
 }
@@ -519,6 +525,9 @@ def series_hits(
             rows += [names.index(term) for term in GRAIN_TERMS if term in changes]
             z, peaks, names = z[rows], peaks[rows], tuple(names[row] for row in rows)
         centre = np.full(z.shape[1], base.length // 2)
+        if "grain_centre" in changes:
+            peaks = peaks.copy()
+            peaks[[row for row, term in enumerate(names) if term in GRAIN_TERMS]] = centre
         if "left_join" in changes:
             z[TERMS.index("memory")] = extra("left_join")
         if "-memory" in changes:

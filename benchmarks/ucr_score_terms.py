@@ -25,7 +25,8 @@ window by window (`stream_detector.alerts.adapt_terms`, as the worker and the ha
 detector do); ``edges`` records both, and the default with each of stop 37's changes off
 measured the same way (``EDGE_ROWS``; stop 37's changes off and the grain term off
 as well, so their rows reproduce), and without the memory term's recurrence
-(``adapted_without_recurrence``, stop 39: the recent windows never filled); the default
+(``adapted_without_recurrence``, stop 39: the recent windows never filled), and with the
+grain term's cause at the window's centre (``adapted_grain_centre``, stops 42 and 43); the default
 variant is exactly what the harness's ``anomalyllm`` computes, its recent windows refilled
 as the harness refills them (`benchmarks.score_ablation.recurring_raw_terms`).
 ``--peer`` runs other detectors (``discord``, ``discord-self``) on the same series in the
@@ -171,6 +172,11 @@ def series_record(path: Path, profile: str, peers: list[str]) -> dict:
         )[0]
         for name, (terms, patch) in EDGE_ROWS.items()
     }
+    grain_centre = offsets.copy()  # stops 42 and 43 placed a grain term's cause there
+    grain_centre[[SCORE_TERMS.index(term) for term in GRAIN_TERMS]] = length // 2
+    scored_by["adapted_grain_centre"] = detector.with_edges(
+        trained_scores(z, grain_centre, DEFAULT_SCORE_TERMS), threshold=detector.threshold
+    )[0]
     scored_by["fixed"] = trained_scores(z, offsets, DEFAULT_SCORE_TERMS)
     once = normal.scaled(raw_terms(model, windows)[0], "extreme", "errors")
     scored_by["adapted_without_recurrence"] = detector.with_edges(

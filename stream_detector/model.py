@@ -236,8 +236,9 @@ class Scores:
     # a "point" or "tail" term picked out; for a steps term the patch-long stretch of its
     # newest readings that differs most from the nearest stretch of the bank, for "level"
     # the one furthest beyond the normal level, for "scale" (a window too wide) the one
-    # furthest from the window's mean; else (the discrepancy, the memory, a window too
-    # narrow, the noise level) the window's centre.
+    # furthest from the window's mean, for a grain term the one of finest grain (coarsest
+    # where the noise term is above its normal middle); else (the discrepancy, the memory,
+    # a window too narrow) the window's centre.
     peak_offset: torch.Tensor
     # (B, T) each term of a fused score on the common scale (its largest channel), and
     # (B, T) where in the window it lies; T = 0 for the paper's score (not fused).
@@ -650,8 +651,14 @@ class AnomalyLLM(nn.Module):
                 wide = term > self._normal_middle(name)
                 offset = torch.where(wide, self.largest_stretch(spread), centre)
             elif name in GRAIN_TERMS:  # the median size of the readings' second differences
-                grain = x.float().diff(n=2, dim=-1).abs().median(dim=-1).values
+                curvature = x.float().diff(n=2, dim=-1).abs()  # reading i + 1's at i
+                grain = curvature.median(dim=-1).values
                 term = torch.log(grain + _EPS) * (-1 if name == "quiet" else 1)
+                # The stretch of finest grain; for a noisier window, of coarsest.
+                offset = self.largest_stretch(-curvature) + 1
+                if name == "noise":
+                    coarser = term > self._normal_middle(name)
+                    offset = torch.where(coarser, self.largest_stretch(curvature) + 1, offset)
             elif name == "tail":  # the newest readings' largest deviation from the rest
                 newest = self.config.tail_readings
                 head = x[..., :-newest].float()

@@ -380,7 +380,22 @@ def test_each_whole_window_term_says_which_stretch_caused_it(fused_model: Anomal
     burst[0, 0, 4:11] *= 5.0  # the amplitude bursts in readings 4 to 10
     assert 2 <= offset("scale", burst) <= 12
     assert offset("scale", normal * 0.01) == 16  # a window too quiet: no stretch, the centre
-    assert offset("quiet", normal.repeat_interleave(2, dim=-1)[..., :32]) == 16  # the centre
+    smoothed = normal.clone()
+    smoothed[0, 0, 18:30] = torch.linspace(float(normal[0, 0, 18]), float(normal[0, 0, 29]), 12)
+    assert 18 <= offset("quiet", smoothed) <= 29  # the stretch that lost its grain
+
+
+def test_the_noise_term_blames_the_noisiest_stretch_of_a_noisier_window() -> None:
+    model = tiny_model(score_terms=("memory", "noise", "quiet"), memory_size=64).eval()
+    model.calibrate(sine_windows(200), sine_windows(100, phase_step=0.41))
+    noisier = sine_windows(1)
+    generator = torch.Generator().manual_seed(2)
+    noisier[0, 0, 4:30] += 0.5 * torch.randn(26, generator=generator)  # the grain coarsens
+    noisier[0, 0, 4:12] += 2.0 * torch.randn(8, generator=generator)  # most in readings 4 to 11
+    raw = model.raw_terms(noisier)
+    assert model.scaled_terms(raw.values)[1, 0, 0] > 1.0  # the noise term sees it
+    assert 4 <= int(raw.offsets[1, 0, 0]) <= 12
+    assert int(raw.offsets[2, 0, 0]) > 12  # the quiet term: its finest stretch, elsewhere
 
 
 def test_the_quiet_term_sees_a_signal_that_lost_its_grain_where_shape_level_and_spread_do_not(
