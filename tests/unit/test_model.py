@@ -396,6 +396,9 @@ def test_the_noise_term_blames_the_noisiest_stretch_of_a_noisier_window() -> Non
     assert model.scaled_terms(raw.values)[1, 0, 0] > 1.0  # the noise term sees it
     assert 4 <= int(raw.offsets[1, 0, 0]) <= 12
     assert int(raw.offsets[2, 0, 0]) > 12  # the quiet term: its finest stretch, elsewhere
+    # A model fitted without the noise term still gives it (the ablations ask for it).
+    other = tiny_model(score_terms=("memory", "quiet"), memory_size=64).eval()
+    assert other.raw_terms(noisier, ("noise",)).values.shape == (1, 1, 1)
 
 
 def test_the_quiet_term_sees_a_signal_that_lost_its_grain_where_shape_level_and_spread_do_not(
