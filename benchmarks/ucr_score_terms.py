@@ -24,11 +24,12 @@ default (``DEFAULT_KEY``) also measures each term from the series' own edges of 
 window by window (`stream_detector.alerts.adapt_terms`, as the worker and the harness's
 detector do); ``edges`` records both, and the default with each of stop 37's changes off
 measured the same way (``EDGE_ROWS``; stop 37's changes off and the grain term off
-as well, so their rows reproduce), and without the memory term's recurrence
+as well, so their rows reproduce), without the memory term's recurrence
 (``adapted_without_recurrence``, stop 39: the recent windows never filled), and with the
-grain term's cause at the window's centre (``adapted_grain_centre``, stops 42 and 43); the default
-variant is exactly what the harness's ``anomalyllm`` computes, its recent windows refilled
-as the harness refills them (`benchmarks.score_ablation.recurring_raw_terms`).
+grain term's cause at the window's centre (``adapted_grain_centre``, stops 42 and 43);
+the default variant is exactly what the harness's ``anomalyllm`` computes, its recent
+windows refilled as the harness refills them
+(`benchmarks.score_ablation.recurring_raw_terms`).
 ``--peer`` runs other detectors (``discord``, ``discord-self``) on the same series in the
 same run; ``--jobs N`` fits N series at a time, each in a process of its own with one torch
 thread (the records keep the order of ``--ids``).

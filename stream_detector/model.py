@@ -654,8 +654,8 @@ class AnomalyLLM(nn.Module):
                 curvature = x.float().diff(n=2, dim=-1).abs()  # reading i + 1's at i
                 grain = curvature.median(dim=-1).values
                 term = torch.log(grain + _EPS) * (-1 if name == "quiet" else 1)
-                # The stretch of finest grain; for a noisier window, of coarsest (known only
-                # to a model fitted with the noise term: the ablations ask others for it).
+                # The stretch of finest grain; of coarsest for a window above the noise
+                # term's normal middle (which only a model fitted with the term knows).
                 offset = self.largest_stretch(-curvature) + 1
                 if name == "noise" and name in self.config.score_terms:
                     coarser = term > self._normal_middle(name)
