@@ -55,11 +55,11 @@ Policies:
   while windows are pending, ``append_batch`` returns all of them again, oldest first
   and with ``recovered=True``, before any window the replay makes due.
 
-Each call runs one Lua script per partition it touches, over that partition's keys only
-(so a batch over several partitions is atomic per partition). Redis Cluster: pass
-``cluster=True`` (redis-py's ``RedisCluster``, which follows MOVED and ASK redirections
-and retries TRYAGAIN while a slot migrates). Use a ``noeviction`` or ``volatile-*``
-maxmemory policy so the epoch markers (no TTL) are never evicted.
+Each call runs one Lua script (``stream_detector/lua``) per partition it touches, over
+that partition's keys only (so a batch over several partitions is atomic per partition).
+Redis Cluster: pass ``cluster=True`` (redis-py's ``RedisCluster``, which follows MOVED
+and ASK redirections and retries TRYAGAIN while a slot migrates). Use a ``noeviction``
+or ``volatile-*`` maxmemory policy so the epoch markers (no TTL) are never evicted.
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib import resources
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
@@ -88,237 +89,10 @@ _LAYOUT_VERSION = 1
 _HEADER = struct.Struct("<BHIIIddddd")
 _READING_META = struct.Struct("<ddI")  # ts_ms, offset, partition index
 
-_APPEND_LUA = """
-local HDR = '<BHI4I4I4ddddd'
-local L = tonumber(ARGV[1])
-local C = tonumber(ARGV[2])
-local stride = tonumber(ARGV[3])
-local ttl = tonumber(ARGV[4])
-local rs = C * 4
 
-redis.call('SET', KEYS[1], ARGV[5], 'NX')
-local epoch = redis.call('GET', KEYS[1])
-if ARGV[6] ~= '' and epoch ~= ARGV[6] then
-  return {epoch}
-end
-
-local T = tonumber(ARGV[7])
-local fields, applied, newmax = {}, {}, {}
-for t = 1, T do
-  fields[t] = ARGV[7 + t]
-  local v = redis.call('HGET', KEYS[2], fields[t])
-  applied[t] = v and tonumber(v) or -1
-  newmax[t] = applied[t]
-end
-
-local function varint(v)
-  local bytes = {}
-  while v >= 128 do
-    bytes[#bytes + 1] = v % 128 + 128
-    v = math.floor(v / 128)
-  end
-  bytes[#bytes + 1] = v
-  return string.char(unpack(bytes))
-end
-
-local function read_varint(s, pos)
-  local v, scale = 0, 1
-  while true do
-    local b = string.byte(s, pos)
-    pos = pos + 1
-    if b < 128 then return v + b * scale, pos end
-    v = v + (b - 128) * scale
-    scale = scale * 128
-  end
-end
-
-local n_applied, n_replayed, n_late, n_dup, n_reset = 0, 0, 0, 0, 0
-local due = {}
-local argi = 8 + T
-local S = (#KEYS - 2) / 2
-for i = 3, 2 + S do
-  local meta, vals, phase = ARGV[argi], ARGV[argi + 1], tonumber(ARGV[argi + 2])
-  argi = argi + 3
-  local sensor = i - 2
-  local n, since, tail, last_ts, start_ts, fd, ld, pend = 0, 0, 0, 0, 0, 0, 0, 0
-  local data, stream = '', ''
-  local raw = redis.call('GET', KEYS[i])
-  if raw then
-    local ver, ch, pos
-    ver, ch, n, since, tail, last_ts, start_ts, fd, ld, pend, pos = struct.unpack(HDR, raw)
-    if ver == 1 and ch == C then
-      data = string.sub(raw, pos, pos + n * rs - 1)
-      stream = string.sub(raw, pos + n * rs)
-    else
-      n, since, tail, last_ts, start_ts, fd, ld, pend = 0, 0, 0, 0, 0, 0, 0, 0
-      n_reset = n_reset + 1
-    end
-  end
-  local load_pend = pend
-
-  local parts, accepted = {data}, {}
-  local any_replayed, running_last = false, last_ts
-  for j = 0, #meta / 20 - 1 do
-    local ts, off, t = struct.unpack('<ddI4', meta, j * 20 + 1)
-    if off <= applied[t] then
-      n_replayed = n_replayed + 1
-      any_replayed = true
-    else
-      if off > newmax[t] then newmax[t] = off end
-      if (n > 0 or #accepted > 0) and ts <= running_last then
-        if ts == running_last then n_dup = n_dup + 1 else n_late = n_late + 1 end
-      else
-        accepted[#accepted + 1] = ts
-        parts[#parts + 1] = string.sub(vals, j * rs + 1, (j + 1) * rs)
-        running_last = ts
-      end
-    end
-  end
-
-  local sensor_due, pending_new = {}, {}
-  if #accepted > 0 then
-    local all = table.concat(parts)
-    local cursor = 1
-    local sp, front_run, out, oh = 1, 0, {}, 1
-    for a = 1, #accepted do
-      local ts = accepted[a]
-      if n == 0 then
-        start_ts = ts
-      elseif n == 1 then
-        fd = ts - last_ts
-        ld = fd
-      else
-        local d = ts - last_ts
-        local e = d - ld
-        if e == 0 then
-          tail = tail + 1
-        else
-          if tail > 0 then
-            out[#out + 1] = 2 * (tail - 1) + 1
-            tail = 0
-          end
-          out[#out + 1] = (e >= 0) and 4 * e or (-4 * e - 2)
-        end
-        ld = d
-      end
-      last_ts = ts
-      n = n + 1
-      since = since + 1
-      local filled = n == L  -- full for the first time: its first due window
-      if n > L then
-        cursor = cursor + rs
-        start_ts = start_ts + fd
-        if n >= 3 then
-          local e = 0
-          if front_run > 0 then
-            front_run = front_run - 1
-          else
-            local v
-            if sp <= #stream then
-              v, sp = read_varint(stream, sp)
-            elseif oh <= #out then
-              v = out[oh]
-              oh = oh + 1
-            else
-              tail = tail - 1
-            end
-            if v then
-              if v % 2 == 1 then
-                front_run = (v - 1) / 2
-              else
-                local z = v / 2
-                if z % 2 == 0 then e = z / 2 else e = -(z + 1) / 2 end
-              end
-            end
-          end
-          fd = fd + e
-        end
-        n = n - 1
-      end
-      if n == L and since >= stride then
-        local payload = string.sub(all, cursor, cursor + L * rs - 1)
-        for _, v in ipairs({sensor, start_ts, last_ts, payload, 0}) do
-          sensor_due[#sensor_due + 1] = v
-        end
-        pending_new[#pending_new + 1] = struct.pack('<dd', start_ts, last_ts) .. payload
-        since = filled and phase or 0
-        pend = last_ts
-      end
-    end
-    local tokens = {}
-    if front_run > 0 then tokens[1] = varint(2 * (front_run - 1) + 1) end
-    tokens[#tokens + 1] = string.sub(stream, sp)
-    for o = oh, #out do tokens[#tokens + 1] = varint(out[o]) end
-    redis.call('SET', KEYS[i],
-      struct.pack(HDR, 1, C, n, since, tail, last_ts, start_ts, fd, ld, pend)
-        .. string.sub(all, cursor, cursor + n * rs - 1) .. table.concat(tokens),
-      'EX', ttl)
-    n_applied = n_applied + #accepted
-  end
-  local pkey = KEYS[i + S]
-  if any_replayed and load_pend > 0 then
-    for _, entry in ipairs(redis.call('LRANGE', pkey, 0, -1)) do
-      local first_ts, end_ts = struct.unpack('<dd', entry)
-      for _, v in ipairs({sensor, first_ts, end_ts, string.sub(entry, 17), 1}) do
-        due[#due + 1] = v
-      end
-    end
-  end
-  for _, v in ipairs(sensor_due) do due[#due + 1] = v end
-  if #pending_new > 0 then
-    redis.call('RPUSH', pkey, unpack(pending_new))
-    redis.call('EXPIRE', pkey, ttl)
-  end
-end
-
-for t = 1, T do
-  if newmax[t] > applied[t] then
-    redis.call('HSET', KEYS[2], fields[t], string.format('%d', newmax[t]))
-  end
-end
-
-return {epoch, n_applied, n_replayed, n_late, n_dup, n_reset, due}
-"""
-
-_ACKNOWLEDGE_LUA = """
--- KEYS: epoch, A alert-state keys, then E window keys and their E pending keys.
--- ARGV: expected epoch, ttl, A, A alert states (JSON), E acknowledged window ends.
-if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
-  return 0
-end
-local A = tonumber(ARGV[3])
-for i = 1, A do
-  redis.call('SET', KEYS[1 + i], ARGV[3 + i], 'EX', ARGV[2])
-end
-local E = (#KEYS - 1 - A) / 2
-for i = 1, E do
-  local wkey, pkey = KEYS[1 + A + i], KEYS[1 + A + E + i]
-  local acked = tonumber(ARGV[3 + A + i])
-  local head = redis.call('GETRANGE', wkey, 0, 54)
-  if #head == 55 then
-    local pend = struct.unpack('<d', head, 48)
-    if pend > 0 and pend <= acked then
-      redis.call('SETRANGE', wkey, 47, struct.pack('<d', 0))
-    end
-  end
-  local entries = redis.call('LRANGE', pkey, 0, -1)
-  local done = 0
-  while done < #entries and struct.unpack('<d', entries[done + 1], 9) <= acked do
-    done = done + 1
-  end
-  if done == #entries then
-    redis.call('DEL', pkey)
-  elseif done > 0 then
-    redis.call('LTRIM', pkey, done, -1)
-  end
-end
-return 1
-"""
-
-_EPOCH_LUA = """
-redis.call('SET', KEYS[1], ARGV[1], 'NX')
-return redis.call('GET', KEYS[1])
-"""
+def _lua(name: str) -> str:
+    """The source of one of the package's Lua scripts (``stream_detector/lua``)."""
+    return resources.files("stream_detector").joinpath("lua", f"{name}.lua").read_text()
 
 
 def stride_phase(sensor_id: str, stride: int) -> int:
@@ -462,9 +236,9 @@ class WindowStore:
         self.spread = spread
         self.key_prefix = key_prefix
         self.ttl_s = ttl_s
-        self._append = client.register_script(_APPEND_LUA)
-        self._acknowledge = client.register_script(_ACKNOWLEDGE_LUA)
-        self._read_epoch = client.register_script(_EPOCH_LUA)
+        self._append = client.register_script(_lua("append"))
+        self._acknowledge = client.register_script(_lua("acknowledge"))
+        self._read_epoch = client.register_script(_lua("epoch"))
         self._epochs: dict[str, bytes] = {}  # group -> the epoch marker this store has seen
         self._group_of: dict[str, str] = {}  # sensor -> group of its newest appended reading
 
