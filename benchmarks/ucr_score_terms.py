@@ -32,7 +32,10 @@ windows refilled as the harness refills them
 (`benchmarks.score_ablation.recurring_raw_terms`).
 ``--peer`` runs other detectors (``discord``, ``discord-self``) on the same series in the
 same run; ``--jobs N`` fits N series at a time, each in a process of its own with one torch
-thread (the records keep the order of ``--ids``).
+thread (the records keep the order of ``--ids``). With ``--out``, each series' record is
+also appended to ``<out>.partial.jsonl`` as it is finished, and a run started again with
+the same arguments skips the series recorded there (the file is removed once the result
+is written; ``wall_s`` adds the time the earlier runs took to record them).
 
     python benchmarks/ucr_score_terms.py --data ../shared/data/ucr --ids 1 9 14 ... 250 \\
         --profile quick --peer discord --peer discord-self \\
@@ -42,6 +45,7 @@ thread (the records keep the order of ``--ids``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import multiprocessing
@@ -216,13 +220,32 @@ def main() -> None:
     )
     args = parser.parse_args()
     started = time.perf_counter()
-    tasks = [(entry.path, args.profile, args.peer) for entry in select_ucr(args.data, args.ids)]
-    if args.jobs > 1:
-        # Spawned, not forked: each process starts its own torch, one thread each.
-        with multiprocessing.get_context("spawn").Pool(args.jobs, _one_thread) as pool:
-            records = pool.starmap(series_record, tasks, chunksize=1)
-    else:
-        records = [series_record(*task) for task in tasks]
+    entries = select_ucr(args.data, args.ids)
+    partial = args.out.with_name(args.out.name + ".partial.jsonl") if args.out else None
+    done, earlier_s = _recorded(partial, args.profile, args.peer)
+    run = time.strftime("%Y-%m-%dT%H:%M:%S")
+    tasks = [(e.path, args.profile, args.peer) for e in entries if e.id not in done]
+    with contextlib.ExitStack() as stack:
+        if args.jobs > 1:
+            # Spawned, not forked: each process starts its own torch, one thread each.
+            pool = stack.enter_context(
+                multiprocessing.get_context("spawn").Pool(args.jobs, _one_thread)
+            )
+            finished = pool.imap_unordered(_series_record, tasks)
+        else:
+            finished = map(_series_record, tasks)
+        for record in finished:
+            done[record["id"]] = record
+            if partial:
+                line = {
+                    "profile": args.profile,
+                    "peers": args.peer,
+                    "run": run,
+                    "run_s": round(time.perf_counter() - started, 1),
+                }
+                with partial.open("a") as file:
+                    file.write(json.dumps(line | {"record": record}) + "\n")
+    records = [done[entry.id] for entry in entries]
     totals = {key: sum(r["hits"][key] for r in records) for key in records[0]["hits"]}
     result = {
         "benchmark": "ucr score ablation (one fit per series, variants of the score)",
@@ -233,13 +256,37 @@ def main() -> None:
         "hits": dict(sorted(totals.items(), key=lambda item: -item[1])),
         "edges": {name: sum(r["edges"][name] for r in records) for name in records[0]["edges"]},
         "peer_hits": {name: sum(r["peers"][name] for r in records) for name in args.peer},
-        "wall_s": round(time.perf_counter() - started, 1),
+        "wall_s": round(time.perf_counter() - started + earlier_s, 1),
         "jobs": args.jobs,
         "records": records,
     }
     print(json.dumps(dict(list(result["hits"].items())[:20]), indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
+        partial.unlink(missing_ok=True)
+
+
+def _series_record(task: tuple[Path, str, list[str]]) -> dict:
+    """`series_record` of one task, with the seconds it took."""
+    started = time.perf_counter()
+    record = series_record(*task)
+    return record | {"wall_s": round(time.perf_counter() - started, 1)}
+
+
+def _recorded(
+    partial: Path | None, profile: str, peers: list[str]
+) -> tuple[dict[int, dict], float]:
+    """The records that earlier runs with the same profile and peers left in ``partial``
+    (by series id), and how long those runs took to record them."""
+    if partial is None or not partial.exists():
+        return {}, 0.0
+    done, runs = {}, {}
+    for line in partial.read_text().splitlines():
+        entry = json.loads(line)
+        if entry["profile"] == profile and entry["peers"] == peers:
+            done[entry["record"]["id"]] = entry["record"]
+            runs[entry["run"]] = max(runs.get(entry["run"], 0.0), entry["run_s"])
+    return done, sum(runs.values())
 
 
 def _one_thread() -> None:
