@@ -82,19 +82,22 @@ DEFAULT_KEY = f"{'+'.join(DEFAULT_SCORE_TERMS)}|extreme|errors|peak|1of1"
 # The default measured from the series' own edges ("adapted"), without its grain term
 # (stop 43's quiet; the default of stops 39 to 41) or with stop 42's noise term in its
 # place, and from the same fits without it and with each of stop 37's changes off (the
-# second steps term; the memory term placed at the window's centre), with both off (the
-# default of stops 30 to 36), and without either steps term. Name -> (terms, whether
-# the memory term lies at its patch).
+# second steps term; the memory term placed at the window's centre rather than at the
+# stretch that differs most from the nearest bank window), with both off (the default of
+# stops 30 to 36), without either steps term, and with the grain term's cause at the
+# window's centre (stops 42 and 43). Name -> (terms, where the causes lie: as the model
+# places them, or with that one change).
 _STOP39 = tuple(term for term in DEFAULT_SCORE_TERMS if term not in GRAIN_TERMS)
 _WITHOUT_SHORT = tuple(term for term in _STOP39 if term != "short_steps")
 EDGE_ROWS = {
-    "adapted": (DEFAULT_SCORE_TERMS, False),
-    "adapted_without_grain": (_STOP39, False),
-    "adapted_noise_instead": ((*_STOP39, "noise"), False),
-    "adapted_without_short_steps": (_WITHOUT_SHORT, False),
-    "adapted_memory_at_patch": (_STOP39, True),
-    "adapted_stop30": (_WITHOUT_SHORT, True),
-    "adapted_without_steps": (tuple(t for t in _WITHOUT_SHORT if t != "steps"), False),
+    "adapted": (DEFAULT_SCORE_TERMS, "model"),
+    "adapted_without_grain": (_STOP39, "model"),
+    "adapted_noise_instead": ((*_STOP39, "noise"), "model"),
+    "adapted_without_short_steps": (_WITHOUT_SHORT, "model"),
+    "adapted_memory_at_patch": (_STOP39, "memory_at_patch"),
+    "adapted_stop30": (_WITHOUT_SHORT, "memory_at_patch"),
+    "adapted_without_steps": (tuple(t for t in _WITHOUT_SHORT if t != "steps"), "model"),
+    "adapted_grain_centre": (DEFAULT_SCORE_TERMS, "grain_centre"),
 }
 
 
@@ -167,21 +170,17 @@ def series_record(path: Path, profile: str, peers: list[str]) -> dict:
         key = f"{'+'.join(terms)}|{scaling}|{floor}|{mapping}|{k}of{n}"
         hits[key] = ucr_hit(location, series.anomaly_begin, series.anomaly_end)
     z = scalings["extreme", "errors"]
-    at_patch = offsets.copy()
-    at_patch[SCORE_TERMS.index("memory")] = memory_patch_offsets(model, windows)
+    placed = {"model": offsets, "memory_at_patch": offsets.copy(), "grain_centre": offsets.copy()}
+    placed["memory_at_patch"][SCORE_TERMS.index("memory")] = memory_patch_offsets(model, windows)
+    placed["grain_centre"][[SCORE_TERMS.index(term) for term in GRAIN_TERMS]] = length // 2
     scored_by = {
         name: detector.with_edges(
-            trained_scores(z, at_patch if patch else offsets, terms),
+            trained_scores(z, placed[placement], terms),
             threshold=detector.threshold,
             names=terms,
         )[0]
-        for name, (terms, patch) in EDGE_ROWS.items()
+        for name, (terms, placement) in EDGE_ROWS.items()
     }
-    grain_centre = offsets.copy()  # stops 42 and 43 placed a grain term's cause there
-    grain_centre[[SCORE_TERMS.index(term) for term in GRAIN_TERMS]] = length // 2
-    scored_by["adapted_grain_centre"] = detector.with_edges(
-        trained_scores(z, grain_centre, DEFAULT_SCORE_TERMS), threshold=detector.threshold
-    )[0]
     scored_by["fixed"] = trained_scores(z, offsets, DEFAULT_SCORE_TERMS)
     once = normal.scaled(raw_terms(model, windows)[0], "extreme", "errors")
     scored_by["adapted_without_recurrence"] = detector.with_edges(
