@@ -64,6 +64,7 @@ or ``volatile-*`` maxmemory policy so the epoch markers (no TTL) are never evict
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import struct
@@ -90,8 +91,10 @@ _HEADER = struct.Struct("<BHIIIddddd")
 _READING_META = struct.Struct("<ddI")  # ts_ms, offset, partition index
 
 
+@functools.cache
 def _lua(name: str) -> str:
-    """The source of one of the package's Lua scripts (``stream_detector/lua``)."""
+    """The source of one of the package's Lua scripts (``stream_detector/lua``), read once
+    per process however many stores register it."""
     return resources.files("stream_detector").joinpath("lua", f"{name}.lua").read_text()
 
 
